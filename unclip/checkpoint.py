@@ -1,0 +1,182 @@
+"""Checkpoint I/O: a directory with `config.json` + `model.safetensors`, written atomically.
+
+    save_pretrained_dir(out_dir, kind="clip", config={...}, state_dict=model.state_dict())
+    meta, state = load_pretrained_dir(out_dir, kind="clip")
+    load_state_dict_strict(model, state, source=out_dir)   # says exactly what differs on mismatch
+
+Nothing here unpickles: weights are safetensors, metadata is JSON. A directory is written under a
+temporary name beside its destination, flushed to disk, then renamed into place, so a crash (or SIGKILL)
+in the middle of a write never leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "atomic_directory",
+    "save_pretrained_dir",
+    "load_pretrained_dir",
+    "load_state_dict_strict",
+    "write_json_atomic",
+]
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, of another kind, or whose weights do not fit the model."""
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `final`; on success it replaces `final` in one rename.
+
+    If the block raises (or the process dies), `final` keeps whatever it held before, and the temporary
+    directory (named `.<name>.tmp-*`) is removed or, after a hard kill, left for `clean_stale_temporaries`.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def clean_stale_temporaries(parent: str | Path) -> list[Path]:
+    """Remove temporary directories that a killed writer left in `parent`; returns what was removed."""
+    parent = Path(parent)
+    removed = []
+    if parent.is_dir():
+        for p in parent.iterdir():
+            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON to `path` via a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with tmp.open("w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_pretrained_dir(
+    out_dir: str | Path,
+    *,
+    kind: str,
+    config: Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor],
+    extra_files: Mapping[str, Any] | None = None,
+) -> Path:
+    """Atomically write `config.json` ({kind, format_version, config}) and `model.safetensors` to `out_dir`.
+
+    `extra_files` maps further file names to JSON-serialisable data written beside them.
+    """
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    with atomic_directory(out_dir) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "kind": kind})
+        meta = {"kind": kind, "format_version": FORMAT_VERSION, "config": dict(config)}
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def load_pretrained_dir(path: str | Path, *, kind: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a directory written by `save_pretrained_dir`: returns (config.json contents, state dict on CPU)."""
+    path = Path(path)
+    cfg_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise CheckpointError(f"{path} is not a complete checkpoint: {p.name} is missing")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or "config" not in meta or "kind" not in meta:
+        raise CheckpointError(f"{cfg_path} lacks the 'kind' and 'config' entries of an unclip checkpoint")
+    if kind is not None and meta["kind"] != kind:
+        raise CheckpointError(f"{path} holds a '{meta['kind']}' checkpoint, not a '{kind}' one")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer unclip (format {meta['format_version']} > {FORMAT_VERSION}); upgrade unclip"
+        )
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise CheckpointError(f"{weights_path} could not be read (truncated or corrupt?): {e}") from None
+    return meta, state
+
+
+def load_state_dict_strict(
+    module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str | Path = "checkpoint"
+) -> None:
+    """Load `state_dict` into `module`, or raise CheckpointError listing missing, unexpected and mis-shaped keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mis_shaped = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state_dict))
+        if tuple(own[k].shape) != tuple(state_dict[k].shape)
+    ]
+    if missing or unexpected or mis_shaped:
+        lines = [f"the weights in {source} do not fit this model (is it a checkpoint for another architecture?)"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mis_shaped)):
+            if items:
+                shown = ", ".join(items[:8]) + (f", ... ({len(items) - 8} more)" if len(items) > 8 else "")
+                lines.append(f"  {title} ({len(items)}): {shown}")
+        raise CheckpointError("\n".join(lines))
+    module.load_state_dict(dict(state_dict), strict=True)

@@ -1,0 +1,1 @@
+"""Diffusion super-resolution stages of the cascade. Built in a later issue."""
