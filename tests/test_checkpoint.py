@@ -1,0 +1,69 @@
+import json
+
+import pytest
+import torch
+
+from unclip.checkpoint import (
+    CheckpointError,
+    atomic_directory,
+    clean_stale_temporaries,
+    load_pretrained_dir,
+    load_state_dict_strict,
+    save_pretrained_dir,
+)
+
+
+def test_round_trip_and_kind_check(tmp_path):
+    state = {"w": torch.randn(3, 4), "b": torch.zeros(4)}
+    save_pretrained_dir(tmp_path / "m", kind="toy", config={"width": 4}, state_dict=state)
+    meta, loaded = load_pretrained_dir(tmp_path / "m", kind="toy")
+    assert meta["config"] == {"width": 4} and meta["format_version"] == 1
+    assert torch.equal(loaded["w"], state["w"])
+    with pytest.raises(CheckpointError, match="holds a 'toy' checkpoint, not a 'clip' one"):
+        load_pretrained_dir(tmp_path / "m", kind="clip")
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
+    save_pretrained_dir(tmp_path / "m", kind="toy", config={"v": 1}, state_dict={"w": torch.ones(2)})
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_directory(tmp_path / "m") as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise RuntimeError("boom")
+    meta, _ = load_pretrained_dir(tmp_path / "m")
+    assert meta["config"] == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_stale_temporaries_are_ignored_and_cleaned(tmp_path):
+    (tmp_path / ".m.tmp-deadbeef").mkdir()
+    assert len(clean_stale_temporaries(tmp_path)) == 1 and not any(tmp_path.iterdir())
+
+
+def test_incomplete_or_corrupt_directories_are_named(tmp_path):
+    save_pretrained_dir(tmp_path / "m", kind="toy", config={}, state_dict={"w": torch.ones(2)})
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:20])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_pretrained_dir(tmp_path / "m")
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors is missing"):
+        load_pretrained_dir(tmp_path / "m")
+    save_pretrained_dir(tmp_path / "m", kind="toy", config={}, state_dict={"w": torch.ones(2)})
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"nope": 1}))
+    with pytest.raises(CheckpointError, match="lacks the 'kind' and 'config'"):
+        load_pretrained_dir(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_pretrained_dir(tmp_path / "m")
+
+
+def test_strict_loading_lists_every_difference():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["0.weight"] = torch.zeros(5, 4)
+    state["extra"] = torch.zeros(1)
+    del state["1.bias"]
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict_strict(model, state, source="ckpt")
+    msg = str(e.value)
+    assert "missing (1): 1.bias" in msg and "unexpected (1): extra" in msg and "0.weight: checkpoint (5, 4)" in msg

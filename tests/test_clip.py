@@ -1,0 +1,165 @@
+"""The CLIP wrapper against open_clip's own outputs, its three construction paths and its errors."""
+
+import pickle
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from unclip.checkpoint import CheckpointError
+from unclip.clip import CaptionError, Clip, ClipConfig, load_clip
+
+CAPTIONS = ["a red circle on a blue background", "a green square", "cross"]
+
+
+def _images():
+    return [Image.new("RGB", (40, 48), (220, 30, 30)), Image.new("L", (32, 32), 128)]
+
+
+def _outputs(clip: Clip):
+    enc = clip.encode_text(CAPTIONS)
+    return enc.text_embed, enc.text_tokens, clip.encode_image(_images())
+
+
+def _assert_same(a: Clip, b: Clip):
+    for x, y in zip(_outputs(a), _outputs(b)):
+        assert torch.equal(x, y)
+
+
+def test_text_embedding_equals_open_clip(tiny_clip):
+    enc = tiny_clip.encode_text(CAPTIONS)
+    tokens = tiny_clip.tokenizer(CAPTIONS)
+    reference = tiny_clip.model.encode_text(tokens, normalize=True)
+    torch.testing.assert_close(enc.text_embed, reference, rtol=0, atol=1e-6)
+    assert enc.text_embed.shape == (3, tiny_clip.embed_dim)
+    torch.testing.assert_close(enc.text_embed.norm(dim=-1), torch.ones(3))
+
+
+def test_token_states_are_the_final_layer_normed_states(tiny_clip):
+    """Recompute open_clip's text tower by hand and compare the per-token states and the mask."""
+    model = tiny_clip.model
+    tokens = tiny_clip.tokenizer(CAPTIONS)
+    x = model.token_embedding(tokens) + model.positional_embedding
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+    enc = tiny_clip.encode_text(CAPTIONS)
+    assert enc.text_tokens.shape == (3, tiny_clip.context_length, tiny_clip.text_width)
+    torch.testing.assert_close(enc.text_tokens, x, rtol=0, atol=1e-5)
+    words = [len(tiny_clip.tokenizer.encode(c)) for c in CAPTIONS]
+    assert enc.text_mask.dtype == torch.bool
+    assert enc.text_mask.sum(dim=1).tolist() == [n + 2 for n in words]  # + start and end tokens
+    assert enc.text_mask[:, 0].all()
+
+
+def test_image_embedding_equals_open_clip(tiny_clip):
+    transform = open_clip.image_transform(tiny_clip.image_size, is_train=False)
+    pixels = torch.stack([transform(im.convert("RGB")) for im in _images()])
+    reference = tiny_clip.model.encode_image(pixels, normalize=True)
+    torch.testing.assert_close(tiny_clip.encode_image(_images()), reference, rtol=0, atol=1e-6)
+
+
+def test_tensor_images_at_model_size_match_pil(tiny_clip):
+    rgb = torch.rand(2, 3, tiny_clip.image_size, tiny_clip.image_size)
+    pil = [Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for x in rgb]
+    quantised = torch.stack([torch.from_numpy(np.array(p)).permute(2, 0, 1) for p in pil]) / 255
+    torch.testing.assert_close(tiny_clip.encode_image(quantised), tiny_clip.encode_image(pil), rtol=0, atol=1e-5)
+    assert tiny_clip.encode_image(torch.rand(3, 3, 64, 80)).shape == (3, tiny_clip.embed_dim)
+    with pytest.raises(ValueError, match=r"\(b, 3, h, w\)"):
+        tiny_clip.encode_image(torch.rand(3, 64, 64))
+
+
+def test_conditioner_is_frozen(tiny_clip):
+    assert not tiny_clip.training
+    assert not any(p.requires_grad for p in tiny_clip.parameters())
+
+
+def test_our_format_round_trip(tiny_clip, tmp_path):
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    _assert_same(tiny_clip, Clip.from_pretrained(tmp_path / "clip"))
+    _assert_same(tiny_clip, load_clip(tmp_path / "clip"))
+    _assert_same(tiny_clip, Clip.from_config({"checkpoint": str(tmp_path / "clip")}))
+
+
+@pytest.mark.parametrize("fmt", ["training-pt", "plain-pt", "safetensors"])
+def test_open_clip_format_round_trip(tiny_clip, tiny_arch, tmp_path, fmt):
+    state = tiny_clip.model.state_dict()
+    if fmt == "training-pt":  # what open_clip's training script writes (DDP prefix included)
+        path = tmp_path / "epoch_1.pt"
+        torch.save({"epoch": 1, "name": "tiny", "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    elif fmt == "plain-pt":
+        path = tmp_path / "open_clip_pytorch_model.bin"
+        torch.save(state, path)
+    else:
+        path = tmp_path / "open_clip_model.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    loaded = Clip.from_config(ClipConfig(architecture=tiny_arch, checkpoint=str(path)))
+    _assert_same(tiny_clip, loaded)
+
+
+def test_named_open_clip_model_with_local_pretrained_file(tiny_clip, tiny_arch, tmp_path):
+    """The pretrained-by-name path: an architecture registered with open_clip, weights from a local file."""
+    name = "unclip-test-tiny"
+    open_clip.factory._MODEL_CONFIGS[name] = tiny_arch
+    try:
+        path = tmp_path / "weights.pt"
+        torch.save(tiny_clip.model.state_dict(), path)
+        _assert_same(tiny_clip, Clip.from_open_clip(name, pretrained=str(path)))
+        _assert_same(tiny_clip, load_clip(name, pretrained=str(path)))
+        fresh = Clip.from_open_clip(name)  # open_clip.create_model with random weights
+        assert fresh.embed_dim == tiny_clip.embed_dim and fresh.context_length == 16
+    finally:
+        del open_clip.factory._MODEL_CONFIGS[name]
+
+
+def test_checkpoint_for_another_architecture_is_refused(tiny_clip, tiny_arch, tmp_path):
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    other = {**tiny_arch, "embed_dim": 24}
+    path = tmp_path / "w.pt"
+    torch.save(tiny_clip.model.state_dict(), path)
+    with pytest.raises(CheckpointError, match="another architecture") as e:
+        Clip.from_config(ClipConfig(architecture=other, checkpoint=str(path)))
+    assert "text_projection" in str(e.value) and "shape mismatch" in str(e.value)
+    with pytest.raises(CheckpointError, match="not a 'clip' one"):
+        from unclip.checkpoint import save_pretrained_dir
+
+        save_pretrained_dir(tmp_path / "prior", kind="prior", config={}, state_dict={"w": torch.ones(1)})
+        Clip.from_pretrained(tmp_path / "prior")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_files_needing_full_unpickling_are_refused(tiny_arch, tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": _Payload()}, f)
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        Clip.from_config(ClipConfig(architecture=tiny_arch, checkpoint=str(path)))
+
+
+def test_caption_errors(tiny_clip):
+    with pytest.raises(CaptionError, match="caption #1 is empty"):
+        tiny_clip.encode_text(["ok", "   "])
+    with pytest.raises(CaptionError, match="no captions"):
+        tiny_clip.encode_text([])
+    long = " ".join(["red"] * 40)
+    with pytest.warns(UserWarning, match="longer than the 16-token context"):
+        enc = tiny_clip.encode_text([long])
+    assert enc.text_mask.all()  # truncated to fill the whole context
+    with pytest.raises(CaptionError, match="longer than"):
+        tiny_clip.encode_text([long], truncate=False)
+
+
+def test_config_validation_and_unknown_sources(tmp_path):
+    with pytest.raises(ValueError, match="needs a model_name"):
+        ClipConfig()
+    with pytest.raises(ValueError, match="not both"):
+        ClipConfig(model_name="ViT-B-32", pretrained="openai", checkpoint="x.pt")
+    with pytest.raises(ValueError, match="neither a directory"):
+        load_clip(tmp_path / "nothing-here")
+    with pytest.raises(ValueError, match="unknown open_clip model"):
+        Clip.from_open_clip("ViT-Nonexistent")

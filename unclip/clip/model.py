@@ -1,0 +1,323 @@
+"""The CLIP stage: one class around an open_clip model, its tokenizer and its preprocessing.
+
+This is the only module in unclip that imports `open_clip`.
+
+    clip = Clip.from_pretrained("runs/clip-shapes/model")          # our format: config.json + model.safetensors
+    clip = Clip.from_open_clip("ViT-L-14", pretrained="openai")    # open_clip name + tag (downloads)
+    clip = Clip.from_open_clip("ViT-B-32", pretrained="ckpt.pt")   # open_clip name + a local open_clip file
+    clip = Clip.from_config(load_config(ClipConfig, "configs/clip/shapes-tiny.yaml"))  # from scratch
+    enc = clip.encode_text(["a red circle on a blue background"])   # enc.text_embed (b, d), enc.text_tokens (b, l, w)
+    image_embed = clip.encode_image(pil_images)                     # (b, d), L2-normalised
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pickle
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+
+from ..checkpoint import CheckpointError, load_pretrained_dir, load_state_dict_strict, save_pretrained_dir
+from ..config import config_to_dict, load_config
+from .config import ClipConfig
+
+__all__ = ["Clip", "TextEncoding", "CaptionError", "contrastive_loss", "load_clip", "read_open_clip_state_dict"]
+
+KIND = "clip"
+
+
+class CaptionError(ValueError):
+    """A caption that cannot be encoded (empty, or too long when truncation is off)."""
+
+
+@dataclass
+class TextEncoding:
+    """CLIP's view of a batch of captions.
+
+    text_embed:  (b, d) pooled, projected and L2-normalised embedding (what CLIP matches against images).
+    text_tokens: (b, l, w) final-layer per-token states (after the final layer norm, before pooling).
+    text_mask:   (b, l) bool, True at real tokens (start, words, end), False at padding.
+    """
+
+    text_embed: torch.Tensor
+    text_tokens: torch.Tensor
+    text_mask: torch.Tensor
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextEncoding:
+        """Move to `device`; cast the float tensors to `dtype` (the mask stays bool)."""
+        return TextEncoding(self.text_embed.to(device=device, dtype=dtype),
+                            self.text_tokens.to(device=device, dtype=dtype), self.text_mask.to(device=device))
+
+
+class Clip(nn.Module):
+    """An open_clip model with its tokenizer and preprocessing; frozen and in eval mode by default.
+
+    `model` is the open_clip module (trainable through it when unfrozen); `architecture` is its full
+    open_clip model config, stored in our checkpoints so they load without any registry lookup.
+    """
+
+    def __init__(self, model: nn.Module, architecture: dict[str, Any], preprocess: dict[str, Any],
+                 model_name: str | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.architecture = copy.deepcopy(architecture)
+        self.preprocess_cfg = PreprocessCfg(**preprocess)
+        self.model_name = model_name
+        self.tokenizer = _make_tokenizer(model_name, architecture)
+        self.image_transform = image_transform_v2(self.preprocess_cfg, is_train=False)
+        self.freeze()
+
+    # ----- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: ClipConfig | dict[str, Any] | str | Path) -> Clip:
+        """Build from a `ClipConfig` (or a dict / YAML path for one); see ClipConfig for the sources."""
+        cfg = load_config(ClipConfig, config)
+        checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else None
+        if checkpoint is not None and checkpoint.is_dir():
+            return cls.from_pretrained(checkpoint)
+        if cfg.architecture is None:
+            return cls.from_open_clip(cfg.model_name, pretrained=cfg.pretrained or cfg.checkpoint,
+                                      preprocess=cfg.preprocess)
+        clip = cls.from_architecture(cfg.architecture, preprocess=cfg.preprocess, model_name=cfg.model_name)
+        if checkpoint is not None:
+            state = read_open_clip_state_dict(checkpoint)
+            load_state_dict_strict(clip.model, state, source=checkpoint)
+        return clip
+
+    @classmethod
+    def from_open_clip(cls, model_name: str, pretrained: str | Path | None = None,
+                       preprocess: dict[str, Any] | None = None) -> Clip:
+        """An open_clip architecture by name, with weights from a pretrained tag or a local open_clip file."""
+        if model_name not in open_clip.list_models() and ":" not in model_name:
+            raise ValueError(f"unknown open_clip model '{model_name}'; see open_clip.list_models()")
+        architecture = open_clip.get_model_config(model_name)
+        if pretrained is not None and Path(pretrained).is_file():
+            clip = cls.from_architecture(architecture, preprocess=preprocess, model_name=model_name)
+            load_state_dict_strict(clip.model, read_open_clip_state_dict(pretrained), source=pretrained)
+            return clip
+        model = open_clip.create_model(model_name, pretrained=pretrained and str(pretrained), weights_only=True,
+                                       force_preprocess_cfg=preprocess)
+        return cls(model, architecture or {}, dict(model.visual.preprocess_cfg), model_name)
+
+    @classmethod
+    def from_architecture(cls, architecture: dict[str, Any], preprocess: dict[str, Any] | None = None,
+                          model_name: str | None = None) -> Clip:
+        """A randomly initialised model of an explicit open_clip model config (training from scratch)."""
+        arch = copy.deepcopy(architecture)
+        custom_text = arch.pop("custom_text", False) or "hf_model_name" in arch.get("text_cfg", {})
+        model_cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+        try:
+            model = model_cls(**arch)
+        except TypeError as e:
+            raise ValueError(f"invalid open_clip architecture: {e}") from None
+        pp = {**dataclasses.asdict(PreprocessCfg()), "size": model.visual.image_size, **(preprocess or {})}
+        return cls(model, architecture, pp, model_name)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Clip:
+        """Load a directory written by `save_pretrained` (config.json + model.safetensors)."""
+        meta, state = load_pretrained_dir(path, kind=KIND)
+        cfg = meta["config"]
+        clip = cls.from_architecture(cfg["architecture"], preprocess=cfg["preprocess"], model_name=cfg["model_name"])
+        load_state_dict_strict(clip.model, state, source=path)
+        return clip
+
+    def pretrained_config(self) -> dict[str, Any]:
+        """What our `config.json` stores: the name, the full architecture and the preprocessing."""
+        return {"model_name": self.model_name, "architecture": self.architecture,
+                "preprocess": config_to_dict(self.preprocess_cfg)}
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write our format: `config.json` (see `pretrained_config`) + `model.safetensors`, atomically."""
+        return save_pretrained_dir(path, kind=KIND, config=self.pretrained_config(), state_dict=self.model.state_dict())
+
+    def freeze(self) -> Clip:
+        """Eval mode and no gradients: CLIP as a fixed conditioner."""
+        self.eval()
+        self.requires_grad_(False)
+        return self
+
+    # ----- properties ---------------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        """d: the joint embedding size."""
+        return int(self.architecture["embed_dim"])
+
+    @property
+    def text_width(self) -> int:
+        """w: the width of the per-token text states."""
+        return int(self.architecture["text_cfg"].get("width", 512))
+
+    @property
+    def context_length(self) -> int:
+        """l: tokens per caption (longer captions are truncated)."""
+        return int(self.tokenizer.context_length)
+
+    @property
+    def image_size(self) -> int:
+        """The square input resolution of the image tower."""
+        size = self.preprocess_cfg.size
+        return int(size if isinstance(size, int) else size[0])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ----- encoding -----------------------------------------------------------------------------------
+    def tokenize(self, captions: Sequence[str], truncate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (b, l) long and padding mask (b, l) bool for `captions`.
+
+        An empty caption is an error. A caption longer than the context is cut to fit with a warning, or
+        raises CaptionError when `truncate=False`.
+        """
+        captions = _check_captions(captions)
+        too_long = [i for i, c in enumerate(captions) if self._token_count(c) > self.context_length]
+        if too_long:
+            msg = (f"{len(too_long)} caption(s) longer than the {self.context_length}-token context "
+                   f"(first: #{too_long[0]} {captions[too_long[0]][:60]!r}...)")
+            if not truncate:
+                raise CaptionError(msg)
+            warnings.warn(msg + "; they are truncated", stacklevel=2)
+        tokens = self.tokenizer(list(captions))
+        return tokens, tokens != _pad_id(self.tokenizer)
+
+    @torch.no_grad()
+    def encode_text(self, captions: Sequence[str], truncate: bool = True) -> TextEncoding:
+        """Encode captions: pooled embedding (b, d), per-token states (b, l, w) and their mask (b, l)."""
+        tokens, mask = self.tokenize(captions, truncate=truncate)
+        tokens, mask = tokens.to(self.device), mask.to(self.device)
+        out = self.model.forward_intermediates(text=tokens, text_indices=1, normalize=True,
+                                               normalize_intermediates=True)
+        text_tokens = out["text_intermediates"][-1]
+        assert text_tokens.shape[:2] == tokens.shape, (text_tokens.shape, tokens.shape)
+        return TextEncoding(out["text_features"].float(), text_tokens.float(), mask)
+
+    @torch.no_grad()
+    def encode_image(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings (b, d) of PIL images or a float tensor (b, 3, h, w) in [0, 1]."""
+        pixels = self.preprocess(images).to(self.device)
+        return F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+
+    def preprocess(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
+        """CLIP input pixels (b, 3, s, s): open_clip's own transform for PIL images; for tensors in [0, 1]
+        a bicubic resize of the short side to s, a centre crop and the same mean/std normalisation."""
+        if isinstance(images, torch.Tensor):
+            return self._preprocess_tensor(images)
+        if isinstance(images, Image.Image):
+            images = [images]
+        if len(images) == 0:
+            raise ValueError("no images to encode")
+        return torch.stack([self.image_transform(im.convert("RGB")) for im in images])
+
+    def _preprocess_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images as a (b, 3, h, w) tensor in [0, 1], got shape {tuple(x.shape)}")
+        s = self.image_size
+        h, w = x.shape[-2:]
+        if (h, w) != (s, s):
+            scale = s / min(h, w)
+            size = (max(s, round(h * scale)), max(s, round(w * scale)))
+            x = F.interpolate(x.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
+            top, left = (x.shape[-2] - s) // 2, (x.shape[-1] - s) // 2
+            x = x[..., top:top + s, left:left + s]
+        mean = torch.tensor(self.preprocess_cfg.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.preprocess_cfg.std, device=x.device).view(1, 3, 1, 1)
+        return (x.float().clamp(0, 1) - mean) / std
+
+    def _token_count(self, caption: str) -> int:
+        encode = getattr(self.tokenizer, "encode", None)
+        return len(encode(caption)) + 2 if callable(encode) else 0  # + start and end tokens
+
+
+def load_clip(spec: str | Path, pretrained: str | None = None) -> Clip:
+    """A Clip from what a user types: our directory, or an open_clip name (+ tag or local file)."""
+    path = Path(spec)
+    if path.is_dir():
+        if pretrained is not None:
+            raise ValueError(f"{spec} is a checkpoint directory; 'pretrained' applies to open_clip names only")
+        return Clip.from_pretrained(path)
+    if str(spec) in open_clip.list_models() or str(spec).startswith(("hf-hub:", "local-dir:")):
+        return Clip.from_open_clip(str(spec), pretrained=pretrained)
+    raise ValueError(
+        f"no CLIP at {str(spec)!r}: it is neither a directory written by train-clip / save_pretrained "
+        "nor an open_clip model name (see open_clip.list_models())"
+    )
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                     *, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """open_clip's symmetric InfoNCE loss over (b, d) normalised features; gathers across ranks when distributed."""
+    loss = open_clip.ClipLoss(local_loss=world_size > 1, gather_with_grad=world_size > 1, rank=rank,
+                              world_size=world_size)
+    return loss(image_features, text_features, logit_scale)
+
+
+def read_open_clip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read weights from an open_clip checkpoint file without unpickling arbitrary objects.
+
+    Accepts `.safetensors`, or a torch file holding a state dict or open_clip's training checkpoint
+    (`{"state_dict": ..., "epoch": ...}`, with or without DDP's `module.` prefix), read with
+    `torch.load(weights_only=True)`. A file that needs full unpickling (TorchScript archives, pickled
+    objects) is refused with a CheckpointError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"CLIP checkpoint file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} could not be read as plain weights ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            "unclip never unpickles arbitrary objects: convert it to a state dict or .safetensors first."
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _make_tokenizer(model_name: str | None, architecture: dict[str, Any]) -> Any:
+    text_cfg = architecture.get("text_cfg", {})
+    if model_name and model_name in open_clip.list_models():
+        return open_clip.get_tokenizer(model_name, context_length=text_cfg.get("context_length"))
+    if text_cfg.get("hf_tokenizer_name"):
+        return open_clip.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=text_cfg.get("context_length", 77))
+    return open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
+
+
+def _pad_id(tokenizer: Any) -> int:
+    inner = getattr(tokenizer, "tokenizer", None)
+    pad = getattr(inner, "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
+def _check_captions(captions: Sequence[str]) -> list[str]:
+    if isinstance(captions, str):
+        captions = [captions]
+    captions = list(captions)
+    if not captions:
+        raise CaptionError("no captions to encode")
+    for i, c in enumerate(captions):
+        if not isinstance(c, str):
+            raise CaptionError(f"caption #{i} is a {type(c).__name__}, not a string")
+        if not c.strip():
+            raise CaptionError(f"caption #{i} is empty")
+    return captions
