@@ -207,8 +207,12 @@ class Clip(nn.Module):
     @torch.no_grad()
     def encode_image(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings (b, d) of PIL images or a float tensor (b, 3, h, w) in [0, 1]."""
-        pixels = self.preprocess(images).to(self.device)
-        return F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+        return self.encode_pixels(self.preprocess(images))
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings (b, d) of already preprocessed pixels (b, 3, s, s) (see `preprocess`)."""
+        return F.normalize(self.model.encode_image(pixels.to(self.device)).float(), dim=-1)
 
     def preprocess(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
         """CLIP input pixels (b, 3, s, s): open_clip's own transform for PIL images; for tensors in [0, 1]

@@ -1,0 +1,64 @@
+"""`unclip embed`: shards hold exactly what the CLIP computes, resume after interruption, skip bad rows."""
+
+import io
+
+import datasets
+import pytest
+import torch
+
+from unclip.data import make_shapes
+from unclip.data.embeddings import EmbeddingShards, embed_dataset
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return make_shapes(20, split="train", seed=3)
+
+
+def test_shards_match_direct_encoding(tiny_clip, rows, tmp_path):
+    out = embed_dataset(tiny_clip, rows, tmp_path / "emb", source="t", shard_size=8, batch_size=5, progress=False)
+    assert sorted(p.name for p in out.glob("shard-*")) == [f"shard-00000{k}.safetensors" for k in range(3)]
+    shards = EmbeddingShards(out)
+    assert len(shards) == 20
+    direct = tiny_clip.encode_text(rows["caption"])
+    image_embed = tiny_clip.encode_image(rows["image"])
+    for i in (0, 7, 8, 19):
+        item = shards[i]
+        assert item["index"] == i and item["caption"] == rows[i]["caption"]
+        torch.testing.assert_close(item["text_embed"].float(), direct.text_embed[i], atol=2e-3, rtol=0)
+        torch.testing.assert_close(item["image_embed"].float(), image_embed[i], atol=2e-3, rtol=0)
+        torch.testing.assert_close(item["text_tokens"].float(), direct.text_tokens[i], atol=1e-2, rtol=1e-2)
+        assert torch.equal(item["text_mask"], direct.text_mask[i])
+
+
+def test_interrupted_run_resumes_without_redoing_complete_shards(tiny_clip, rows, tmp_path):
+    out = embed_dataset(tiny_clip, rows, tmp_path / "emb", source="t", shard_size=8, progress=False)
+    first, last = out / "shard-000000.safetensors", out / "shard-000002.safetensors"
+    before = first.stat().st_mtime_ns
+    reference = last.read_bytes()
+    last.unlink()  # as if the run had died while writing the last shard
+    (out / ".shard-000002.safetensors.tmp-0000").write_bytes(b"partial")
+    embed_dataset(tiny_clip, rows, out, source="t", shard_size=8, progress=False)
+    assert first.stat().st_mtime_ns == before
+    assert last.read_bytes() == reference
+    assert len(EmbeddingShards(out)) == 20
+
+
+def test_refuses_to_mix_embeddings(tiny_clip, rows, tmp_path):
+    embed_dataset(tiny_clip, rows, tmp_path / "emb", source="t", shard_size=8, progress=False)
+    with pytest.raises(ValueError, match="different source"):
+        embed_dataset(tiny_clip, rows, tmp_path / "emb", source="other", shard_size=8, progress=False)
+
+
+def test_bad_images_are_skipped_and_counted(tiny_clip, tmp_path):
+    good = io.BytesIO()
+    make_shapes(1)[0]["image"].save(good, format="PNG")
+    data = datasets.Dataset.from_dict(
+        {"image": [{"bytes": good.getvalue(), "path": None}, {"bytes": b"not an image", "path": None}],
+         "caption": ["a red circle on a blue background", "broken"]},
+        features=datasets.Features({"image": datasets.Image(decode=False), "caption": datasets.Value("string")}),
+    )
+    with pytest.warns(UserWarning, match="1 row"):
+        out = embed_dataset(tiny_clip, data, tmp_path / "emb", source="bad", progress=False)
+    shards = EmbeddingShards(out)
+    assert len(shards) == 1 and shards[0]["index"] == 0

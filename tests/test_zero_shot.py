@@ -1,0 +1,63 @@
+"""Zero-shot classification: prompt ensembles computed as in the CLIP paper, probabilities, accuracy."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unclip.clip import classify, zero_shot_accuracy, zero_shot_classifier
+from unclip.clip.shapes_judge import ShapesJudge, attribute_prompts
+from unclip.data import CAPTION_TEMPLATES, COLORS, SHAPES, make_shapes
+
+
+def test_classifier_is_the_normalised_mean_of_prompt_embeddings(tiny_clip):
+    templates = ("a {}.", "a photo of a {}.", "art of the {}")
+    head = zero_shot_classifier(tiny_clip, ["cat", "dog"], templates)
+    assert head.shape == (tiny_clip.embed_dim, 2)
+    for k, name in enumerate(["cat", "dog"]):
+        embeds = tiny_clip.encode_text([t.format(name) for t in templates]).text_embed
+        torch.testing.assert_close(head[:, k], F.normalize(embeds.mean(0), dim=0))
+
+
+def test_probabilities_follow_scaled_cosine_similarity(tiny_clip):
+    images = make_shapes(3)["image"]
+    head = zero_shot_classifier(tiny_clip, ["circle", "square", "cross"])
+    probs = classify(tiny_clip, images, classifier=head)
+    assert probs.shape == (3, 3)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+    logits = tiny_clip.model.logit_scale.exp() * tiny_clip.encode_image(images) @ head
+    torch.testing.assert_close(probs, logits.softmax(-1))
+
+
+def test_accuracy_counts_argmax_hits(tiny_clip):
+    images = make_shapes(5)["image"]
+    names = ["circle", "square", "triangle"]
+    pred = classify(tiny_clip, images, names).argmax(-1).tolist()
+    labels = [pred[0], (pred[1] + 1) % 3, pred[2], pred[3], (pred[4] + 1) % 3]
+    assert zero_shot_accuracy(tiny_clip, zip(images, labels), names, batch_size=2) == pytest.approx(3 / 5)
+
+
+def test_bad_arguments(tiny_clip):
+    with pytest.raises(ValueError, match="duplicate"):
+        zero_shot_classifier(tiny_clip, ["a", "a"])
+    with pytest.raises(ValueError, match="exactly one"):
+        classify(tiny_clip, make_shapes(1)["image"])
+    with pytest.raises(ValueError, match="no labelled samples"):
+        zero_shot_accuracy(tiny_clip, [], ["a", "b"])
+
+
+def test_shapes_prompts_marginalise_the_other_attributes():
+    prompts = attribute_prompts("fg", "red")
+    assert len(prompts) == len(CAPTION_TEMPLATES) * len(SHAPES) * (len(COLORS) - 1)
+    assert "a red circle on a blue background" in prompts
+    assert not any("on a red background" in p for p in prompts)
+    with pytest.raises(ValueError, match="unknown SHAPES attribute"):
+        attribute_prompts("size", "big")
+
+
+def test_judge_scores_per_attribute(tiny_clip):
+    rows = make_shapes(4, split="heldout")
+    judge = ShapesJudge(tiny_clip)
+    pred = judge.predict(rows["image"])
+    right = judge.score(rows["image"], rows["shape"], rows["fg"], rows["bg"])
+    assert torch.equal(right["shape"], pred["shape"] == torch.tensor(rows["shape"]))
+    assert torch.equal(right["all"], right["shape"] & right["fg"] & right["bg"])

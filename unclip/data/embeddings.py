@@ -1,0 +1,190 @@
+"""Precomputed CLIP embeddings on disk, for training the prior at scale (`unclip embed`).
+
+Layout of an embeddings directory:
+
+    manifest.json               what was embedded: source, rows, shard size, CLIP fingerprint, dims
+    shard-000000.safetensors    rows [0, S): image_embed (n, d), text_embed (n, d), text_tokens (n, l, w),
+    shard-000001.safetensors    text_mask (n, l) bool, index (n,) source row; captions in the metadata
+    ...
+
+Each shard is written to a temporary file and renamed into place, so an interrupted run leaves only
+complete shards; running the same command again skips them and carries on. Rows whose image cannot be
+decoded are left out of their shard (its `index` says which source rows it holds) and counted.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import hashlib
+import json
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..checkpoint import write_json_atomic
+from .image_text import ImageTextDataset, collate_image_text
+
+__all__ = ["embed_dataset", "EmbeddingShards", "clip_fingerprint"]
+
+MANIFEST = "manifest.json"
+TENSORS = ("image_embed", "text_embed", "text_tokens", "text_mask", "index")
+
+
+def clip_fingerprint(clip: Any) -> str:
+    """A short hash of a CLIP's weights: embeddings from different CLIPs must never be mixed."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(clip.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _shard_path(out_dir: Path, k: int) -> Path:
+    return out_dir / f"shard-{k:06d}.safetensors"
+
+
+def _check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    path = out_dir / MANIFEST
+    if path.exists():
+        old = json.loads(path.read_text())
+        differs = [k for k in manifest if old.get(k) != manifest[k]]
+        if differs:
+            raise ValueError(
+                f"{out_dir} already holds embeddings made with a different {', '.join(differs)}; "
+                "choose another output directory (nothing was overwritten)"
+            )
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, manifest)
+
+
+@torch.no_grad()
+def embed_dataset(
+    clip: Any,
+    dataset: Any,
+    out_dir: str | Path,
+    *,
+    source: str,
+    shard_size: int = 4096,
+    batch_size: int = 256,
+    image_column: str = "image",
+    caption_column: str = "caption",
+    num_workers: int = 0,
+    dtype: torch.dtype = torch.float16,
+    progress: bool = True,
+) -> Path:
+    """Embed every (image, caption) row of an HF dataset with `clip` into shards under `out_dir`.
+
+    Resumable: complete shards already present are skipped. Returns `out_dir`.
+    """
+    out_dir = Path(out_dir)
+    rows = len(dataset)
+    if rows == 0:
+        raise ValueError(f"dataset {source!r} has no rows to embed")
+    manifest = {
+        "source": source,
+        "rows": rows,
+        "shard_size": shard_size,
+        "clip": clip_fingerprint(clip),
+        "embed_dim": clip.embed_dim,
+        "text_width": clip.text_width,
+        "context_length": clip.context_length,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    _check_manifest(out_dir, manifest)
+    num_shards = (rows + shard_size - 1) // shard_size
+    todo = [k for k in range(num_shards) if not _shard_path(out_dir, k).exists()]
+    wrapped = ImageTextDataset(dataset, clip.image_transform, image_column=image_column, caption_column=caption_column)
+    skipped = 0
+    bar = tqdm(
+        total=rows,
+        initial=rows - sum(min(shard_size, rows - k * shard_size) for k in todo),
+        desc="embed",
+        unit="img",
+        disable=not progress,
+    )
+    for k in todo:
+        part = torch.utils.data.Subset(wrapped, range(k * shard_size, min((k + 1) * shard_size, rows)))
+        loader = DataLoader(part, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_image_text)
+        chunks: dict[str, list[torch.Tensor]] = {name: [] for name in TENSORS}
+        captions: list[str] = []
+        for batch in loader:
+            skipped += batch["num_skipped"]
+            bar.update(len(batch["captions"]) + batch["num_skipped"])
+            if not batch["captions"]:
+                continue
+            enc = clip.encode_text(batch["captions"])
+            chunks["image_embed"].append(clip.encode_pixels(batch["images"]).to("cpu", dtype))  # already preprocessed
+            chunks["text_embed"].append(enc.text_embed.to("cpu", dtype))
+            chunks["text_tokens"].append(enc.text_tokens.to("cpu", dtype))
+            chunks["text_mask"].append(enc.text_mask.cpu())
+            chunks["index"].append(batch["index"].long())
+            captions += batch["captions"]
+        _write_shard(_shard_path(out_dir, k), chunks, captions)
+    bar.close()
+    if skipped:
+        warnings.warn(f"embed: {skipped} row(s) skipped because their image or caption was unusable", stacklevel=2)
+    return out_dir
+
+
+def _write_shard(path: Path, chunks: dict[str, list[torch.Tensor]], captions: list[str]) -> None:
+    tensors = {name: torch.cat(parts) for name, parts in chunks.items() if parts}
+    if not tensors:  # every row of the shard was unusable: an empty shard still marks it done
+        tensors = {"index": torch.zeros(0, dtype=torch.long)}
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    save_file(tensors, str(tmp), metadata={"captions": json.dumps(captions)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class EmbeddingShards(Dataset):
+    """Read an embeddings directory row by row (memory-mapped; only the rows asked for are read).
+
+    Item: {"image_embed": (d,), "text_embed": (d,), "text_tokens": (l, w), "text_mask": (l,) bool,
+    "index": source row, "caption": str}, floats in the stored dtype.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        if not (self.directory / MANIFEST).is_file():
+            raise FileNotFoundError(f"{self.directory} is not an embeddings directory (no {MANIFEST})")
+        self.manifest = json.loads((self.directory / MANIFEST).read_text())
+        self.shards = sorted(self.directory.glob("shard-*.safetensors"))
+        expected = -(-self.manifest["rows"] // self.manifest["shard_size"])
+        if len(self.shards) != expected:
+            warnings.warn(
+                f"{self.directory}: {len(self.shards)} of {expected} shards present (embedding unfinished?)",
+                stacklevel=2,
+            )
+        self.offsets = [0]
+        for shard in self.shards:
+            with safe_open(str(shard), framework="pt") as f:
+                self.offsets.append(self.offsets[-1] + f.get_slice("index").get_shape()[0])
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 - a handful of open shards per dataset object
+    def _open(self, k: int) -> tuple[Any, list[str]]:
+        handle = safe_open(str(self.shards[k]), framework="pt")
+        return handle, json.loads(handle.metadata()["captions"])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = bisect.bisect_right(self.offsets, i) - 1
+        row = i - self.offsets[k]
+        handle, captions = self._open(k)
+        item: dict[str, Any] = {name: handle.get_slice(name)[row : row + 1][0] for name in TENSORS}
+        item["caption"] = captions[row]
+        return item

@@ -1,0 +1,306 @@
+"""Image-text pairs from anywhere `datasets` can read, robust to images that cannot be decoded.
+
+    ds = load_image_text_dataset("data/shapes/")          # image folder, saved dataset, parquet, hub name...
+    torch_ds = ImageTextDataset(ds, image_transform)      # rows -> {"image": (3, h, w) | None, "caption", ...}
+    loader = DataLoader(torch_ds, batch_size=64, collate_fn=collate_image_text)
+
+Images are never decoded when a row is read from the HF dataset (the image column is cast to
+`Image(decode=False)`), only in `ImageTextDataset.__getitem__`, where a truncated, corrupt or missing file
+(or an empty caption) marks the sample bad instead of raising. `collate_image_text` drops bad samples,
+logs one warning line per sample, and reports how many it skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+__all__ = ["DataError", "load_image_text_dataset", "decode_image", "ImageTextDataset", "collate_image_text"]
+
+logger = logging.getLogger(__name__)
+
+_TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
+_LOCAL_SUFFIXES = {*_TABLE_SUFFIXES, ".jsonl", ".json", ".csv"}
+
+
+class DataError(ValueError):
+    """A dataset source that cannot be used: missing path, no rows, or a missing image or caption column."""
+
+
+def load_image_text_dataset(
+    source: str | os.PathLike | datasets.Dataset | datasets.DatasetDict,
+    *,
+    image_column: str = "image",
+    caption_column: str = "caption",
+    split: str = "train",
+) -> datasets.Dataset:
+    """Load image-text pairs as a `datasets.Dataset` whose image column never decodes on access.
+
+    `source` is a Dataset (or DatasetDict, of which `split` is taken); a directory holding an image folder
+    (`metadata.jsonl` or `metadata.csv` with `file_name` and a caption column), a `save_to_disk` directory,
+    or `.parquet` / `.arrow` files; a `.parquet` / `.arrow` file or a glob of them; or else a Hugging Face hub
+    dataset name. Raises DataError for a missing path, an empty dataset or a missing column.
+    """
+    if isinstance(source, datasets.DatasetDict):
+        source = _pick_split(source, split, "the DatasetDict")
+    if isinstance(source, datasets.Dataset):
+        ds, where = source, "the dataset"
+    else:
+        ds, where = _load_source(str(source), image_column=image_column, split=split), str(source)
+    if len(ds) == 0:
+        raise DataError(f"{where} has no rows")
+    for key, column in (("image_column", image_column), ("caption_column", caption_column)):
+        if column not in ds.column_names:
+            raise DataError(
+                f"{where} has no column '{column}'; available columns: {', '.join(ds.column_names)}. "
+                f"Set `{key}` in the data config to the column that holds the {key.split('_')[0]}s."
+            )
+    return _undecoded(ds, image_column)
+
+
+def _load_source(source: str, *, image_column: str, split: str) -> datasets.Dataset:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _load_directory(path, image_column=image_column, split=split)
+    if path.is_file():
+        return _load_tables([path], where=source)
+    if glob.has_magic(source):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
+        if not files:
+            raise DataError(f"no files match {source}")
+        return _load_tables(files, where=source)
+    if _looks_local(source):
+        raise DataError(f"dataset path not found: {source}")
+    try:  # a hub dataset name, e.g. "user/dataset"
+        ds = datasets.load_dataset(source, split=split)
+    except Exception as e:  # the hub raises connection, not-found and config errors of many types
+        raise DataError(f"'{source}' is not a local path and could not be loaded from the hub: {e}") from e
+    if not isinstance(ds, datasets.Dataset):
+        raise DataError(f"'{source}' split '{split}' loaded as {type(ds).__name__}, not a map-style Dataset")
+    return ds
+
+
+def _looks_local(source: str) -> bool:
+    """Whether a string that names no existing file is clearly meant as a path rather than a hub name."""
+    return (
+        source.startswith((".", "~", "/", os.sep))
+        or source.endswith(("/", os.sep))
+        or "\\" in source
+        or source.count("/") > 1
+        or Path(source).suffix.lower() in _LOCAL_SUFFIXES
+    )
+
+
+def _load_directory(path: Path, *, image_column: str, split: str) -> datasets.Dataset:
+    for name in ("metadata.jsonl", "metadata.csv"):
+        if (path / name).is_file():
+            return _load_image_folder(path, path / name, image_column=image_column)
+    if any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(str(path))
+        return _pick_split(ds, split, str(path)) if isinstance(ds, datasets.DatasetDict) else ds
+    for suffix in _TABLE_SUFFIXES:
+        files = sorted(path.rglob(f"*{suffix}"))
+        if files:
+            return _load_tables(files, where=str(path))
+    raise DataError(
+        f"{path} is not a dataset directory: it has no metadata.jsonl / metadata.csv (image folder), no "
+        "dataset_info.json / state.json (save_to_disk) and no .parquet / .arrow files"
+    )
+
+
+def _load_image_folder(root: Path, metadata: Path, *, image_column: str) -> datasets.Dataset:
+    """An image folder's metadata as a Dataset whose `image_column` holds absolute file paths."""
+    try:
+        if metadata.suffix == ".jsonl":
+            with metadata.open() as f:
+                records = [json.loads(line) for line in f if line.strip()]
+        else:
+            with metadata.open(newline="") as f:
+                records = list(csv.DictReader(f))
+    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
+        raise DataError(f"{metadata} could not be parsed: {e}") from None
+    if not records:
+        raise DataError(f"{metadata} has no rows")
+    for n, r in enumerate(records, start=1):
+        if not isinstance(r, dict) or not r.get("file_name"):
+            raise DataError(f"{metadata}: row {n} has no 'file_name' (the image folder convention): {r!r}")
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    columns: dict[str, list[Any]] = {image_column: [str(root / r["file_name"]) for r in records]}
+    for key in keys:
+        if key not in ("file_name", image_column):
+            columns[key] = [r.get(key) for r in records]
+    try:
+        return datasets.Dataset.from_dict(columns)
+    except (ValueError, TypeError) as e:  # pyarrow's ArrowInvalid / ArrowTypeError: mixed types in a column
+        raise DataError(f"{metadata} could not be read as a table (a column with mixed types?): {e}") from None
+
+
+def _load_tables(files: Sequence[Path], *, where: str) -> datasets.Dataset:
+    kinds = {_TABLE_SUFFIXES.get(f.suffix.lower()) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise DataError(f"{where}: expected .parquet or .arrow files (one kind), got {', '.join(map(str, files[:5]))}")
+    return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
+
+
+def _pick_split(ds: datasets.DatasetDict, split: str, where: str) -> datasets.Dataset:
+    if split not in ds:
+        raise DataError(f"{where} has no split '{split}'; available splits: {', '.join(ds)}")
+    return ds[split]
+
+
+def _undecoded(ds: datasets.Dataset, image_column: str) -> datasets.Dataset:
+    """`ds` with its image column cast to `Image(decode=False)`: rows hold {"bytes", "path"} dicts."""
+    feature = ds.features[image_column]
+    if isinstance(feature, datasets.Image) and not feature.decode:
+        return ds
+    try:
+        return ds.cast_column(image_column, datasets.Image(decode=False))
+    except (TypeError, ValueError) as e:
+        raise DataError(f"column '{image_column}' ({feature}) cannot be read as images: {e}") from None
+
+
+def decode_image(value: Any) -> Image.Image | None:
+    """An RGB PIL image from a PIL image, a {"bytes", "path"} dict, raw bytes, a path or a (h, w[, c]) uint8 array.
+
+    Transparent images are composited onto white, 16-bit ones rescaled, EXIF rotation applied. Returns None
+    when the image cannot be read (missing, truncated, corrupt or not an image).
+    """
+    try:
+        if isinstance(value, Image.Image):
+            return _to_rgb(value)
+        if isinstance(value, np.ndarray):
+            return _to_rgb(Image.fromarray(value))
+        if isinstance(value, dict):
+            value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            value = io.BytesIO(bytes(value))
+        elif not isinstance(value, (str, os.PathLike)):
+            return None
+        with Image.open(value) as img:
+            img.load()  # decodes now, so a truncated file fails here rather than later
+            return _to_rgb(ImageOps.exif_transpose(img))
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, struct.error ... on bad files
+        logger.debug("could not decode image: %s", e)
+        return None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit integer or float grey: rescale to 8 bits
+        pixels = np.asarray(img, dtype=np.float64)
+        peak = pixels.max(initial=0.0)
+        if img.mode.startswith("I;16") or (img.mode == "I" and peak > 255):
+            pixels = pixels / 257.0
+        elif img.mode == "F" and peak <= 1.0:
+            pixels = pixels * 255.0
+        img = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """A torch Dataset of image-text pairs over an HF dataset; bad samples are marked, not raised.
+
+    `image_transform` maps an RGB PIL image to a (3, h, w) tensor of a fixed size. Item i is
+    `{"image": (3, h, w) tensor or None, "caption": str, "index": i, "skip_reason": None or str, **extra}`,
+    with `image` None (and `skip_reason` saying why) when the image cannot be decoded or the caption is empty.
+    """
+
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        image_transform: Callable[[Image.Image], torch.Tensor],
+        *,
+        image_column: str = "image",
+        caption_column: str = "caption",
+        extra_columns: Sequence[str] = (),
+    ) -> None:
+        for key, column in [("image_column", image_column), ("caption_column", caption_column)] + [
+            ("extra_columns", c) for c in extra_columns
+        ]:
+            if column not in dataset.column_names:
+                raise DataError(
+                    f"the dataset has no column '{column}' ({key}); available: {', '.join(dataset.column_names)}"
+                )
+        clashes = set(extra_columns) & {"image", "caption", "index", "skip_reason"}
+        if clashes:
+            raise DataError(f"extra_columns may not be named {', '.join(sorted(clashes))}")
+        self.dataset = _undecoded(dataset, image_column)
+        self.image_transform = image_transform
+        self.image_column, self.caption_column = image_column, caption_column
+        self.extra_columns = tuple(extra_columns)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.dataset[int(i)]
+        caption = row[self.caption_column]
+        caption = caption.strip() if isinstance(caption, str) else ""
+        image, reason = None, None
+        if not caption:
+            reason = "caption is empty"
+        else:
+            pil = decode_image(row[self.image_column])
+            if pil is None:
+                reason = "image could not be decoded"
+            else:
+                image = self.image_transform(pil)
+        extra = {c: row[c] for c in self.extra_columns}
+        return {"image": image, "caption": caption, "index": int(i), "skip_reason": reason, **extra}
+
+
+def collate_image_text(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch `ImageTextDataset` items, dropping bad ones with one warning line each.
+
+    Returns `{"images": (b, 3, h, w) float, "captions": list of b str, "index": (b,) long, "num_skipped": int,
+    **extra}`, each extra column stacked into a (b, ...) tensor when numeric, else a list. When every item is
+    bad the batch is empty: b = 0 and images is (0, 3, 0, 0); the trainer skips such batches.
+    """
+    good = [it for it in items if it["image"] is not None]
+    for it in items:
+        if it["image"] is None:
+            logger.warning("skipping sample %d: %s", it["index"], it.get("skip_reason") or "image is missing")
+    skipped = len(items) - len(good)
+    extra_keys = [k for k in (items[0] if items else {}) if k not in ("image", "caption", "index", "skip_reason")]
+    if not good:
+        extras = {k: _stack([it[k] for it in items])[:0] for k in extra_keys}
+        empty = {"images": torch.empty(0, 3, 0, 0), "captions": [], "index": torch.empty(0, dtype=torch.long)}
+        return {**empty, "num_skipped": skipped, **extras}
+    shapes = {tuple(it["image"].shape) for it in good}
+    if len(shapes) != 1:
+        raise ValueError(f"images in a batch differ in shape {sorted(shapes)}; make image_transform resize to one size")
+    return {
+        "images": torch.stack([it["image"] for it in good]).float(),
+        "captions": [it["caption"] for it in good],
+        "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
+        "num_skipped": skipped,
+        **{k: _stack([it[k] for it in good]) for k in extra_keys},
+    }
+
+
+def _stack(values: list[Any]) -> torch.Tensor | list[Any]:
+    """Numbers or equal-shaped tensors / arrays as one tensor; anything else stays a list."""
+    if values and all(isinstance(v, torch.Tensor) for v in values):
+        return torch.stack(values)
+    if values and all(isinstance(v, np.ndarray) for v in values):
+        return torch.from_numpy(np.stack(values))
+    if values and all(isinstance(v, (bool, int, float)) for v in values):
+        return torch.tensor(values)
+    return list(values)
