@@ -37,8 +37,5 @@ def resolve_device(name: str) -> str:
 def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """Print a plain aligned table."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = "  ".join(f"{h:<{w}}" for h, w in zip(header, widths))
-    print(line)
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print("  ".join(f"{str(x):<{w}}" for x, w in zip(row, widths)))
+    for row in (header, ["-" * w for w in widths], *rows):
+        print("  ".join(f"{str(x):<{w}}" for x, w in zip(row, widths)).rstrip())

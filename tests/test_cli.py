@@ -1,0 +1,89 @@
+"""The `unclip` command line: tables on success, one clear line and exit status 2 on bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from unclip.cli.main import main
+from unclip.data import make_shapes
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tiny_clip, tmp_path_factory):
+    return tiny_clip.save_pretrained(tmp_path_factory.mktemp("clip") / "model")
+
+
+@pytest.fixture()
+def pngs(tmp_path):
+    paths = []
+    for i, image in enumerate(make_shapes(2)["image"]):
+        paths.append(tmp_path / f"img{i}.png")
+        image.save(paths[-1])
+    return paths
+
+
+def test_classify_prints_a_table(clip_dir, pngs, capsys):
+    assert main(["classify", *map(str, pngs), "--labels", "circle, square,cross", "--clip", str(clip_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["image", "prediction", "circle", "square", "cross"]
+    assert len(lines) == 2 + len(pngs)
+    for line, path in zip(lines[2:], pngs):
+        cells = line.split()
+        assert cells[0] == str(path) and cells[1] in ("circle", "square", "cross")
+        assert sum(float(c) for c in cells[2:]) == pytest.approx(1.0, abs=2e-3)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--labels", "circle"], "at least two"),
+        (["--labels", "a,b", "--device", "cuda:7"], "cuda"),
+        (["--labels", "a,b", "--device", "tpu"], "unknown device"),
+    ],
+)
+def test_classify_argument_errors(clip_dir, pngs, capsys, extra, message):
+    if "cuda:7" in extra and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    assert main(["classify", str(pngs[0]), "--clip", str(clip_dir), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_classify_bad_files(clip_dir, pngs, tmp_path, capsys):
+    assert main(["classify", str(tmp_path / "missing.png"), "--labels", "a,b", "--clip", str(clip_dir)]) == 2
+    assert "image not found" in capsys.readouterr().err
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(pngs[0].read_bytes()[:40])
+    assert main(["classify", str(broken), "--labels", "a,b", "--clip", str(clip_dir)]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    assert main(["classify", str(pngs[0]), "--labels", "a,b", "--clip", str(tmp_path / "no-model")]) == 2
+    assert "no CLIP at" in capsys.readouterr().err
+
+
+def test_zero_shot_command(clip_dir, capsys):
+    assert main(["zero-shot", str(clip_dir), "--samples", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "heldout split, 8 images" in out
+    for attribute in ("shape", "fg", "bg", "all"):
+        assert any(line.split()[:1] == [attribute] and line.endswith("%") for line in out.splitlines())
+
+
+def test_embed_command(clip_dir, tmp_path, capsys):
+    args = ["embed", "--clip", str(clip_dir), "--data", "shapes", "--shapes-samples", "6", "--out", str(tmp_path / "e")]
+    assert main(args) == 0
+    assert "embeddings of 6 rows" in capsys.readouterr().out
+    args[4] = str(tmp_path / "missing-folder") + "/"
+    assert main(args) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_console_scripts_are_installed_and_teach():
+    for script in ("unclip", "train-clip"):
+        out = subprocess.run([str(BIN / script), "--help"], capture_output=True, text=True, check=True).stdout
+        assert "usage:" in out
+    out = subprocess.run([str(BIN / "unclip"), "classify", "--help"], capture_output=True, text=True).stdout
+    assert "--labels" in out and "prompt" in out
