@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
     task = ClipTrainTask(cfg)
     trainer = Trainer(task, cfg.train, out)
     result = trainer.train(resume=not args.no_resume)
-    if not trainer.is_main_process:
+    if not trainer.accelerator.is_main_process:
         return 0
     print(f"trained {result.step} steps; final loss {result.losses[-1]:.4f}; model in {out / 'model'}"
           if result.losses else f"nothing to train: already at step {result.step}; model in {out / 'model'}")
