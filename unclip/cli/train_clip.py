@@ -56,10 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..checkpoint import write_json_atomic
     from ..clip import Clip
     from ..clip.shapes_judge import evaluate_shapes
     from ..clip.training import ClipTrainTask, TrainClipConfig
-    from ..checkpoint import write_json_atomic
     from ..train import Trainer
 
     cfg = replace_config(load_config(TrainClipConfig, args.config), parse_overrides(args.overrides))

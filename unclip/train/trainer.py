@@ -1,0 +1,431 @@
+"""The one trainer behind every `train-*` script: a task supplies model, data and loss; this does the rest.
+
+    trainer = Trainer(task, load_config(TrainConfig, "configs/train/prior.yaml"), "runs/prior")
+    result = trainer.train()          # resumes from the newest complete checkpoint in runs/prior, if any
+
+It runs alone or under `accelerate launch` (DDP, or FSDP2 with `distributed: fsdp`): AdamW (fused on CUDA),
+warm-up + cosine/constant LR, gradient clipping and accumulation, fp32 EMA, bf16 autocast on CUDA,
+non-finite loss skipping, atomic rotating checkpoints with exact resume, log.jsonl / TensorBoard / tqdm,
+periodic sample grids and a final `task.export`. Data sharding is done here from one deterministic global
+order (see `unclip.train.data`), not by accelerate's dataloader wrapper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
+from accelerate.utils import gather_object, parse_flag_from_env, send_to_device
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..checkpoint import clean_stale_temporaries, load_state_dict_strict
+from ..config import config_to_dict
+from .config import TrainConfig
+from .data import build_train_loader, is_empty_batch, mix_seed, split_skipped
+from .ema import EMA
+from .logging import MetricWindow, RunLogger
+from .lr import build_lr_scheduler, build_optimizer
+from .state import (
+    capture_rng_state,
+    find_latest_checkpoint,
+    list_checkpoints,
+    load_training_checkpoint,
+    preserved_rng,
+    restore_rng_state,
+    rotate_checkpoints,
+    save_training_checkpoint,
+    seed_everything,
+)
+
+__all__ = ["NonFiniteLossError", "TrainResult", "TrainTask", "Trainer", "unwrap_model"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when `max_nonfinite_steps` optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+@runtime_checkable
+class TrainTask(Protocol):
+    """What a stage's training script hands the Trainer.
+
+    Required:
+        model: the trainable nn.Module; sub-modules with requires_grad=False stay frozen and out of AdamW.
+        train_dataset() -> map-style Dataset; items may use the global RNG (seeded per sample, see data.py).
+        loss(model, batch) -> (scalar loss, {name: float} metrics). `model` may be DDP/FSDP-wrapped: call
+            `model(...)` for the forward (so gradients synchronise) and `unwrap_model(model)` for attributes.
+            Noise and dropout should come from the global torch RNG, which the checkpoints save and restore.
+    Optional (looked up with getattr):
+        collate_fn(items) -> batch dict; may hold "num_skipped": int (bad samples dropped, logged) and may be
+            empty (first tensor dimension 0): it is then skipped and the next micro-batch drawn.
+        sample_images(model, step) -> (b, 3, h, w) in [0, 1]; called on the main process (on all under FSDP)
+            with the EMA model (if any) in eval mode under torch.no_grad; it does not disturb the training RNG.
+        export(model, out_dir: Path): write the final model (EMA weights if EMA is on) in the stage's format.
+        config_dict() -> dict saved into every training checkpoint.
+        find_unused_parameters: bool, passed to DDP for models whose forward skips some parameters.
+    """
+
+    model: nn.Module
+
+    def train_dataset(self) -> Dataset: ...
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps applied in total (including those before a resume)
+    losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step run by this call
+    nonfinite_steps: int = 0  # skipped non-finite steps over the whole run
+    skipped_samples: int = 0  # samples the collate dropped over the whole run
+    output_dir: Path = Path(".")
+
+
+class _Outcome(NamedTuple):
+    loss: float
+    grad_norm: float
+    lr: float
+    metrics: dict[str, float]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The task's own module inside a DDP / FSDP / compile wrapper."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model)
+
+
+def _build_accelerator(cfg: TrainConfig, task: Any) -> Accelerator:
+    # CPU when there is no GPU or `accelerate launch --cpu` asked for it; passing cpu=True is what makes
+    # accelerate start gloo when several CPU processes were launched (torchrun / accelerate launch).
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    precision = ("no" if cpu else "bf16") if cfg.mixed_precision == "auto" else cfg.mixed_precision
+    fsdp = None
+    if cfg.distributed == "fsdp":
+        fsdp = FullyShardedDataParallelPlugin(
+            fsdp_version=2, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
+            auto_wrap_policy="size_based_wrap", min_num_params=1_000_000,
+        )  # fmt: skip
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(getattr(task, "find_unused_parameters", False)))
+    acc = Accelerator(cpu=cpu, mixed_precision=precision, fsdp_plugin=fsdp, kwargs_handlers=[ddp])
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc.num_processes:
+        raise RuntimeError(
+            f"launched as {launched} processes (WORLD_SIZE) but accelerate set up {acc.num_processes}; "
+            "was accelerate's state created before the Trainer with other settings?"
+        )
+    return acc
+
+
+class Trainer:
+    """Trains `task.model` as `cfg` says, writing logs, samples and checkpoints under `output_dir`."""
+
+    def __init__(self, task: TrainTask, cfg: TrainConfig, output_dir: str | Path):
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+        self.task, self.cfg, self.output_dir = task, cfg, Path(output_dir)
+        self.accelerator = acc = _build_accelerator(cfg, task)
+        self.world_size, self.rank = acc.num_processes, acc.process_index
+        per_draw = cfg.batch_size // cfg.grad_accum_steps
+        if per_draw % self.world_size:
+            raise ValueError(
+                f"batch_size {cfg.batch_size} does not split evenly over {self.world_size} processes x "
+                f"{cfg.grad_accum_steps} accumulation steps; use a multiple of {self.world_size * cfg.grad_accum_steps}"
+            )
+        self.micro_batch = per_draw // self.world_size  # samples per forward on each process
+        if acc.is_fsdp2 and cfg.ema_decay is not None:
+            raise NotImplementedError("EMA is not supported with distributed: fsdp yet; use ddp or ema_decay: null")
+        model = task.model.to(acc.device)
+        optimizer = build_optimizer(model, cfg, fused=acc.device.type == "cuda")
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.scheduler = build_lr_scheduler(self.optimizer.optimizer, cfg)
+        self.ema = EMA(self.unwrapped_model, cfg.ema_decay) if cfg.ema_decay is not None else None
+        self.step = 0  # optimizer updates applied
+        self.samples_seen = 0  # positions of the global sample stream consumed (all processes together)
+        self.nonfinite_steps = self.consecutive_nonfinite = self.skipped_samples = self.empty_batches = 0
+        self._last_checkpoint_step: int | None = None
+        self._logger = RunLogger(self.output_dir, enabled=False)
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def ema_model(self) -> nn.Module | None:
+        """The EMA copy (fp32, eval mode), or None when EMA is off."""
+        return self.ema.model if self.ema is not None else None
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    # ---------------------------------------------------------------- the run
+    def train(self, resume: bool = True) -> TrainResult:
+        """Train to `cfg.max_steps`, resuming from the newest complete checkpoint in output_dir when `resume`.
+
+        With resume=False the run starts from scratch: training checkpoints already in output_dir are deleted
+        (with a warning) so that they can neither be resumed from nor outrank the new run's in the rotation.
+        """
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.checkpoint_root.mkdir(parents=True, exist_ok=True)
+            clean_stale_temporaries(self.checkpoint_root)
+            clean_stale_temporaries(self.output_dir)  # e.g. a `.model.tmp-*` export cut short
+            if not resume and list_checkpoints(self.checkpoint_root):
+                removed = rotate_checkpoints(self.checkpoint_root, keep=0)
+                message = f"resume=False: deleted {len(removed)} old checkpoints in {self.checkpoint_root}"
+                warnings.warn(message, stacklevel=2)
+        acc.wait_for_everyone()
+        latest = find_latest_checkpoint(self.checkpoint_root) if resume else None
+        if latest is not None:
+            self._restore(latest)
+        else:
+            self._seed_training_rng()
+        # a fresh run drops any log.jsonl left by a run killed before its first checkpoint
+        resume_step = self.step if latest is not None else -1
+        self._logger = RunLogger(self.output_dir, enabled=acc.is_main_process, resume_step=resume_step)
+        if latest is not None:
+            self._logger.log({"step": self.step, "event": "resume", "checkpoint": latest.name})
+        losses: list[float] = []
+        try:
+            self._loop(losses)
+            if self._last_checkpoint_step != self.step:
+                self.save_checkpoint()
+            self._export()
+        finally:
+            self._logger.close()
+        acc.wait_for_everyone()
+        return TrainResult(self.step, losses, self.nonfinite_steps, self.skipped_samples, self.output_dir)
+
+    def _loop(self, losses: list[float]) -> None:
+        cfg = self.cfg
+        bar = tqdm(
+            total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
+            disable=not (cfg.progress and self.accelerator.is_main_process),
+        )  # fmt: skip
+        window = MetricWindow(self.samples_seen)
+        stream = self._batches()
+        try:
+            while self.step < cfg.max_steps:
+                outcome = self._train_step(stream)
+                if outcome is None:
+                    continue
+                losses.append(outcome.loss)
+                window.add(outcome.loss, outcome.grad_norm, outcome.lr, outcome.metrics)
+                bar.update(1)
+                rate = window.rate(self.samples_seen)
+                bar.set_postfix(loss=f"{outcome.loss:.4f}", samples_s=f"{rate:.1f}", refresh=False)
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    self._logger.log(window.record(self.step, self.samples_seen, self._totals()))
+                    window = MetricWindow(self.samples_seen)
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self._sample()
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            stream.close()
+
+    def _train_step(self, stream: Iterator[Any]) -> _Outcome | None:
+        """One optimizer step over `grad_accum_steps` micro-batches; None when it was skipped."""
+        acc, cfg = self.accelerator, self.cfg
+        loss_sum = torch.zeros((), device=acc.device)
+        metrics: dict[str, float] = {}
+        for i in range(cfg.grad_accum_steps):
+            batch = next(stream)
+            last = i == cfg.grad_accum_steps - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                with acc.autocast():
+                    loss, batch_metrics = self.task.loss(self.model, batch)
+                acc.backward(loss / cfg.grad_accum_steps)
+            loss_sum += loss.detach().float()
+            for k, v in batch_metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.grad_accum_steps
+        mean_loss = loss_sum / cfg.grad_accum_steps
+        mean_loss = float(acc.reduce(mean_loss, "mean") if self.world_size > 1 else mean_loss)
+        max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
+        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
+        lr = self.optimizer.param_groups[0]["lr"]
+        try:
+            applied = self._apply_update(mean_loss, grad_norm)
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+        if not applied:
+            return None
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.unwrapped_model)
+        self.step += 1
+        return _Outcome(mean_loss, grad_norm, lr, metrics)
+
+    def _apply_update(self, loss: float, grad_norm: float) -> bool:
+        """Step the optimizer unless the loss (or, without fp16 loss scaling, the gradient) is non-finite."""
+        fp16 = self.accelerator.mixed_precision == "fp16"
+        if math.isfinite(loss) and (fp16 or math.isfinite(grad_norm)):
+            self.consecutive_nonfinite = 0
+            self.optimizer.step()
+            return not (fp16 and self.optimizer.step_was_skipped)  # fp16: the scaler skips on overflow
+        if fp16:
+            self.accelerator.scaler.update()  # clip_grad_norm_ unscaled the gradients; close that step
+        self.nonfinite_steps += 1
+        self.consecutive_nonfinite += 1
+        self._logger.log(
+            {"step": self.step + 1, "event": "nonfinite", "loss": loss, "grad_norm": grad_norm, **self._totals()}
+        )
+        if self.consecutive_nonfinite >= self.cfg.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"the loss or gradient norm was non-finite (loss={loss}, grad_norm={grad_norm}) for "
+                f"{self.consecutive_nonfinite} optimizer steps in a row, the last computing step {self.step + 1}; "
+                f"the run stopped (last checkpoint: {self._last_checkpoint_step}). Try a lower lr (now {self.cfg.lr}), "
+                "a longer warm-up or grad_clip, check the data for NaN/inf or corrupt samples, or use bf16 "
+                "instead of fp16."
+            )
+        return False
+
+    def _batches(self) -> Iterator[Any]:
+        """This process's non-empty micro-batches on the device, counting skipped samples and stream position."""
+        acc, cfg = self.accelerator, self.cfg
+        dataset = self.task.train_dataset()
+        loader = build_train_loader(
+            dataset, getattr(self.task, "collate_fn", None), seed=cfg.seed, micro_batch=self.micro_batch,
+            world_size=self.world_size, rank=self.rank, start=self.samples_seen, num_workers=cfg.num_workers,
+            pin_memory=acc.device.type == "cuda",
+        )  # fmt: skip
+        chunk, empty_run = self.micro_batch * self.world_size, 0
+        for batch in loader:
+            self.samples_seen += chunk
+            batch, skipped = split_skipped(batch)
+            empty = is_empty_batch(batch)
+            if self.world_size > 1:  # every process must agree to skip, or DDP would hang
+                flags = acc.reduce(torch.tensor([float(empty), float(skipped)], device=acc.device), "sum")
+                empty, skipped = bool(flags[0].item() > 0), int(flags[1].item())
+            self.skipped_samples += skipped
+            if empty:
+                self.empty_batches += 1
+                empty_run += 1
+                if empty_run * chunk > len(dataset) + chunk:
+                    raise RuntimeError("the collate_fn dropped every sample of a whole epoch; check the dataset")
+                continue
+            empty_run = 0
+            yield send_to_device(batch, acc.device, non_blocking=True)
+
+    # ---------------------------------------------------------------- side outputs
+    def _totals(self) -> dict[str, int]:
+        return {
+            "samples_seen": self.samples_seen,
+            "skipped_samples": self.skipped_samples,
+            "empty_batches": self.empty_batches,
+            "nonfinite_steps": self.nonfinite_steps,
+        }
+
+    def _sample(self) -> None:
+        sample_images = getattr(self.task, "sample_images", None)
+        # a sharded (FSDP) forward needs every process; otherwise only the main process samples
+        if sample_images is None or not (self.accelerator.is_main_process or self.accelerator.is_fsdp2):
+            return
+        model = self.ema_model if self.ema_model is not None else self.unwrapped_model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), preserved_rng(), self.accelerator.autocast():
+                images = sample_images(model, self.step)
+        finally:
+            model.train(was_training)
+        self._logger.save_samples(images, self.step)
+
+    def _export(self) -> None:
+        export = getattr(self.task, "export", None)
+        if export is not None and self.accelerator.is_main_process:
+            export(self.ema_model if self.ema_model is not None else self.unwrapped_model, self.output_dir / "model")
+        self.accelerator.wait_for_everyone()
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path | None:
+        """Write a training checkpoint of the current step (all processes must call; the main one writes)."""
+        acc = self.accelerator
+        model_state = acc.get_state_dict(self.model)
+        optimizer_state = self._optimizer_state()
+        rng_states = gather_object([capture_rng_state()])
+        path = None
+        if acc.is_main_process:
+            trainer_state = {
+                **self._totals(),
+                "consecutive_nonfinite": self.consecutive_nonfinite,
+                "ema_updates": self.ema.num_updates if self.ema is not None else 0,
+                "world_size": self.world_size,
+                "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+            }
+            task_config = getattr(self.task, "config_dict", None)
+            path = save_training_checkpoint(
+                self.checkpoint_root,
+                step=self.step,
+                model_state=model_state,
+                optimizer_state=optimizer_state,
+                scheduler_state=self.scheduler.state_dict(),
+                rng_states=rng_states,
+                trainer_state=trainer_state,
+                config={"train": config_to_dict(self.cfg), "task": task_config() if task_config else None},
+                ema_state=self.ema.state_dict() if self.ema is not None else None,
+            )
+            rotate_checkpoints(self.checkpoint_root, self.cfg.keep_checkpoints)
+        acc.wait_for_everyone()
+        self._last_checkpoint_step = self.step
+        return path
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        if self.accelerator.is_fsdp2:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_optimizer_state_dict(self.model, self.optimizer.optimizer, options=options)
+        return self.optimizer.optimizer.state_dict()
+
+    def _restore(self, path: Path) -> None:
+        acc, ckpt = self.accelerator, load_training_checkpoint(path)
+        if acc.is_fsdp2:
+            from torch.distributed.checkpoint import state_dict as dcp
+
+            options = dcp.StateDictOptions(full_state_dict=True)
+            dcp.set_model_state_dict(self.model, ckpt.model_state, options=options)
+            dcp.set_optimizer_state_dict(self.model, self.optimizer.optimizer, ckpt.optimizer_state, options=options)
+        else:
+            load_state_dict_strict(self.unwrapped_model, ckpt.model_state, source=path)
+            self.optimizer.optimizer.load_state_dict(ckpt.optimizer_state)
+        self.scheduler.load_state_dict(ckpt.scheduler_state)
+        state = ckpt.trainer_state
+        if self.ema is not None and ckpt.ema_state is not None:
+            self.ema.load_state_dict(ckpt.ema_state, source=str(path))
+            self.ema.num_updates = int(state.get("ema_updates", ckpt.step))
+        elif self.ema is not None:
+            warnings.warn(f"{path} has no EMA weights; the EMA restarts from the restored weights", stacklevel=2)
+            self.ema = EMA(self.unwrapped_model, self.cfg.ema_decay)
+        if acc.scaler is not None and state.get("grad_scaler"):
+            acc.scaler.load_state_dict(state["grad_scaler"])
+        self.step = self._last_checkpoint_step = ckpt.step
+        self.samples_seen = int(state["samples_seen"])
+        self.skipped_samples, self.nonfinite_steps = int(state["skipped_samples"]), int(state["nonfinite_steps"])
+        self.empty_batches = int(state.get("empty_batches", 0))
+        self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
+        if len(ckpt.rng_states) == self.world_size:
+            restore_rng_state(ckpt.rng_states[self.rank])
+        else:
+            warnings.warn(
+                f"{path} holds RNG states of {len(ckpt.rng_states)} processes, this run has {self.world_size}; "
+                "reseeding (the run continues, but not bit-identically)",
+                stacklevel=2,
+            )
+            self._seed_training_rng(ckpt.step)
+        acc.print(f"resumed from {path} at step {self.step} ({self.samples_seen} samples seen)")
+
+    def _seed_training_rng(self, *extra: int) -> None:
+        """Seed the global RNGs of this process from (seed, rank): each process draws different noise."""
+        seed_everything(mix_seed(self.cfg.seed, self.rank, *extra))
