@@ -1,0 +1,74 @@
+"""What every `train-*` script shares: arguments, config loading with overrides, the Trainer run.
+
+A stage's script is a few lines:
+
+    def main(argv=None):
+        return training_main("train-prior", __doc__, TrainPriorConfig, PriorTrainTask, argv, after=evaluate)
+
+Its config dataclass must have a `train: TrainConfig` field; `make_task(cfg)` builds the TrainTask;
+`after(cfg, output_dir)` runs on the main process once training is done (an evaluation, a report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import ConfigError, load_config, replace_config
+from .common import CliError
+
+__all__ = ["training_main", "parse_overrides", "build_training_parser"]
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, object]:
+    """`["train.lr=1e-3", "data.source=./folder"]` -> {"train.lr": 0.001, ...}; values read as YAML."""
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"--set expects KEY=VALUE (e.g. train.lr=1e-3), got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def build_training_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("config", type=Path, help="YAML config (see configs/)")
+    p.add_argument("--output-dir", type=Path, default=None,
+                   help="where checkpoints, logs and the final model go (default: runs/<stage>-<config name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start from scratch: delete this output directory's training checkpoints first")
+    return p
+
+
+def training_main(prog: str, description: str | None, config_cls: type, make_task: Callable[[Any], Any],
+                  argv: Sequence[str] | None = None,
+                  after: Callable[[Any, Path], None] | None = None) -> int:
+    """Parse arguments, load the config, train (resuming by default), then run `after` on the main process."""
+    args = build_training_parser(prog, description).parse_args(argv)
+    try:
+        from ..train import Trainer
+
+        cfg = replace_config(load_config(config_cls, args.config), parse_overrides(args.overrides))
+        out = args.output_dir or Path("runs") / f"{prog.removeprefix('train-')}-{args.config.stem}"
+        trainer = Trainer(make_task(cfg), cfg.train, out)
+        result = trainer.train(resume=not args.no_resume)
+        if not trainer.accelerator.is_main_process:
+            return 0
+        if result.losses:
+            print(f"trained to step {result.step}; final loss {result.losses[-1]:.4f}; model in {out / 'model'}")
+        else:
+            print(f"nothing to train: already at step {result.step}; model in {out / 'model'}")
+        if after is not None:
+            after(cfg, out)
+    except (CliError, ConfigError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
