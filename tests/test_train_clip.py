@@ -54,3 +54,22 @@ def test_rerun_is_idempotent_and_overrides_are_checked(trained, capsys):
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert main([str(path), "--output-dir", str(run), "--set", "train.lrr=1"]) == 2
     assert "Did you mean 'lr'" in capsys.readouterr().err
+
+
+def test_trains_on_an_image_folder_with_a_corrupt_file(tiny_arch, tmp_path, capsys):
+    from unclip.data import make_shapes, write_image_folder
+
+    folder = write_image_folder(make_shapes(32, seed=5), tmp_path / "data")
+    victim = sorted((folder / "images").glob("*.png"))[3]
+    victim.write_bytes(victim.read_bytes()[:30])  # truncated: not decodable
+    config = {
+        "model": {"architecture": tiny_arch},
+        "data": {"source": str(folder)},
+        "train": {"max_steps": 3, "batch_size": 16, "log_every": 1, "progress": False},
+    }
+    path = tmp_path / "folder.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main([str(path), "--output-dir", str(tmp_path / "run")]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 3 and records[-1]["skipped_samples"] == 1
+    assert Clip.from_pretrained(tmp_path / "run" / "model").embed_dim == tiny_arch["embed_dim"]
