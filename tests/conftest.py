@@ -21,6 +21,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture()
+def one_thread():
+    """Run a test on one thread: tiny models run far faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_arch() -> dict:
     return {k: dict(v) if isinstance(v, dict) else v for k, v in TINY_ARCH.items()}

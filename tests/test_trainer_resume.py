@@ -21,12 +21,7 @@ from unclip.train.state import WRITE_DELAY_ENV, list_checkpoints
 TOY_SCRIPT = Path(__file__).with_name("train_toy.py")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two contended ones
 
 
 def make_cfg(**overrides) -> TrainConfig:
