@@ -14,7 +14,7 @@ from torch import nn
 from ..checkpoint import save_pretrained_dir
 from ..config import config_to_dict
 from ..data.image_text import ImageTextDataset, collate_image_text, load_image_text_dataset
-from ..data.shapes import PARTIAL_CAPTION_TEMPLATES, make_shapes, partial_caption_for
+from ..data.shapes import make_shapes
 from ..train import TrainConfig
 from .config import ClipConfig
 from .model import KIND, Clip, contrastive_loss
@@ -35,7 +35,6 @@ class ClipDataConfig:
     shapes_samples: int = 20000  # SHAPES only: number of training images generated
     shapes_seed: int = 0  # SHAPES only: generation seed
     shapes_resolution: int = 64  # SHAPES only: image side in pixels
-    shapes_partial_captions: float = 0.0  # SHAPES only: chance a caption is swapped for one naming fewer attributes
 
 
 @dataclass(frozen=True)
@@ -65,30 +64,14 @@ class ClipTrainTask:
         else:
             hf = load_image_text_dataset(data.source, image_column=data.image_column,
                                          caption_column=data.caption_column, split=data.split)
-        extra = ("shape", "fg", "bg") if self._partial_captions else ()
         return ImageTextDataset(hf, self.clip.image_transform, image_column=data.image_column,
-                                caption_column=data.caption_column, extra_columns=extra)
-
-    @property
-    def _partial_captions(self) -> bool:
-        return self.cfg.data.source == "shapes" and self.cfg.data.shapes_partial_captions > 0
+                                caption_column=data.caption_column)
 
     def collate_fn(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch = collate_image_text(items)
-        if self._partial_captions and batch["captions"]:
-            batch["captions"] = self._mix_partial_captions(batch)
         if batch["captions"]:
             batch["tokens"], _ = self.clip.tokenize(batch["captions"])
         return batch
-
-    def _mix_partial_captions(self, batch: dict[str, Any]) -> list[str]:
-        """Swap each caption, with the configured chance, for a partial one (global RNG: exact on resume)."""
-        b = len(batch["captions"])
-        swap = torch.rand(b) < self.cfg.data.shapes_partial_captions
-        templates = torch.randint(len(PARTIAL_CAPTION_TEMPLATES), (b,))
-        triples = zip(batch["shape"].tolist(), batch["fg"].tolist(), batch["bg"].tolist())
-        return [partial_caption_for(s, f, g, int(k)) if flip else caption
-                for caption, (s, f, g), flip, k in zip(batch["captions"], triples, swap.tolist(), templates)]
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         inner = getattr(model, "module", model)

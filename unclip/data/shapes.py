@@ -70,17 +70,6 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
     "a simple {fg} {shape} centred on {bg}",
 )
 
-# Captions naming only some attributes. Not part of the dataset (its captions always name all three); CLIP
-# training may mix them in so that each attribute is learned on its own, which helps unseen combinations.
-PARTIAL_CAPTION_TEMPLATES: tuple[str, ...] = (
-    "a {shape}",
-    "a {fg} shape",
-    "a shape on a {bg} background",
-    "a {fg} {shape}",
-    "a {shape} on a {bg} background",
-    "a {fg} shape on a {bg} background",
-)
-
 SIZE_RANGE = (26.0, 44.0)  # side of the shape's bounding box, 64-px units
 CANVAS = (4.0, 60.0)  # the bounding box lies inside this interval on both axes, 64-px units
 SUPERSAMPLE = 4  # at least this many sub-pixels per pixel along each axis, and at least a 256-px grid (see _factor)
@@ -114,11 +103,6 @@ def split_triples(split: Split) -> list[tuple[int, int, int]]:
 def caption_for(shape: int, fg: int, bg: int, template: int = 0) -> str:
     """The caption of a triple (indices into SHAPES / COLORS) with CAPTION_TEMPLATES[template]."""
     return CAPTION_TEMPLATES[template].format(shape=SHAPES[shape], fg=COLORS[fg], bg=COLORS[bg])
-
-
-def partial_caption_for(shape: int, fg: int, bg: int, template: int) -> str:
-    """A caption naming only some attributes of a triple, with PARTIAL_CAPTION_TEMPLATES[template]."""
-    return PARTIAL_CAPTION_TEMPLATES[template].format(shape=SHAPES[shape], fg=COLORS[fg], bg=COLORS[bg])
 
 
 @dataclass(frozen=True)
