@@ -30,6 +30,11 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+def _within(module: str, packages: tuple[str, ...]) -> bool:
+    """Whether `module` is one of `packages` or inside one (module boundaries, not string prefixes)."""
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
 def _modules(top: str) -> list[Path]:
     return sorted((ROOT / top).rglob("*.py"))
 
@@ -49,7 +54,7 @@ def test_stages_import_only_the_foundation():
             rel = path.relative_to(ROOT).as_posix()
             others = {m for m in _imports(path) if m.split(".")[0] in STAGES and m.split(".")[0] != stage}
             assert not others, f"{rel} imports another stage: {sorted(others)}"
-            pipeline = {m for m in _imports(path) if m.startswith(("unclip.pipeline", "unclip.cli"))}
+            pipeline = {m for m in _imports(path) if _within(m, ("unclip.pipeline", "unclip.cli"))}
             assert not pipeline, f"{rel} imports the pipeline/CLI layer: {sorted(pipeline)}"
 
 
@@ -63,6 +68,7 @@ def test_only_one_module_imports_open_clip():
     assert users == ["unclip/clip/model.py"], users
 
 
-def test_the_checker_sees_relative_imports(tmp_path):
+def test_the_checker_sees_relative_imports_and_module_boundaries():
     probe = ROOT / "unclip" / "clip" / "model.py"
     assert "unclip.checkpoint" in _imports(probe)
+    assert _within("unclip.cli.main", ("unclip.cli",)) and not _within("unclip.clip", ("unclip.cli",))

@@ -1,0 +1,151 @@
+"""The diffusion prior network (DALL-E 2, section 2.1): a decoder-only causal transformer.
+
+    prior = DiffusionPriorNetwork(PriorConfig(embed_dim=128, text_width=128, text_length=24, width=256, depth=4))
+    out = prior(x_t, t, text_embed=enc.text_embed, text_tokens=enc.text_tokens, text_mask=enc.text_mask)  # (b, d)
+
+The sequence, in this order (one row of width `width` each; the order is the paper's, and it puts everything
+that does not change across sampling steps first, so a later KV cache can reuse the caption prefix):
+
+    [ text_tokens (l) | text_embed | timestep | x_t | query ]   -> output at the query: the prediction (b, d)
+
+with causal attention, a learned absolute position per slot, and padded text tokens masked out of attention.
+
+Scaling: CLIP embeddings are unit-norm d-vectors; the diffusion runs on x0 = image_embed * scale with
+scale = sqrt(d) by default (`PriorConfig.scale`), so x0 has norm sqrt(d) and each coordinate has unit second
+moment, the level the noise schedule assumes. The text embedding input is scaled the same way. `x_t` and the
+output (x0, eps or v by `objective`) live in that scaled space; `sample_image_embeds` renormalises its samples.
+
+Classifier-free guidance: `cond_drop` (b,) bool replaces a row's text conditioning, both the projected text
+tokens and the projected text embedding, by learned null embeddings: `null_text_tokens` (l, width), one
+learned row per position, attended to in full (their mask is all True), and `null_text_embed` (width,). The
+timestep and x_t are never dropped. Training drops captions with probability `cond_drop_prob`
+(`prior.training.prior_loss`); sampling with guidance uses `unclip.diffusion.cfg`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import pack, repeat
+from torch import Tensor, nn
+from x_transformers import Decoder
+
+from unclip.checkpoint import load_pretrained_dir, load_state_dict_strict, save_pretrained_dir
+from unclip.config import config_to_dict, load_config
+from unclip.diffusion import NoiseSchedule, make_schedule
+
+from .config import PriorConfig
+
+__all__ = ["KIND", "DiffusionPriorNetwork", "timestep_embedding"]
+
+KIND = "prior"
+NUM_EXTRA_SLOTS = 4  # text_embed, timestep, x_t, query
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+    """Sinusoidal embedding of timesteps t (b,) -> (b, dim): [cos(t f), sin(t f)], f geometric in 1 .. 1/max_period."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None, :]  # (b, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return nn.functional.pad(emb, (0, dim % 2))  # (b, dim)
+
+
+class DiffusionPriorNetwork(nn.Module):
+    """Predicts the clean (scaled) CLIP image embedding, or eps / v, from x_t (b, d), t (b,) and the caption.
+
+    `clip` records which CLIP the prior was trained against (a directory or open_clip name; informational,
+    saved in config.json). `schedule` is the noise schedule of `config.schedule`, float64 on the CPU.
+    """
+
+    def __init__(self, config: PriorConfig, clip: str | None = None) -> None:
+        super().__init__()
+        self.config, self.clip = config, clip
+        self.schedule: NoiseSchedule = make_schedule(config.schedule.kind, config.schedule.num_timesteps)
+        c, w = config, config.width
+        self.text_tokens_proj = nn.Linear(c.text_width, w)
+        self.text_embed_proj = nn.Linear(c.embed_dim, w)
+        self.x_t_proj = nn.Linear(c.embed_dim, w)
+        self.time_mlp = nn.Sequential(nn.Linear(w, 4 * w), nn.SiLU(), nn.Linear(4 * w, w))
+        self.null_text_tokens = nn.Parameter(torch.randn(c.text_length, w) * 0.02)  # (l, width)
+        self.null_text_embed = nn.Parameter(torch.randn(w) * 0.02)  # (width,)
+        self.query = nn.Parameter(torch.randn(w) * 0.02)  # (width,) the final learned query
+        self.pos_embed = nn.Parameter(torch.randn(c.text_length + NUM_EXTRA_SLOTS, w) * 0.02)  # (n, width)
+        self.transformer = Decoder(
+            dim=w, depth=c.depth, heads=c.heads, attn_dim_head=c.dim_head, ff_mult=c.ff_mult,
+            attn_dropout=c.dropout, ff_dropout=c.dropout,
+        )  # fmt: skip
+        self.to_out = nn.Linear(w, c.embed_dim)
+
+    @property
+    def scale(self) -> float:
+        """unit-norm CLIP embedding * scale = diffusion-space x0 (see the module docstring)."""
+        return self.config.scale
+
+    @property
+    def device(self) -> torch.device:
+        return self.query.device
+
+    def forward(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        *,
+        text_embed: Tensor,
+        text_tokens: Tensor,
+        text_mask: Tensor,
+        cond_drop: Tensor | None = None,
+    ) -> Tensor:
+        """The network's prediction (b, d) in the scaled space (x0, eps or v by `config.objective`).
+
+        x_t: (b, d) noised scaled image embedding; t: (b,) long timesteps; text_embed: (b, d) unit-norm CLIP text
+        embedding; text_tokens: (b, l, w) CLIP per-token encodings; text_mask: (b, l) bool, True at real tokens;
+        cond_drop: (b,) bool, True where the null text conditioning replaces the caption (None: all False).
+        """
+        c = self.config
+        b = x_t.shape[0]
+        assert x_t.shape == (b, c.embed_dim), f"x_t must be (b, {c.embed_dim}), got {tuple(x_t.shape)}"
+        assert t.shape == (b,), f"t must be ({b},), got {tuple(t.shape)}"
+        assert text_embed.shape == (b, c.embed_dim), f"text_embed must be ({b}, {c.embed_dim}), got {text_embed.shape}"
+        assert text_tokens.shape == (b, c.text_length, c.text_width), (
+            f"text_tokens must be ({b}, {c.text_length}, {c.text_width}), got {tuple(text_tokens.shape)}"
+        )
+        assert text_mask.shape == (b, c.text_length), f"text_mask must be ({b}, {c.text_length}), got {text_mask.shape}"
+        tokens = self.text_tokens_proj(text_tokens)  # (b, l, width)
+        embed = self.text_embed_proj(text_embed * self.scale)  # (b, width)
+        mask = text_mask.bool()
+        if cond_drop is not None:
+            drop = cond_drop.bool()
+            assert drop.shape == (b,), f"cond_drop must be ({b},), got {tuple(drop.shape)}"
+            tokens = torch.where(drop[:, None, None], self.null_text_tokens.to(tokens.dtype), tokens)
+            embed = torch.where(drop[:, None], self.null_text_embed.to(embed.dtype), embed)
+            mask = mask | drop[:, None]  # the null tokens are attended to in full
+        time = self.time_mlp(timestep_embedding(t, c.width).to(embed.dtype))  # (b, width)
+        query = repeat(self.query, "w -> b w", b=b).to(embed.dtype)
+        seq, _ = pack([tokens, embed, time, self.x_t_proj(x_t), query], "b * w")  # (b, l + 4, width)
+        seq = seq + self.pos_embed.to(seq.dtype)
+        mask = torch.cat([mask, mask.new_ones(b, NUM_EXTRA_SLOTS)], dim=1)  # (b, l + 4)
+        h = self.transformer(seq, mask=mask)  # (b, l + 4, width), final norm applied
+        return self.to_out(h[:, -1])  # the query's output: (b, d)
+
+    # ----- checkpoints --------------------------------------------------------------------------------
+    def pretrained_config(self) -> dict[str, Any]:
+        """What config.json stores: the full PriorConfig and the CLIP it was trained against."""
+        return {"model": config_to_dict(self.config), "clip": self.clip}
+
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write config.json (kind "prior") + model.safetensors atomically; `state_dict` overrides the weights."""
+        state = self.state_dict() if state_dict is None else state_dict
+        return save_pretrained_dir(path, kind=KIND, config=self.pretrained_config(), state_dict=state)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: torch.device | str | None = None) -> DiffusionPriorNetwork:
+        """Load a directory written by `save_pretrained` (in eval mode); needs nothing but the directory."""
+        meta, state = load_pretrained_dir(path, kind=KIND)
+        cfg = meta["config"]
+        prior = cls(load_config(PriorConfig, cfg["model"]), clip=cfg.get("clip"))
+        load_state_dict_strict(prior, state, source=path)
+        return prior.to(device).eval()

@@ -1,0 +1,144 @@
+"""Training the prior: its diffusion loss, and the TrainTask the shared Trainer runs (used by `train-prior`).
+
+    loss, metrics = prior_loss(model, image_embed, text_embed, text_tokens, text_mask)
+    Trainer(PriorTrainTask(load_config(TrainPriorConfig, "configs/prior/shapes-tiny.yaml")), cfg.train, out).train()
+
+Data (see `PriorDataConfig.source`): an embeddings directory written by `unclip embed` is read as it is (the
+scalable path: no CLIP forward passes while training); SHAPES or any image-text dataset is encoded by the frozen
+CLIP on the fly, in the training process, on the training device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from unclip.clip import Clip, load_clip
+from unclip.config import ConfigError, config_to_dict
+from unclip.data import ImageTextDataset, collate_image_text, load_image_text_dataset, make_shapes
+from unclip.data.embeddings import EmbeddingShards
+from unclip.diffusion import denoised_from_output, diffusion_loss, q_sample, sample_timesteps
+from unclip.train import unwrap_model
+
+from .config import PriorConfig, TrainPriorConfig
+from .model import DiffusionPriorNetwork
+
+__all__ = ["prior_loss", "draw_cond_drop", "is_embeddings_dir", "check_dims", "PriorTrainTask"]
+
+EMBEDDING_FIELDS = ("image_embed", "text_embed", "text_tokens", "text_mask")
+
+
+def draw_cond_drop(batch: int, prob: float, device: torch.device | str | None = None) -> Tensor:
+    """(batch,) bool, each True with probability `prob` (global torch RNG): the captions to replace by null."""
+    return torch.rand(batch, device=device) < prob
+
+
+def prior_loss(
+    model: nn.Module, image_embed: Tensor, text_embed: Tensor, text_tokens: Tensor, text_mask: Tensor
+) -> tuple[Tensor, dict[str, float]]:
+    """The prior's diffusion loss on a batch: mean MSE to the objective's target, and metrics.
+
+    image_embed, text_embed: (b, d) unit-norm CLIP embeddings; text_tokens: (b, l, w); text_mask: (b, l) bool.
+    Draws t uniformly, the noise and the CFG dropout (rate `cond_drop_prob`) from the global RNG. `model` may
+    be DDP-wrapped. Metrics: `x0_cos`, the mean cosine between the predicted and the true x0, and `cond_drop`,
+    the fraction of captions dropped.
+    """
+    prior: DiffusionPriorNetwork = unwrap_model(model)
+    b, device = image_embed.shape[0], image_embed.device
+    x0 = image_embed.float() * prior.scale  # (b, d), norm sqrt(d)
+    t = sample_timesteps(b, prior.schedule, device=device)
+    noise = torch.randn_like(x0)
+    x_t = q_sample(prior.schedule, x0, t, noise)
+    cond_drop = draw_cond_drop(b, prior.config.cond_drop_prob, device)
+    out = model(x_t, t, text_embed=text_embed.float(), text_tokens=text_tokens.float(), text_mask=text_mask.bool(),
+                cond_drop=cond_drop)
+    loss = diffusion_loss(out, x0, x_t, t, noise, prior.schedule, prior.config.objective).mean()
+    with torch.no_grad():
+        x0_pred = denoised_from_output(out.detach().float(), x_t, t, prior.schedule, prior.config.objective).x0
+        x0_cos = F.cosine_similarity(x0_pred, x0, dim=-1).mean().item()
+    return loss, {"x0_cos": x0_cos, "cond_drop": cond_drop.float().mean().item()}
+
+
+def is_embeddings_dir(source: str) -> bool:
+    """Whether `source` is a directory written by `unclip embed` (it holds manifest.json)."""
+    return (Path(source) / "manifest.json").is_file()
+
+
+def check_dims(model: PriorConfig, embed_dim: int, text_width: int, text_length: int, where: str) -> None:
+    """Raise ConfigError naming every dimension of `model` that differs from the data's / CLIP's."""
+    found = {"embed_dim": embed_dim, "text_width": text_width, "text_length": text_length}
+    wrong = [f"model.{k} = {getattr(model, k)} but {where} has {v}" for k, v in found.items() if getattr(model, k) != v]
+    if wrong:
+        raise ConfigError("the prior does not fit its CLIP: " + "; ".join(wrong))
+
+
+class PriorTrainTask:
+    """Trains a `DiffusionPriorNetwork` on (CLIP image embedding, caption encoding) pairs."""
+
+    def __init__(self, cfg: TrainPriorConfig, clip: Clip | None = None) -> None:
+        self.cfg = cfg
+        self.model: nn.Module = DiffusionPriorNetwork(cfg.model, clip=cfg.clip)
+        self.model.train()
+        self.embeddings = is_embeddings_dir(cfg.data.source)
+        self._clip = clip
+        if self.embeddings:
+            manifest = EmbeddingShards(cfg.data.source).manifest
+            check_dims(cfg.model, manifest["embed_dim"], manifest["text_width"], manifest["context_length"],
+                       f"the embeddings in {cfg.data.source}")
+        else:
+            c = self.clip
+            check_dims(cfg.model, c.embed_dim, c.text_width, c.context_length, f"the CLIP {cfg.clip}")
+
+    @property
+    def clip(self) -> Clip:
+        """The frozen CLIP of `cfg.clip`, loaded on first use (not needed to train from embeddings)."""
+        if self._clip is None:
+            self._clip = load_clip(self.cfg.clip, self.cfg.clip_pretrained)
+        return self._clip
+
+    def train_dataset(self) -> Dataset:
+        data = self.cfg.data
+        if self.embeddings:
+            return EmbeddingShards(data.source)
+        if data.source == "shapes":
+            hf = make_shapes(data.shapes_samples, split="train", seed=data.shapes_seed,
+                             resolution=data.shapes_resolution)
+        else:
+            hf = load_image_text_dataset(data.source, image_column=data.image_column,
+                                         caption_column=data.caption_column, split=data.split)
+        return ImageTextDataset(hf, self.clip.image_transform, image_column=data.image_column,
+                                caption_column=data.caption_column)
+
+    def collate_fn(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Embedding rows -> {image_embed (b, d), text_embed (b, d), text_tokens (b, l, w), text_mask (b, l)};
+        image-text rows -> `collate_image_text`'s batch (encoded in `loss`)."""
+        if not self.embeddings:
+            return collate_image_text(items)
+        return {name: torch.stack([it[name] for it in items]) for name in EMBEDDING_FIELDS}
+
+    @torch.no_grad()
+    def encode(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """An image-text batch -> the embedding fields, with the frozen CLIP on the batch's device."""
+        clip = self.clip
+        if clip.device != batch["images"].device:
+            clip.to(batch["images"].device)
+        enc = clip.encode_text(batch["captions"])
+        return {"image_embed": clip.encode_pixels(batch["images"]), "text_embed": enc.text_embed,
+                "text_tokens": enc.text_tokens, "text_mask": enc.text_mask}
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        fields = batch if self.embeddings else self.encode(batch)
+        return prior_loss(model, *(fields[name] for name in EMBEDDING_FIELDS))
+
+    def export(self, model: nn.Module, out_dir: Path) -> None:
+        """Write the trained prior (EMA weights when EMA is on) as a `DiffusionPriorNetwork` directory."""
+        prior: DiffusionPriorNetwork = unwrap_model(model)
+        prior.save_pretrained(out_dir)
+
+    def config_dict(self) -> dict[str, Any]:
+        return config_to_dict(self.cfg)

@@ -1,0 +1,79 @@
+"""`train-prior` end to end with a tiny CLIP: from `unclip embed` shards and from SHAPES on the fly."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from prior import DiffusionPriorNetwork, PriorTrainTask, TrainPriorConfig
+from unclip.cli.train_prior import main
+from unclip.config import ConfigError, load_config
+from unclip.data import make_shapes
+from unclip.data.embeddings import embed_dataset
+
+MODEL = {"embed_dim": 32, "text_width": 48, "text_length": 16, "width": 64, "depth": 2, "heads": 2, "dim_head": 32,
+         "schedule": {"kind": "cosine", "num_timesteps": 100}}
+TRAIN = {"max_steps": 40, "batch_size": 16, "lr": 2e-3, "warmup_steps": 2, "log_every": 5, "checkpoint_every": 20,
+         "ema_decay": 0.9, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tiny_clip, tmp_path_factory):
+    return tiny_clip.save_pretrained(tmp_path_factory.mktemp("clip") / "clip")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_clip, clip_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-prior")
+    embeddings = embed_dataset(tiny_clip, make_shapes(64, seed=1), root / "emb", source="shapes", progress=False)
+    config = {"clip": str(clip_dir), "model": MODEL, "data": {"source": str(embeddings)}, "train": TRAIN,
+              "eval": {"images_per_triple": 1, "steps": 4, "guidance_scales": [1.0, 2.0]}}
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main([str(path), "--output-dir", str(root / "run")]) == 0
+    return path, root / "run"
+
+
+def test_loss_falls_and_the_prior_exports(trained):
+    _, run = trained
+    losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines() if "loss" in line]
+    assert len(losses) == 8 and sum(losses[-2:]) < 0.5 * sum(losses[:2]), losses
+    prior = DiffusionPriorNetwork.from_pretrained(run / "model")
+    assert prior.config == load_config(TrainPriorConfig, trained[0]).model
+
+
+def test_shapes_evaluation_is_written_for_each_guidance_scale(trained, capsys):
+    path, run = trained
+    result = json.loads((run / "eval.json").read_text())
+    assert [r["guidance_scale"] for r in result["results"]] == [1.0, 2.0]
+    for r in result["results"]:
+        assert r["captions"] == 150 and r["best_of"] == 2
+        for key in ("prior_cosine", "text_cosine", "image_cosine_ceiling"):
+            assert -1.0 <= r[key] <= 1.0
+        for key in ("prior_retrieval", "text_retrieval", "prior_beats_text"):
+            assert 0.0 <= r[key] <= 1.0
+    assert main([str(path), "--output-dir", str(run), "--set", "eval.guidance_scales=[3]"]) == 0
+    assert "nothing to train: already at step 40" in capsys.readouterr().out
+    assert [r["guidance_scale"] for r in json.loads((run / "eval.json").read_text())["results"]] == [3.0]
+
+
+def test_on_the_fly_encoding_of_shapes(tiny_clip, clip_dir):
+    cfg = load_config(TrainPriorConfig, {"clip": str(clip_dir), "model": MODEL,
+                                         "data": {"source": "shapes", "shapes_samples": 8}})
+    task = PriorTrainTask(cfg)
+    batch = task.collate_fn([task.train_dataset()[i] for i in range(8)])
+    fields = task.encode(batch)
+    assert fields["image_embed"].shape == (8, 32) and fields["text_tokens"].shape == (8, 16, 48)
+    torch.testing.assert_close(fields["text_embed"], tiny_clip.encode_text(batch["captions"]).text_embed)
+    loss, metrics = task.loss(task.model, batch)
+    assert loss.ndim == 0 and torch.isfinite(loss) and set(metrics) == {"x0_cos", "cond_drop"}
+
+
+def test_a_prior_that_does_not_fit_its_clip_is_refused(clip_dir, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="model.embed_dim = 64 but the CLIP .* has 32"):
+        PriorTrainTask(load_config(TrainPriorConfig, {"clip": str(clip_dir), "model": {**MODEL, "embed_dim": 64}}))
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"clip": str(clip_dir), "model": {**MODEL, "text_length": 77}}))
+    assert main([str(path), "--output-dir", str(tmp_path / "run")]) == 2
+    assert "model.text_length = 77" in capsys.readouterr().err
