@@ -13,8 +13,8 @@ from torch import nn
 
 from ..checkpoint import save_pretrained_dir
 from ..config import config_to_dict
-from ..data.image_text import ImageTextDataset, collate_image_text, load_image_text_dataset
-from ..data.shapes import make_shapes
+from ..data.image_text import ImageTextDataset, collate_image_text
+from ..data.sources import training_rows
 from ..train import TrainConfig
 from .config import ClipConfig
 from .model import KIND, Clip, contrastive_loss
@@ -58,12 +58,7 @@ class ClipTrainTask:
 
     def train_dataset(self) -> ImageTextDataset:
         data = self.cfg.data
-        if data.source == "shapes":
-            hf = make_shapes(data.shapes_samples, split="train", seed=data.shapes_seed,
-                             resolution=data.shapes_resolution)
-        else:
-            hf = load_image_text_dataset(data.source, image_column=data.image_column,
-                                         caption_column=data.caption_column, split=data.split)
+        hf = training_rows(data)
         return ImageTextDataset(hf, self.clip.image_transform, image_column=data.image_column,
                                 caption_column=data.caption_column)
 
