@@ -10,7 +10,7 @@ classifier-free guidance, prior/sampling.py for best-of-N sampling, prior/evalua
 
 from .config import PriorConfig, PriorDataConfig, PriorEvalConfig, TrainPriorConfig
 from .evaluation import evaluate_prior_shapes, heldout_captions, triple_image_embeds
-from .model import DiffusionPriorNetwork, timestep_embedding
+from .model import DiffusionPriorNetwork
 from .sampling import sample_candidates, sample_image_embeds, select_best
 from .training import PriorTrainTask, draw_cond_drop, prior_loss
 
@@ -28,6 +28,5 @@ __all__ = [
     "sample_candidates",
     "sample_image_embeds",
     "select_best",
-    "timestep_embedding",
     "triple_image_embeds",
 ]

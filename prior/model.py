@@ -24,7 +24,6 @@ timestep and x_t are never dropped. Training drops captions with probability `co
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -36,22 +35,14 @@ from x_transformers import Decoder
 from unclip.checkpoint import load_pretrained_dir, load_state_dict_strict, save_pretrained_dir
 from unclip.config import config_to_dict, load_config
 from unclip.diffusion import NoiseSchedule, make_schedule
+from unclip.nn.layers import timestep_embedding
 
 from .config import PriorConfig
 
-__all__ = ["KIND", "DiffusionPriorNetwork", "timestep_embedding"]
+__all__ = ["KIND", "DiffusionPriorNetwork"]
 
 KIND = "prior"
 NUM_EXTRA_SLOTS = 4  # text_embed, timestep, x_t, query
-
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
-    """Sinusoidal embedding of timesteps t (b,) -> (b, dim): [cos(t f), sin(t f)], f geometric in 1 .. 1/max_period."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None, :]  # (b, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return nn.functional.pad(emb, (0, dim % 2))  # (b, dim)
 
 
 class DiffusionPriorNetwork(nn.Module):

@@ -20,8 +20,9 @@ from torch.utils.data import Dataset
 
 from unclip.clip import Clip, load_clip
 from unclip.config import ConfigError, config_to_dict
-from unclip.data import ImageTextDataset, collate_image_text, load_image_text_dataset, make_shapes
+from unclip.data import ImageTextDataset, collate_image_text
 from unclip.data.embeddings import EmbeddingShards
+from unclip.data.sources import training_rows
 from unclip.diffusion import denoised_from_output, diffusion_loss, q_sample, sample_timesteps
 from unclip.train import unwrap_model
 
@@ -105,12 +106,7 @@ class PriorTrainTask:
         data = self.cfg.data
         if self.embeddings:
             return EmbeddingShards(data.source)
-        if data.source == "shapes":
-            hf = make_shapes(data.shapes_samples, split="train", seed=data.shapes_seed,
-                             resolution=data.shapes_resolution)
-        else:
-            hf = load_image_text_dataset(data.source, image_column=data.image_column,
-                                         caption_column=data.caption_column, split=data.split)
+        hf = training_rows(data)
         return ImageTextDataset(hf, self.clip.image_transform, image_column=data.image_column,
                                 caption_column=data.caption_column)
 

@@ -15,10 +15,10 @@ from prior import (
     sample_candidates,
     sample_image_embeds,
     select_best,
-    timestep_embedding,
 )
 from unclip.clip import TextEncoding
 from unclip.config import load_config
+from unclip.nn.layers import timestep_embedding
 
 ROOT = Path(__file__).resolve().parents[1]
 D, W, L = 32, 48, 16  # the tiny_clip fixture's embed_dim, text width and context length

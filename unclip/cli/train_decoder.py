@@ -1,0 +1,102 @@
+"""`train-decoder`: train a stage of the image cascade (the base decoder; the upsamplers plug in here too).
+
+    train-decoder configs/decoder/shapes-tiny.yaml --output-dir runs/decoder-shapes-tiny
+    train-decoder configs/decoder/shapes-tiny.yaml --set clip=runs/clip-shapes-tiny/model --set train.max_steps=500
+    train-decoder configs/decoder/shapes-tiny.yaml --set data.embeddings=runs/embeddings   # `unclip embed` shards
+    accelerate launch --multi_gpu --num_processes 8 -m unclip.cli.train_decoder configs/decoder/full-64.yaml
+
+The config's top-level `stage` key picks what is trained: "base" (the decoder, CLIP image embedding -> image;
+the default). Each stage brings its own config class, training task and final evaluation (`STAGES`). The
+trained model is written to OUTPUT_DIR/model; an interrupted run resumes from its last checkpoint when started
+again with the same output directory. On SHAPES the base stage's held-out reconstruction accuracy (decoder/
+evaluation.py) is printed for every `eval.guidance_scales` and saved to OUTPUT_DIR/eval.json.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from decoder.config import TrainDecoderConfig
+from decoder.training import DecoderTrainTask
+
+from ..checkpoint import write_json_atomic
+from .common import CliError, print_table
+from .training import build_training_parser, parse_overrides, training_main
+
+__all__ = ["STAGES", "Stage", "main"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One trainable stage of the cascade: its config dataclass, TrainTask factory and after-training hook."""
+
+    config_cls: type
+    make_task: Callable[[Any], Any]
+    after: Callable[[Any, Path], None] | None = None
+
+
+def _evaluate_base(cfg: TrainDecoderConfig, out: Path) -> None:
+    from decoder import Decoder, reconstruction_accuracy
+    from unclip.clip import load_clip
+
+    e = cfg.eval
+    if cfg.data.source != "shapes" or e.samples <= 0:
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    clip = load_clip(cfg.clip, cfg.clip_pretrained).to(device)
+    decoder = Decoder.from_pretrained(out / "model", map_location=device)
+    acc = reconstruction_accuracy(decoder, clip, samples=e.samples, guidance_scales=e.guidance_scales, steps=e.steps,
+                                  sampler=e.sampler, eta=e.eta, seed=e.seed, batch_size=e.batch_size,
+                                  resolution=cfg.data.shapes_resolution)
+    write_json_atomic(out / "eval.json", {"split": "heldout", "clip": cfg.clip, "sampler": e.sampler,
+                                          "steps": e.steps, "eta": e.eta, **acc})
+    print(f"SHAPES held-out reconstruction ({acc['samples']} images decoded at {acc['image_size']}px from their CLIP "
+          f"image embeddings, {e.sampler} {e.steps} steps), judged by the CLIP's zero-shot classification:")
+    rows = [["source images", *acc["source"].values()],
+            [f"true images at {acc['image_size']}px", *acc["ceiling"].values()]]
+    rows += [[f"decoded, guidance {s}", *a.values()] for s, a in acc["guidance"].items()]
+    rows += [[f"true images at {acc['image_size']}px vs judged source", *acc["ceiling_agreement"].values()]]
+    rows += [[f"decoded vs judged source, guidance {s}", *a.values()] for s, a in acc["agreement"].items()]
+    print_table(["", "shape", "fg", "bg", "all"], [[r[0], *(f"{v:.1%}" for v in r[1:])] for r in rows])
+
+
+STAGES: dict[str, Stage] = {
+    "base": Stage(TrainDecoderConfig, DecoderTrainTask, _evaluate_base),
+}
+
+
+def _stage_name(argv: Sequence[str] | None) -> str:
+    """The `stage` the config file (or a --set stage=...) names; "base" when it names none."""
+    args, _ = build_training_parser("train-decoder", None).parse_known_args(argv)
+    overrides = parse_overrides(args.overrides)
+    if "stage" in overrides:
+        return str(overrides["stage"])
+    if args.config.is_file():
+        data = yaml.safe_load(args.config.read_text()) or {}
+        if isinstance(data, dict) and "stage" in data:
+            return str(data["stage"])
+    return "base"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        name = _stage_name(argv)
+    except CliError as e:
+        print(f"train-decoder: error: {e}", file=sys.stderr)
+        return 2
+    if name not in STAGES:
+        print(f"train-decoder: error: unknown stage {name!r}; valid stages: {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    stage = STAGES[name]
+    return training_main("train-decoder", __doc__, stage.config_cls, stage.make_task, argv, after=stage.after)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
