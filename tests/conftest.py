@@ -21,9 +21,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture()
-def one_thread():
-    """Run a test on one thread: tiny models run far faster on one thread than on two contended ones."""
+@pytest.fixture(scope="session", autouse=True)
+def _single_threaded_torch():
+    """The suite's models are tiny: one thread is faster than two, and stays fast when the machine is busy."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

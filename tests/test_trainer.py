@@ -32,7 +32,6 @@ from unclip.train.state import (
     unflatten_optimizer_state,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two contended ones
 
 
 def make_cfg(**overrides) -> TrainConfig:

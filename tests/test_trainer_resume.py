@@ -21,7 +21,6 @@ from unclip.train.state import WRITE_DELAY_ENV, list_checkpoints
 TOY_SCRIPT = Path(__file__).with_name("train_toy.py")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two contended ones
 
 
 def make_cfg(**overrides) -> TrainConfig:
