@@ -33,7 +33,6 @@ from unclip.train.state import (
 )
 
 
-
 def make_cfg(**overrides) -> TrainConfig:
     base = dict(max_steps=10, batch_size=8, lr=1e-2, checkpoint_every=0, log_every=5, progress=False)
     return TrainConfig(**{**base, **overrides})
