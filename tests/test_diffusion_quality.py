@@ -63,17 +63,8 @@ class MLP(nn.Module):
         return self.net(torch.cat([x_t, angles.sin(), angles.cos()], dim=1))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors here are tiny: one thread is several times faster than two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def trained(one_thread):
+def trained():
     """Train once per module (3000 steps of batch 512, about 10 s); nothing is cached on disk."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
