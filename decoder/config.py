@@ -9,28 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from unclip.diffusion import Objective, ScheduleConfig, VarianceType
+from unclip.diffusion import DiffusionConfig  # re-exported: it lived here before the upsamplers shared it
 from unclip.nn import UNetConfig
 from unclip.train import TrainConfig
 
 __all__ = ["DiffusionConfig", "DecoderConfig", "DecoderDataConfig", "DecoderEvalConfig", "TrainDecoderConfig"]
-
-
-@dataclass(frozen=True)
-class DiffusionConfig:
-    """How the decoder's diffusion is parameterised and trained; stored with the model so it samples on its own."""
-
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # noise schedule (cosine, T = 1000)
-    objective: Objective = "eps"  # what the UNet predicts: "eps" (GLIDE, DALL-E 2), "v" or "x0"
-    variance: VarianceType = "fixed_small"  # reverse-step variance; "learned_range" adds output channels + vlb loss
-    min_snr_gamma: float | None = None  # min-SNR loss weighting (Hang et al. 2023), e.g. 5.0; None: plain MSE
-    vlb_weight: float = 0.001  # learned_range only: lambda of L_hybrid = L_simple + lambda * L_vlb (Nichol & Dhariwal)
-
-    def __post_init__(self) -> None:
-        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
-            raise ValueError(f"min_snr_gamma must be > 0 or null, got {self.min_snr_gamma}")
-        if self.vlb_weight < 0:
-            raise ValueError(f"vlb_weight must be >= 0, got {self.vlb_weight}")
 
 
 @dataclass(frozen=True)

@@ -11,33 +11,18 @@ shared sampler. DDIM with eta > 0 adds fresh noise each step: that is where imag
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import Literal
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from unclip.clip import TextEncoding
-from unclip.diffusion import (
-    cfg,
-    dynamic_threshold,
-    make_denoiser,
-    randn,
-    sample_ddim,
-    sample_ddpm,
-    sample_dpmpp_2m,
-    static_clip,
-    timestep_subset,
-)
-from unclip.images import to_unit_range
+from unclip.diffusion import SamplerName, cfg, make_denoiser, randn, sample, threshold_hook
+from unclip.images import resize_images, to_unit_range
 
 from .model import Decoder
 
 __all__ = ["Sampler", "decode", "decoder_denoiser", "resize_images"]
 
-Sampler = Literal["ddim", "ddpm", "dpmpp_2m"]
+Sampler = SamplerName  # "ddim", "ddpm" or "dpmpp_2m"
 
 
 def decoder_denoiser(decoder: Decoder, guidance_scale: float = 1.0, *, threshold: str | float | None = 0.995):
@@ -45,16 +30,10 @@ def decoder_denoiser(decoder: Decoder, guidance_scale: float = 1.0, *, threshold
 
     threshold: a percentile in (0, 1] for dynamic thresholding, "static" for clamping to [-1, 1], None for none.
     """
-    hook: Callable[[Tensor], Tensor] | None
-    if threshold is None:
-        hook = None
-    elif threshold == "static":
-        hook = static_clip
-    else:
-        hook = functools.partial(dynamic_threshold, percentile=float(threshold))
     diffusion = decoder.config.diffusion
     guided = cfg(decoder, guidance_scale, learned_variance=decoder.learned_variance)
-    return make_denoiser(guided, decoder.schedule, diffusion.objective, variance=diffusion.variance, x0_hook=hook)
+    return make_denoiser(guided, decoder.schedule, diffusion.objective, variance=diffusion.variance,
+                         x0_hook=threshold_hook(threshold))
 
 
 @torch.no_grad()
@@ -95,28 +74,9 @@ def decode(
             x_T = randn((b, 3, s, s), generator=generator, device=device, dtype=dtype)
         assert x_T.shape == (b, 3, s, s), f"x_T must be (b, 3, {s}, {s}), got {tuple(x_T.shape)}"
         denoiser = decoder_denoiser(decoder, guidance_scale, threshold=threshold)
-        schedule, variance = decoder.schedule, decoder.config.diffusion.variance
-        if sampler == "ddim":
-            x0 = sample_ddim(denoiser, x_T, schedule, steps, eta=eta, generator=generator, cond=cond,
-                             progress=progress)
-        elif sampler == "ddpm":
-            timesteps = timestep_subset(schedule.num_timesteps, steps)
-            x0 = sample_ddpm(denoiser, x_T, schedule, timesteps=timesteps, variance=variance, generator=generator,
-                             cond=cond, progress=progress)
-        elif sampler == "dpmpp_2m":
-            x0 = sample_dpmpp_2m(denoiser, x_T, schedule, steps, cond=cond, progress=progress)
-        else:
-            raise ValueError(f"unknown sampler {sampler!r}; expected 'ddim', 'ddpm' or 'dpmpp_2m'")
+        x0 = sample(sampler, denoiser, x_T, decoder.schedule, steps, eta=eta,
+                    variance=decoder.config.diffusion.variance, generator=generator, cond=cond, progress=progress)
         return to_unit_range(x0.float()).clamp(0, 1)
     finally:
         decoder.train(was_training)
 
-
-def resize_images(images: Tensor, size: int) -> Tensor:
-    """(b, 3, h, w) -> (b, 3, size, size): area averaging for integer downscales, antialiased bicubic otherwise."""
-    h, w = images.shape[-2:]
-    if (h, w) == (size, size):
-        return images
-    if h % size == 0 and w % size == 0:
-        return F.interpolate(images, size=(size, size), mode="area")
-    return F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)

@@ -22,13 +22,13 @@ from unclip.clip import Clip, load_clip
 from unclip.config import config_to_dict
 from unclip.data import ImageTextDataset, collate_image_text, load_image_text_dataset, make_shapes
 from unclip.data.embeddings import EmbeddingShards, clip_fingerprint
-from unclip.diffusion import denoised_from_output, diffusion_loss, q_sample, sample_timesteps, vlb_loss
-from unclip.images import pil_to_tensor, to_signed_range
+from unclip.diffusion import q_sample, sample_timesteps, training_loss
+from unclip.images import pil_to_tensor, resize_images, to_signed_range
 from unclip.train import unwrap_model
 
 from .config import TrainDecoderConfig
 from .model import Decoder, save_state
-from .sampling import decode, resize_images
+from .sampling import decode
 
 __all__ = ["DecoderTrainTask", "check_clip"]
 
@@ -178,18 +178,8 @@ class DecoderTrainTask:
         image_drop = torch.rand(b, device=x0.device) < cfg.image_drop
         text_drop = torch.rand(b, device=x0.device) < cfg.text_drop
         out = model(x_t, t, image_drop=image_drop, text_drop=text_drop, **cond)
-        var_interp = None
-        if diffusion.variance == "learned_range":
-            out, var_interp = out.chunk(2, dim=1)  # (b, 6, s, s) -> 2 x (b, 3, s, s)
-        mse = diffusion_loss(out, x0, x_t, t, noise, schedule, diffusion.objective, diffusion.min_snr_gamma)
-        loss = mse.mean()
-        metrics = {"mse": float(mse.detach().mean()), "image_drop_frac": float(image_drop.float().mean()),
-                   "text_drop_frac": float(text_drop.float().mean())}
-        if var_interp is not None:  # L_hybrid: the vlb term trains only the variance (the mean is detached)
-            x0_pred = denoised_from_output(out.detach(), x_t, t, schedule, diffusion.objective).x0
-            vlb = vlb_loss(schedule, x0, x_t, t, x0_pred, "learned_range", var_interp)
-            loss = loss + diffusion.vlb_weight * schedule.num_timesteps * vlb.mean()
-            metrics["vlb"] = float(vlb.detach().mean())
+        loss, metrics = training_loss(diffusion, out, x0, x_t, t, noise, schedule)
+        metrics.update(image_drop_frac=float(image_drop.float().mean()), text_drop_frac=float(text_drop.float().mean()))
         return loss, metrics
 
     # ----- side outputs -------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ x = pil_to_tensor(img)                     # (3, h, w) float in [0, 1]
 x_signed = to_signed_range(x)              # [-1, 1], what the diffusion models see
 img = tensor_to_pil(to_unit_range(x0))     # back to a PIL image, clamped
 grid = image_grid(samples, nrow=4, labels=captions)
+small = resize_images(batch, 32)           # (b, 3, h, w) -> (b, 3, 32, 32): area for integer factors, else bicubic
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["pil_to_tensor", "tensor_to_pil", "to_unit_range", "to_signed_range", "image_grid"]
+__all__ = ["pil_to_tensor", "tensor_to_pil", "to_unit_range", "to_signed_range", "image_grid", "resize_images"]
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -42,6 +44,16 @@ def to_unit_range(x: torch.Tensor) -> torch.Tensor:
 def to_signed_range(x: torch.Tensor) -> torch.Tensor:
     """Map [0, 1] to [-1, 1] (any shape); does not clamp."""
     return x * 2 - 1
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(b, 3, h, w) -> (b, 3, size, size): area averaging for integer downscales, antialiased bicubic otherwise."""
+    h, w = images.shape[-2:]
+    if (h, w) == (size, size):
+        return images
+    if h % size == 0 and w % size == 0:
+        return F.interpolate(images, size=(size, size), mode="area")
+    return F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
 
 
 def image_grid(

@@ -7,6 +7,7 @@ adapter, classifier-free guidance and samplers. It imports no stage.
     x0 = sample_ddim(denoiser, randn(shape, generator=g), schedule, steps=50, cond={...})
 """
 
+from unclip.diffusion.config import DiffusionConfig, training_loss
 from unclip.diffusion.denoiser import (
     Denoised,
     Denoiser,
@@ -15,6 +16,7 @@ from unclip.diffusion.denoiser import (
     make_denoiser,
     norm_clip,
     static_clip,
+    threshold_hook,
 )
 from unclip.diffusion.gaussian import (
     Objective,
@@ -38,11 +40,13 @@ from unclip.diffusion.gaussian import (
 from unclip.diffusion.guidance import cfg
 from unclip.diffusion.samplers import (
     Callback,
+    SamplerName,
     Spacing,
     ddim_invert,
     ddim_step,
     ddpm_step,
     randn,
+    sample,
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
@@ -64,8 +68,10 @@ __all__ = [
     "Callback",
     "Denoised",
     "Denoiser",
+    "DiffusionConfig",
     "NoiseSchedule",
     "Objective",
+    "SamplerName",
     "ScheduleConfig",
     "ScheduleKind",
     "Spacing",
@@ -96,13 +102,16 @@ __all__ = [
     "q_posterior_mean_variance",
     "q_sample",
     "randn",
+    "sample",
     "sample_ddim",
     "sample_ddpm",
     "sample_dpmpp_2m",
     "sample_timesteps",
     "snr",
     "static_clip",
+    "threshold_hook",
     "timestep_subset",
+    "training_loss",
     "v_from_x0_eps",
     "vlb_loss",
 ]

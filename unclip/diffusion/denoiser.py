@@ -11,6 +11,7 @@ An `x0_hook` (clipping, thresholding) edits x0 first and eps is then recomputed 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "static_clip",
     "dynamic_threshold",
     "norm_clip",
+    "threshold_hook",
 ]
 
 
@@ -134,3 +136,13 @@ def norm_clip(x0: Tensor, max_norm: float = 1.0) -> Tensor:
     norm = rearrange(x0, "b ... -> b (...)").norm(dim=1).clamp(min=1e-12)  # (b,)
     scale = (max_norm / norm).clamp(max=1.0).view(-1, *([1] * (x0.ndim - 1)))  # (b,) -> (b, 1, ..., 1)
     return x0 * scale
+
+
+def threshold_hook(threshold: str | float | None) -> Callable[[Tensor], Tensor] | None:
+    """The x0 hook an image sampler asks for by name: a percentile in (0, 1] for `dynamic_threshold`, "static"
+    for `static_clip` (clamp to [-1, 1]), None for no hook."""
+    if threshold is None:
+        return None
+    if threshold == "static":
+        return static_clip
+    return functools.partial(dynamic_threshold, percentile=float(threshold))

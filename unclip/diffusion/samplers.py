@@ -48,10 +48,13 @@ __all__ = [
     "sample_ddim",
     "sample_dpmpp_2m",
     "ddim_invert",
+    "SamplerName",
+    "sample",
 ]
 
 Spacing = Literal["leading", "trailing", "linspace"]
 Callback = Callable[[int, int, Tensor, Denoised], None]  # (step_index, t, x_t (b, *), denoised)
+SamplerName = Literal["ddim", "ddpm", "dpmpp_2m"]
 
 
 def timestep_subset(num_timesteps: int, steps: int, spacing: Spacing = "trailing") -> Tensor:
@@ -307,3 +310,32 @@ def ddim_invert(
         return x_next
 
     return _run(denoiser, x0, ts, step, cond=cond, progress=progress, callback=callback, desc="ddim-invert")
+
+
+def sample(
+    sampler: SamplerName,
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    steps: int,
+    *,
+    eta: float = 0.0,
+    variance: VarianceType = "fixed_small",
+    generator: torch.Generator | None = None,
+    cond: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> Tensor:
+    """Run the sampler named `sampler` for `steps` denoiser calls from x_T (b, *) to x0 (b, *).
+
+    "ddim" (eta: its noise, 0 deterministic), "ddpm" (ancestral, on `steps` trailing-respaced timesteps, with the
+    reverse `variance`) or "dpmpp_2m" (deterministic). For a stage that lets its caller pick the sampler by name.
+    """
+    if sampler == "ddim":
+        return sample_ddim(denoiser, x_T, schedule, steps, eta=eta, generator=generator, cond=cond, progress=progress)
+    if sampler == "ddpm":
+        timesteps = timestep_subset(schedule.num_timesteps, steps)
+        return sample_ddpm(denoiser, x_T, schedule, timesteps=timesteps, variance=variance, generator=generator,
+                           cond=cond, progress=progress)
+    if sampler == "dpmpp_2m":
+        return sample_dpmpp_2m(denoiser, x_T, schedule, steps, cond=cond, progress=progress)
+    raise ValueError(f"unknown sampler {sampler!r}; expected 'ddim', 'ddpm' or 'dpmpp_2m'")
