@@ -24,10 +24,10 @@ from unclip.images import pil_to_tensor, to_signed_range
 from .model import Decoder
 from .sampling import decode, decoder_denoiser, resize_images
 
-__all__ = ["image_variations"]
+__all__ = ["image_variations", "invert_images"]
 
 
-def _as_tensor(images: Sequence[Image.Image] | Tensor) -> Tensor:
+def as_image_batch(images: Sequence[Image.Image] | Tensor) -> Tensor:
     if isinstance(images, Tensor):
         assert images.ndim == 4 and images.shape[1] == 3, f"images must be (b, 3, h, w), got {tuple(images.shape)}"
         return images.float()
@@ -36,6 +36,19 @@ def _as_tensor(images: Sequence[Image.Image] | Tensor) -> Tensor:
     tensors = [pil_to_tensor(im) for im in images]
     side = max(max(t.shape[-2:]) for t in tensors)
     return torch.stack([resize_images(t[None], side)[0] for t in tensors])
+
+
+@torch.no_grad()
+def invert_images(decoder: Decoder, pixels: Tensor, image_embed: Tensor, *, steps: int = 50,
+                  progress: bool = False) -> Tensor:
+    """The decoder latents x_T (b, 3, s, s) of images pixels (b, 3, h, w) in [0, 1] under their CLIP image
+    embeddings image_embed (b, d): deterministic DDIM run forward (unguided, no thresholding), so that DDIM with
+    eta = 0 and the same `steps` maps x_T back to (about) the image at the decoder's side s."""
+    device = next(decoder.parameters()).device
+    x0 = to_signed_range(resize_images(pixels.to(device), decoder.config.image_size)).clamp(-1, 1)
+    denoiser = decoder_denoiser(decoder, 1.0, threshold=None)
+    return ddim_invert(denoiser, x0, decoder.schedule, steps, cond={"image_embed": image_embed.to(device)},
+                       progress=progress)
 
 
 @torch.no_grad()
@@ -58,17 +71,14 @@ def image_variations(
     from the DDIM inversion of each image instead of fresh noise. seed: all randomness (None: nondeterministic).
     """
     device = next(decoder.parameters()).device
-    pixels = _as_tensor(images).to(device)  # (b, 3, h, w) in [0, 1]
+    pixels = as_image_batch(images).to(device)  # (b, 3, h, w) in [0, 1]
     b, s = pixels.shape[0], decoder.config.image_size
     image_embed = clip.encode_image(pixels).to(device)  # (b, d)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     embed = repeat(image_embed, "b d -> (b n) d", n=n)
     if invert:
-        x0 = to_signed_range(resize_images(pixels, s)).clamp(-1, 1)
-        denoiser = decoder_denoiser(decoder, 1.0, threshold=None)
-        x_T = ddim_invert(denoiser, x0, decoder.schedule, steps, cond={"image_embed": image_embed},
-                          progress=progress)
-        x_T = repeat(x_T, "b c h w -> (b n) c h w", n=n)
+        x_T = repeat(invert_images(decoder, pixels, image_embed, steps=steps, progress=progress),
+                     "b c h w -> (b n) c h w", n=n)
     else:
         x_T = randn((b * n, 3, s, s), generator=generator, device=device)
     out = decode(decoder, embed, None, steps=steps, eta=eta, guidance_scale=guidance_scale, generator=generator,

@@ -3,9 +3,9 @@
     enc = clip.encode_text(["a red circle on a blue background"])
     image_embed = sample_image_embeds(prior, enc, best_of=2, steps=64, generator=torch.Generator().manual_seed(0))
 
-Each caption gets `best_of` independent samples (DDIM with eta 0, or DPM-Solver++(2M), over `steps` of the
-prior's timesteps); each sample's x0 is divided by its norm, which undoes the sqrt(d) scaling and puts it on
-CLIP's unit sphere, and the sample with the highest dot product with the caption's text embedding is kept
+Each caption gets `best_of` independent samples (DDIM with eta 0, ancestral DDPM, or DPM-Solver++(2M), over
+`steps` of the prior's timesteps); each sample's x0 is divided by its norm, which undoes the sqrt(d) scaling
+and puts it on CLIP's unit sphere, and the sample with the highest dot product with the caption's text embedding is kept
 (DALL-E 2 draws 2). Guidance (`guidance_scale` != 1) is `unclip.diffusion.cfg` on the network: one batched
 forward with the text conditioning dropped for the unconditional half. The paper found that guiding the prior
 did not help, so the default is 1.
@@ -22,7 +22,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from unclip.clip import TextEncoding
-from unclip.diffusion import cfg, make_denoiser, randn, sample_ddim, sample_dpmpp_2m
+from unclip.diffusion import cfg, make_denoiser, randn, sample
 
 from .config import Sampler
 from .model import DiffusionPriorNetwork
@@ -82,12 +82,8 @@ def sample_candidates(
     x_T = randn((b * num_samples, d), generator=generator, device=prior.device)
     denoiser = make_denoiser(cfg(prior, guidance_scale), prior.schedule, prior.config.objective)
     with _eval_mode(prior):
-        if sampler == "ddim":
-            x0 = sample_ddim(denoiser, x_T, prior.schedule, steps, generator=generator, cond=cond, progress=progress)
-        elif sampler == "dpmpp_2m":
-            x0 = sample_dpmpp_2m(denoiser, x_T, prior.schedule, steps, cond=cond, progress=progress)
-        else:
-            raise ValueError(f"unknown sampler {sampler!r}; expected 'ddim' or 'dpmpp_2m'")
+        x0 = sample(sampler, denoiser, x_T, prior.schedule, steps, generator=generator, cond=cond,
+                    progress=progress)
     return rearrange(F.normalize(x0.float(), dim=-1), "(b n) d -> b n d", n=num_samples)
 
 
@@ -105,7 +101,7 @@ def sample_image_embeds(
     """Sample one unit-norm CLIP image embedding per caption: (b, d), the best of `best_of` by text similarity.
 
     text: TextEncoding of b captions from the CLIP the prior was trained against. steps: sampler steps (denoiser
-    calls) out of the prior's T; sampler: "ddim" (eta 0) or "dpmpp_2m"; guidance_scale: classifier-free guidance
+    calls) out of the prior's T; sampler: "ddim" (eta 0), "ddpm" or "dpmpp_2m"; guidance_scale: classifier-free guidance
     on the text (1: none); generator: all randomness (same seed, same embeddings).
     """
     candidates = sample_candidates(prior, text, best_of, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
