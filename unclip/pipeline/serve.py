@@ -1,0 +1,117 @@
+"""The web demo: a Gradio page where a caption becomes images, with the main sampling knobs.
+
+    demo = build_demo(load_pipeline("runs/pipeline"))   # a gradio.Blocks; demo.launch() serves it
+    serve(None, host="127.0.0.1", port=7860)             # the shipped model, blocking until Ctrl-C
+
+Gradio is an optional dependency (`pip install "unclip[demo]"`); it is imported only when a demo is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_args
+
+import torch
+
+from ..clip import CaptionError
+from ..data.shapes import caption_for, split_triples
+from .default import load_pipeline
+from .pipeline import SamplerName, UnclipPipeline
+
+if TYPE_CHECKING:
+    import gradio
+
+__all__ = ["DemoUnavailableError", "build_demo", "example_captions", "import_gradio", "serve"]
+
+TITLE = "unCLIP: text to image"
+# SHAPES images are tiny: show them large and with sharp pixels.
+CSS = "#unclip-gallery img { image-rendering: pixelated; }"
+# Held-out (shape, fg, bg) triples shown as examples: a red cross on blue, a yellow cross on red, a blue triangle
+# on green (the combinations a ViT CLIP got wrong; see the README).
+HELDOUT_EXAMPLES = [(3, 0, 2), (3, 3, 0), (2, 2, 1)]
+
+
+class DemoUnavailableError(ImportError):
+    """The demo's optional dependency (gradio) is not installed."""
+
+
+def import_gradio() -> Any:
+    """The `gradio` module, or a `DemoUnavailableError` that says how to install it."""
+    try:
+        import gradio
+    except ImportError as e:
+        raise DemoUnavailableError(f'the web demo needs gradio ({e}); install it with: pip install "unclip[demo]"') \
+            from None
+    return gradio
+
+
+def example_captions() -> list[str]:
+    """Captions for the page's examples: SHAPES training triples, then held-out ones the models never saw."""
+    seen = [caption_for(*t) for t in split_triples("train")[::50]]
+    return seen + [caption_for(*t) for t in HELDOUT_EXAMPLES]
+
+
+def build_demo(pipeline: UnclipPipeline) -> gradio.Blocks:
+    """The demo page for `pipeline`: a caption, the number of images, seed, sampler, prior / decoder / upsampler
+    steps and decoder guidance; a Generate button; a gallery of the results. Every knob starts at the pipeline's
+    own default. Generation shows a progress bar per diffusion stage."""
+    gr = import_gradio()
+    d = pipeline.defaults
+    has_upsamplers = len(pipeline.upsamplers) > 0
+    track_tqdm = gr.Progress(track_tqdm=True)  # Gradio injects a live progress bar for a parameter defaulting to this
+
+    def generate(caption: str, num_images: float, seed: float | None, sampler: str, prior_steps: float,
+                 decoder_steps: float, decoder_guidance: float, upsampler_steps: float,
+                 progress: Any = track_tqdm) -> list:
+        if not caption or not caption.strip():
+            raise gr.Error("type a caption first, e.g. 'a red circle on a blue background'")
+        try:
+            images = pipeline.generate(
+                [caption.strip()], int(num_images), seed=None if seed is None or seed < 0 else int(seed),
+                sampler=sampler, prior_steps=int(prior_steps), decoder_steps=int(decoder_steps),
+                decoder_guidance=float(decoder_guidance),
+                upsampler_steps=int(upsampler_steps) if has_upsamplers and upsampler_steps > 0 else None,
+                progress=True,  # tqdm bars, which gr.Progress(track_tqdm=True) mirrors on the page
+            )
+        except (CaptionError, ValueError) as e:
+            raise gr.Error(str(e)) from None
+        return [(im, f"{caption.strip()} #{i + 1}") for i, im in enumerate(images)]
+
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(f"## {TITLE}\nCaption → CLIP text embedding → diffusion prior → decoder "
+                    f"({pipeline.decoder.config.image_size} px) → {len(pipeline.upsamplers)} upsampler(s) → "
+                    f"{pipeline.image_size} px images. Try a held-out SHAPES caption: the models never saw it.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                caption = gr.Textbox(label="caption", placeholder="a red circle on a blue background", lines=1,
+                                     elem_id="unclip-caption")
+                num_images = gr.Slider(1, 16, value=4, step=1, label="number of images", elem_id="unclip-num-images")
+                seed = gr.Number(value=0, precision=0, label="seed (-1: random)")
+                button = gr.Button("Generate", variant="primary", elem_id="unclip-generate")
+                with gr.Accordion("sampling", open=True):
+                    sampler = gr.Dropdown(list(get_args(SamplerName)), value=d.sampler, label="sampler")
+                    prior_steps = gr.Slider(1, 256, value=d.prior_steps, step=1, label="prior steps")
+                    decoder_steps = gr.Slider(1, 250, value=d.decoder_steps, step=1, label="decoder steps")
+                    decoder_guidance = gr.Slider(1.0, 10.0, value=d.decoder_guidance, step=0.5,
+                                                 label="decoder guidance scale")
+                    upsampler_steps = gr.Slider(0, 100, value=d.upsampler_steps[0] if d.upsampler_steps else 0,
+                                                step=1, visible=has_upsamplers,
+                                                label="upsampler steps (0: each upsampler's default)")
+            with gr.Column(scale=2):
+                gallery = gr.Gallery(label="images", columns=4, object_fit="contain", height="auto",
+                                     format="png", elem_id="unclip-gallery")
+        inputs = [caption, num_images, seed, sampler, prior_steps, decoder_steps, decoder_guidance, upsampler_steps]
+        gr.Examples([[c] for c in example_captions()], inputs=[caption], label="SHAPES captions (the last three "
+                    "are held out of training)")
+        button.click(generate, inputs=inputs, outputs=gallery)
+        caption.submit(generate, inputs=inputs, outputs=gallery)
+    return demo
+
+
+def serve(pipeline_dir: str | Path | None, host: str = "127.0.0.1", port: int = 7860, share: bool = False, *,
+          device: str | torch.device | None = None) -> None:
+    """Load a pipeline directory (None: the shipped model) on `device` and serve its demo at http://host:port
+    until interrupted. `share=True` also asks Gradio for a public link (needs internet)."""
+    import_gradio()  # fail before the (slower) model load when gradio is missing
+    demo = build_demo(load_pipeline(pipeline_dir, device=device))
+    demo.queue(default_concurrency_limit=1).launch(server_name=host, server_port=port, share=share, css=CSS)
