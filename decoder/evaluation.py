@@ -18,10 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from unclip.clip import Clip
-from unclip.clip.shapes_judge import ShapesJudge
+from unclip.clip.shapes_judge import ShapesJudge, verdict_agreement
 from unclip.data import ATTRIBUTES, make_shapes
 from unclip.images import pil_to_tensor
 
@@ -29,19 +28,6 @@ from .model import Decoder
 from .sampling import Sampler, decode, resize_images
 
 __all__ = ["reconstruction_accuracy"]
-
-
-def _predict(judge: ShapesJudge, images: Tensor, batch_size: int) -> dict[str, Tensor]:
-    """The judge's class per attribute, (n,) each, for images (n, 3, h, w) in [0, 1]."""
-    parts = [judge.predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
-    return {k: torch.cat([p[k] for p in parts]) for k in ATTRIBUTES}
-
-
-def _agreement(pred: dict[str, Tensor], reference: dict[str, Tensor]) -> dict[str, float]:
-    """Fraction of rows where pred equals reference, per attribute and for all three at once."""
-    same = {k: pred[k] == reference[k] for k in ATTRIBUTES}
-    same["all"] = same["shape"] & same["fg"] & same["bg"]
-    return {k: float(v.float().mean()) for k, v in same.items()}
 
 
 @torch.no_grad()
@@ -75,13 +61,14 @@ def reconstruction_accuracy(
     side = decoder.config.image_size
     device = next(decoder.parameters()).device
     embeds = torch.cat([clip.encode_image(images[i:i + batch_size]) for i in range(0, samples, batch_size)])
-    source = _predict(judge, images, batch_size)
+    source = judge.predict_batched(images, batch_size)
     result: dict[str, Any] = {
         "samples": samples,
         "image_size": side,
-        "source": _agreement(source, labels),
-        "ceiling": _agreement(ceiling := _predict(judge, resize_images(images, side), batch_size), labels),
-        "ceiling_agreement": _agreement(ceiling, source),
+        "source": verdict_agreement(source, labels),
+        "ceiling": verdict_agreement(ceiling := judge.predict_batched(resize_images(images, side), batch_size),
+                                     labels),
+        "ceiling_agreement": verdict_agreement(ceiling, source),
         "guidance": {},
         "agreement": {},
     }
@@ -92,7 +79,7 @@ def reconstruction_accuracy(
                    guidance_scale=scale, generator=generator, progress=progress).cpu()
             for i in range(0, samples, batch_size)
         ])
-        pred = _predict(judge, decoded, batch_size)
-        result["guidance"][str(float(scale))] = _agreement(pred, labels)
-        result["agreement"][str(float(scale))] = _agreement(pred, source)
+        pred = judge.predict_batched(decoded, batch_size)
+        result["guidance"][str(float(scale))] = verdict_agreement(pred, labels)
+        result["agreement"][str(float(scale))] = verdict_agreement(pred, source)
     return result

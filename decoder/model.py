@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from unclip.checkpoint import load_pretrained_dir, load_state_dict_strict, save_pretrained_dir
 from unclip.config import config_to_dict, load_config
-from unclip.diffusion import NoiseSchedule, make_schedule
+from unclip.diffusion import NoiseSchedule, schedule_for
 from unclip.nn import UNet
 
 from .config import DecoderConfig
@@ -57,15 +57,11 @@ class Decoder(nn.Module):
         self.image_to_tokens = nn.Linear(d, cfg.num_image_tokens * cfg.context_dim)
         self.text_proj = nn.Linear(cfg.text_width, cfg.context_dim) if cfg.text_width is not None else None
         self.context_norm = nn.LayerNorm(cfg.context_dim)
-        self._schedule: NoiseSchedule | None = None
 
     @property
     def schedule(self) -> NoiseSchedule:
-        """The noise schedule of `config.diffusion` (float64, CPU; built once)."""
-        if self._schedule is None:
-            s = self.config.diffusion.schedule
-            self._schedule = make_schedule(s.kind, s.num_timesteps)
-        return self._schedule
+        """The noise schedule of `config.diffusion` (float64, CPU; shared, read-only)."""
+        return schedule_for(self.config.diffusion)
 
     @property
     def learned_variance(self) -> bool:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from unclip.clip import TextEncoding
-from unclip.diffusion import SamplerName, cfg, make_denoiser, randn, sample, threshold_hook
+from unclip.diffusion import SamplerName, cfg, config_denoiser, randn, sample
 from unclip.images import resize_images, to_unit_range
 
 from .model import Decoder
@@ -30,10 +30,8 @@ def decoder_denoiser(decoder: Decoder, guidance_scale: float = 1.0, *, threshold
 
     threshold: a percentile in (0, 1] for dynamic thresholding, "static" for clamping to [-1, 1], None for none.
     """
-    diffusion = decoder.config.diffusion
     guided = cfg(decoder, guidance_scale, learned_variance=decoder.learned_variance)
-    return make_denoiser(guided, decoder.schedule, diffusion.objective, variance=diffusion.variance,
-                         x0_hook=threshold_hook(threshold))
+    return config_denoiser(guided, decoder.schedule, decoder.config.diffusion, threshold=threshold)
 
 
 @torch.no_grad()

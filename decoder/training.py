@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from einops import rearrange
-from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -23,7 +22,7 @@ from unclip.config import config_to_dict
 from unclip.data import ImageTextDataset, collate_image_text, load_image_text_dataset, make_shapes
 from unclip.data.embeddings import EmbeddingShards, clip_fingerprint
 from unclip.diffusion import q_sample, sample_timesteps, training_loss
-from unclip.images import pil_to_tensor, resize_images, to_signed_range
+from unclip.images import SquareImage, resize_images, to_signed_range
 from unclip.train import unwrap_model
 
 from .config import TrainDecoderConfig
@@ -42,22 +41,6 @@ def check_clip(clip: Clip, cfg: TrainDecoderConfig) -> None:
     if model.text_width is not None and clip.text_width != model.text_width:
         raise ValueError(f"the CLIP {cfg.clip!r} has text width {clip.text_width}, the decoder config says "
                          f"model.text_width={model.text_width}")
-
-
-class _Square:
-    """PIL image -> (3, side, side) float tensor in [0, 1] (centre crop to a square, antialiased resize)."""
-
-    def __init__(self, side: int) -> None:
-        self.side = side
-
-    def __call__(self, image: Image.Image) -> Tensor:
-        w, h = image.size
-        if w != h:
-            c = min(w, h)
-            image = image.crop(((w - c) // 2, (h - c) // 2, (w - c) // 2 + c, (h - c) // 2 + c))
-        if image.size != (self.side, self.side):
-            image = image.resize((self.side, self.side), Image.Resampling.BICUBIC)
-        return pil_to_tensor(image)
 
 
 class _WithShards(Dataset):
@@ -124,7 +107,7 @@ class DecoderTrainTask:
 
     def train_dataset(self) -> Dataset:
         data = self.cfg.data
-        images = ImageTextDataset(self._source(), _Square(self.load_side), image_column=data.image_column,
+        images = ImageTextDataset(self._source(), SquareImage(self.load_side), image_column=data.image_column,
                                   caption_column=data.caption_column)
         if data.embeddings is not None:
             shards = EmbeddingShards(data.embeddings)
@@ -188,7 +171,7 @@ class DecoderTrainTask:
             k, ev = self.cfg.eval.sample_grid, self.cfg.eval
             if self.cfg.data.source == "shapes":
                 rows = make_shapes(k, split="heldout", seed=ev.seed, resolution=self.cfg.data.shapes_resolution)
-                images = torch.stack([_Square(self.load_side)(im) for im in rows["image"]])
+                images = torch.stack([SquareImage(self.load_side)(im) for im in rows["image"]])
             else:
                 dataset = self._dataset if self._dataset is not None else self.train_dataset()
                 images = torch.stack([dataset[i]["image"] for i in range(k)])

@@ -4,6 +4,7 @@ x = pil_to_tensor(img)                     # (3, h, w) float in [0, 1]
 x_signed = to_signed_range(x)              # [-1, 1], what the diffusion models see
 img = tensor_to_pil(to_unit_range(x0))     # back to a PIL image, clamped
 grid = image_grid(samples, nrow=4, labels=captions)
+to_square = SquareImage(64); x = to_square(img)   # (3, 64, 64): centre square crop, bicubic resize
 small = resize_images(batch, 32)           # (b, 3, h, w) -> (b, 3, 32, 32): area for integer factors, else bicubic
 """
 
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["pil_to_tensor", "tensor_to_pil", "to_unit_range", "to_signed_range", "image_grid", "resize_images"]
+__all__ = ["pil_to_tensor", "tensor_to_pil", "to_unit_range", "to_signed_range", "image_grid", "resize_images",
+           "SquareImage"]
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -44,6 +46,22 @@ def to_unit_range(x: torch.Tensor) -> torch.Tensor:
 def to_signed_range(x: torch.Tensor) -> torch.Tensor:
     """Map [0, 1] to [-1, 1] (any shape); does not clamp."""
     return x * 2 - 1
+
+
+class SquareImage:
+    """PIL image -> (3, side, side) float tensor in [0, 1] (centre crop to a square, bicubic resize): a transform."""
+
+    def __init__(self, side: int) -> None:
+        self.side = side
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        w, h = image.size
+        if w != h:
+            c = min(w, h)
+            image = image.crop(((w - c) // 2, (h - c) // 2, (w - c) // 2 + c, (h - c) // 2 + c))
+        if image.size != (self.side, self.side):
+            image = image.resize((self.side, self.side), Image.Resampling.BICUBIC)
+        return pil_to_tensor(image)
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:

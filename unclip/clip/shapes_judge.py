@@ -20,7 +20,7 @@ from ..data.shapes import ATTRIBUTES, CAPTION_TEMPLATES, COLORS, SHAPES, make_sh
 from .model import Clip
 from .zero_shot import classify, zero_shot_classifier
 
-__all__ = ["ATTRIBUTE_CLASSES", "attribute_prompts", "ShapesJudge", "evaluate_shapes"]
+__all__ = ["ATTRIBUTE_CLASSES", "attribute_prompts", "ShapesJudge", "evaluate_shapes", "verdict_agreement"]
 
 ATTRIBUTE_CLASSES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "fg": COLORS, "bg": COLORS}
 
@@ -54,6 +54,12 @@ class ShapesJudge:
                 for attr, head in self.heads.items()}
 
     @torch.no_grad()
+    def predict_batched(self, images: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+        """`predict` over images (n, 3, h, w) in [0, 1], `batch_size` at a time: class indices (n,) per attribute."""
+        parts = [self.predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+        return {k: torch.cat([p[k] for p in parts]) for k in ATTRIBUTES}
+
+    @torch.no_grad()
     def score(self, images: Sequence[Image.Image] | torch.Tensor, shape: Sequence[int], fg: Sequence[int],
               bg: Sequence[int]) -> dict[str, torch.Tensor]:
         """Per-image correctness (b,) bool for each attribute, plus "all" (every attribute right)."""
@@ -62,6 +68,14 @@ class ShapesJudge:
         right = {attr: pred[attr] == truth[attr] for attr in ATTRIBUTES}
         right["all"] = right["shape"] & right["fg"] & right["bg"]
         return right
+
+
+def verdict_agreement(pred: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Fraction of rows where pred equals reference ((n,) class indices per attribute), per attribute and for
+    all three at once ("all"): accuracy when reference holds the true attributes, agreement when it holds verdicts."""
+    same = {k: pred[k].cpu() == torch.as_tensor(reference[k]).cpu() for k in ATTRIBUTES}
+    same["all"] = same["shape"] & same["fg"] & same["bg"]
+    return {k: float(v.float().mean()) for k, v in same.items()}
 
 
 @torch.no_grad()

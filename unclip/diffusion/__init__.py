@@ -7,7 +7,7 @@ adapter, classifier-free guidance and samplers. It imports no stage.
     x0 = sample_ddim(denoiser, randn(shape, generator=g), schedule, steps=50, cond={...})
 """
 
-from unclip.diffusion.config import DiffusionConfig, training_loss
+from unclip.diffusion.config import DiffusionConfig, config_denoiser, schedule_for, training_loss
 from unclip.diffusion.denoiser import (
     Denoised,
     Denoiser,
@@ -78,6 +78,7 @@ __all__ = [
     "VarianceType",
     "alphas_cumprod_at",
     "cfg",
+    "config_denoiser",
     "cosine_schedule",
     "ddim_invert",
     "ddim_step",
@@ -107,6 +108,7 @@ __all__ = [
     "sample_ddpm",
     "sample_dpmpp_2m",
     "sample_timesteps",
+    "schedule_for",
     "snr",
     "static_clip",
     "threshold_hook",

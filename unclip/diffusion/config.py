@@ -1,23 +1,26 @@
 """`DiffusionConfig`: how an image stage's diffusion is parameterised and trained, and the loss it implies.
 
     diffusion = DiffusionConfig(objective="v", min_snr_gamma=5.0)
-    schedule = make_schedule(diffusion.schedule.kind, diffusion.schedule.num_timesteps)
+    schedule = schedule_for(diffusion)                  # built once per distinct schedule config
     loss, metrics = training_loss(diffusion, model_output, x0, x_t, t, noise, schedule)
+    denoiser = config_denoiser(model, schedule, diffusion, threshold="static")
 
 Shared by the decoder and the upsamplers (each stores it with its model, so a checkpoint samples on its own).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from unclip.diffusion.denoiser import denoised_from_output
+from unclip.diffusion.denoiser import Denoiser, denoised_from_output, make_denoiser, threshold_hook
 from unclip.diffusion.gaussian import Objective, VarianceType, diffusion_loss, vlb_loss
-from unclip.diffusion.schedule import NoiseSchedule, ScheduleConfig
+from unclip.diffusion.schedule import NoiseSchedule, ScheduleConfig, make_schedule
 
-__all__ = ["DiffusionConfig", "training_loss"]
+__all__ = ["DiffusionConfig", "config_denoiser", "schedule_for", "training_loss"]
 
 
 @dataclass(frozen=True)
@@ -61,3 +64,22 @@ def training_loss(diffusion: DiffusionConfig, output: Tensor, x0: Tensor, x_t: T
         loss = loss + diffusion.vlb_weight * schedule.num_timesteps * vlb.mean()
         metrics["vlb"] = float(vlb.detach().mean())
     return loss, metrics
+
+
+@functools.cache
+def _schedule(config: ScheduleConfig) -> NoiseSchedule:
+    return make_schedule(config.kind, config.num_timesteps)
+
+
+def schedule_for(diffusion: DiffusionConfig) -> NoiseSchedule:
+    """The noise schedule of a diffusion config (float64, CPU), built once per distinct schedule and shared:
+    treat it as read-only."""
+    return _schedule(diffusion.schedule)
+
+
+def config_denoiser(model_fn: Callable[..., Tensor], schedule: NoiseSchedule, diffusion: DiffusionConfig, *,
+                    threshold: str | float | None = None) -> Denoiser:
+    """`make_denoiser` for a network trained under `diffusion` (its objective and variance), with the x0 hook
+    named by `threshold` ("static", a dynamic-threshold percentile in (0, 1], or None; see `threshold_hook`)."""
+    return make_denoiser(model_fn, schedule, diffusion.objective, variance=diffusion.variance,
+                         x0_hook=threshold_hook(threshold))
