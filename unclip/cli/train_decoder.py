@@ -4,12 +4,17 @@
     train-decoder configs/decoder/shapes-tiny.yaml --set clip=runs/clip-shapes-tiny/model --set train.max_steps=500
     train-decoder configs/decoder/shapes-tiny.yaml --set data.embeddings=runs/embeddings   # `unclip embed` shards
     accelerate launch --multi_gpu --num_processes 8 -m unclip.cli.train_decoder configs/decoder/full-64.yaml
+    train-decoder configs/upsamplers/shapes-32-64.yaml --output-dir runs/upsampler-32-64     # an upsampler
+    train-decoder configs/upsamplers/shapes-64-128.yaml --set train.max_steps=100
 
 The config's top-level `stage` key picks what is trained: "base" (the decoder, CLIP image embedding -> image;
-the default). Each stage brings its own config class, training task and final evaluation (`STAGES`). The
-trained model is written to OUTPUT_DIR/model; an interrupted run resumes from its last checkpoint when started
-again with the same output directory. On SHAPES the base stage's held-out reconstruction accuracy (decoder/
-evaluation.py) is printed for every `eval.guidance_scales` and saved to OUTPUT_DIR/eval.json.
+the default) or "upsampler" (a super-resolution stage, low-res image -> image). Each stage brings its own
+config class, training task and final evaluation (`STAGES`). The trained model is written to OUTPUT_DIR/model;
+an interrupted run resumes from its last checkpoint when started again with the same output directory. On
+SHAPES the final evaluation is printed and saved to OUTPUT_DIR/eval.json: for the base stage the held-out
+reconstruction accuracy (decoder/evaluation.py) at every `eval.guidance_scales`, for an upsampler the PSNR of
+its output and of bicubic upsampling against the held-out originals at every `eval.aug_levels`
+(upsamplers/evaluation.py).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import yaml
 
 from decoder.config import TrainDecoderConfig
 from decoder.training import DecoderTrainTask
+from upsamplers.config import TrainUpsamplerConfig
+from upsamplers.training import UpsamplerTrainTask
 
 from ..checkpoint import write_json_atomic
 from .common import CliError, print_table
@@ -67,8 +74,28 @@ def _evaluate_base(cfg: TrainDecoderConfig, out: Path) -> None:
     print_table(["", "shape", "fg", "bg", "all"], [[r[0], *(f"{v:.1%}" for v in r[1:])] for r in rows])
 
 
+def _evaluate_upsampler(cfg: TrainUpsamplerConfig, out: Path) -> None:
+    from upsamplers import Upsampler, psnr_vs_bicubic
+
+    e = cfg.eval
+    if cfg.data.source != "shapes" or e.samples <= 0:
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    upsampler = Upsampler.from_pretrained(out / "model", map_location=device)
+    report = psnr_vs_bicubic(upsampler, samples=e.samples, seed=e.seed, aug_levels=e.aug_levels, steps=e.steps,
+                             sampler=e.sampler, batch_size=e.batch_size)
+    write_json_atomic(out / "eval.json", {"split": "heldout", **report})
+    print(f"SHAPES held-out super-resolution ({report['samples']} images, {report['low_res_size']} -> "
+          f"{report['image_size']} px, {report['sampler']} {report['steps']} steps): mean PSNR against the originals")
+    rows = [["bicubic", f"{report['bicubic']:.2f} dB", ""]]
+    rows += [[f"upsampler, aug level {level}", f"{db:.2f} dB", f"{report['wins'][level]:.1%}"]
+             for level, db in report["model"].items()]
+    print_table(["", "PSNR", "images beating bicubic"], rows)
+
+
 STAGES: dict[str, Stage] = {
     "base": Stage(TrainDecoderConfig, DecoderTrainTask, _evaluate_base),
+    "upsampler": Stage(TrainUpsamplerConfig, UpsamplerTrainTask, _evaluate_upsampler),
 }
 
 

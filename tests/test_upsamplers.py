@@ -1,0 +1,258 @@
+"""The upsamplers: fully convolutional sampling, seeded degradations, crops, training, checkpoints, configs, CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_decoder import randomised  # fills zero-initialised output layers (any module)
+
+from unclip.checkpoint import CheckpointError
+from unclip.config import ConfigError, load_config, replace_config
+from unclip.diffusion import DiffusionConfig
+from unclip.nn import UNetConfig
+from unclip.train import TrainConfig, Trainer
+from upsamplers import (
+    TrainUpsamplerConfig,
+    Upsampler,
+    UpsamplerConfig,
+    UpsamplerTrainTask,
+    bsr_degrade,
+    corrupt,
+    gaussian_blur,
+    psnr,
+    psnr_vs_bicubic,
+    random_crops,
+    upsample,
+)
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "upsamplers").glob("*.yaml"))
+
+
+def tiny_config(low: int = 8, high: int = 16, augmentation: str = "blur", **kw) -> UpsamplerConfig:
+    unet = kw.pop("unet", None) or UNetConfig(model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                                              attention_resolutions=(), image_size=high, groups=4)
+    kw.setdefault("sample_steps", 3)
+    return UpsamplerConfig(low_res_size=low, image_size=high, augmentation=augmentation, aug_embed_dim=8, unet=unet,
+                           **kw)
+
+
+def small_train_config(**overrides) -> TrainUpsamplerConfig:
+    cfg = TrainUpsamplerConfig(model=tiny_config(), train=TrainConfig(
+        max_steps=50, batch_size=16, lr=3e-3, warmup_steps=5, checkpoint_every=0, progress=False, log_every=10))
+    return replace_config(cfg, {"data.shapes_samples": 64, "data.shapes_resolution": 16, "eval.sample_grid": 2,
+                                "eval.steps": 2, **overrides})
+
+
+def images(b: int, side: int, seed: int = 0) -> torch.Tensor:
+    """Smooth random images (b, 3, side, side) in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(b, 3, max(2, side // 4), max(2, side // 4), generator=g)
+    return torch.nn.functional.interpolate(coarse, size=side, mode="bilinear", align_corners=False)
+
+
+# ----- fully convolutional -------------------------------------------------------------------------------------
+def test_runs_fully_convolutionally_at_sizes_other_than_the_training_crop():
+    torch.manual_seed(0)
+    cfg = small_train_config(**{"data.crop_size": 8})
+    assert cfg.crop_size == 8
+    up = randomised(Upsampler(cfg.model))
+    for side in (24, 32):
+        x = torch.randn(2, 3, side, side)
+        cond = up.conditioning(images(2, side // 2), torch.tensor([0.0, 0.5]))
+        assert cond.shape == (2, 3, side, side)
+        assert up(x, torch.tensor([10, 900]), low_res_up=cond, aug_level=torch.tensor([0.0, 0.5])).shape == x.shape
+    out = upsample(up, images(3, 12), generator=torch.Generator().manual_seed(0))  # 12 -> 24: not the crop, not 16
+    assert out.shape == (3, 3, 24, 24) and 0 <= out.min() and out.max() <= 1
+    rect = upsample(up, images(1, 8)[..., :6, :], steps=2)  # non-square: 6x8 -> 12x16
+    assert rect.shape == (1, 3, 12, 16)
+    deeper = UNetConfig(model_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(),
+                        image_size=16, groups=4)
+    three_levels = Upsampler(tiny_config(unet=deeper))
+    assert upsample(three_levels, images(1, 6), steps=1).shape == (1, 3, 12, 12)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        upsample(three_levels, images(1, 5))  # 5 -> 10: the UNet halves twice
+
+
+def test_no_attention_anywhere():
+    up = Upsampler(small_train_config().model)
+    assert not [m for m in up.modules() if "Attention" in type(m).__name__]
+    with pytest.raises(ValueError, match="attention"):
+        UpsamplerConfig(low_res_size=8, image_size=16, unet=UNetConfig(image_size=16, attention_resolutions=(8,)))
+
+
+# ----- degradations --------------------------------------------------------------------------------------------
+def test_gaussian_blur_identity_at_zero_and_per_row_sigma():
+    x = images(3, 16)
+    assert torch.equal(gaussian_blur(x, 0.0), x)
+    blurred = gaussian_blur(x, torch.tensor([0.0, 1.0, 2.0]))
+    assert torch.equal(blurred[0], x[0])
+    assert torch.allclose(blurred[1], gaussian_blur(x[1:2], 1.0)[0], atol=1e-6), "each row has its own sigma"
+    assert not torch.allclose(blurred[1], x[1])
+    # more blur, less high-frequency energy; the mean colour is kept (reflect padding, normalised kernel)
+    tv = [float((b[:, 1:] - b[:, :-1]).abs().mean()) for b in blurred]
+    assert tv[0] > tv[1] > tv[2]
+    assert torch.allclose(blurred.mean(dim=(2, 3)), x.mean(dim=(2, 3)), atol=0.02)
+    corrupted = corrupt(x, torch.tensor([0.0, 0.5, 1.0]), "blur", blur_sigma=2.0)
+    assert torch.equal(corrupted, torch.cat([x[:1], gaussian_blur(x[1:], torch.tensor([1.0, 2.0]))]))
+
+
+def test_bsr_degrade_is_seeded_and_deterministic():
+    x = images(4, 32)
+
+    def run(seed, level=0.7):
+        return bsr_degrade(x, level, torch.Generator().manual_seed(seed))
+
+    a = run(0)
+    assert a.shape == x.shape and 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, run(0)), "same seed, same output"
+    assert not torch.allclose(a, run(1)), "another seed, another output"
+    assert float((a - x).abs().mean()) > 0.01, "level 0.7 degrades"
+    assert torch.equal(run(3, level=0.0), x), "level 0 is the identity"
+    levels = torch.tensor([0.0, 0.2, 0.5, 1.0])
+    mixed = bsr_degrade(x, levels, torch.Generator().manual_seed(5))
+    assert torch.equal(mixed[0], x[0])
+    err = [float((mixed[i] - x[i]).abs().mean()) for i in range(4)]
+    assert err[3] > err[1], "a higher level degrades more"
+    assert torch.equal(corrupt(x, levels, "bsr", generator=torch.Generator().manual_seed(5)), mixed)
+    with pytest.raises(ValueError, match="augmentation"):
+        corrupt(x, 0.5, "noise")
+
+
+def test_random_crops_cut_the_same_aligned_window():
+    torch.manual_seed(0)
+    a = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(2, 1, 16, 16)
+    b = a * 10
+    ca, cb = random_crops([a, b], 8, align=4)
+    assert ca.shape == (2, 1, 8, 8) and torch.equal(cb, ca * 10)
+    for i in range(2):
+        top, left = divmod(int(ca[i, 0, 0, 0]) - i * 256, 16)
+        assert top % 4 == 0 and left % 4 == 0
+
+
+# ----- sampling ------------------------------------------------------------------------------------------------
+def test_upsample_determinism_and_conditioning():
+    torch.manual_seed(0)
+    up = randomised(Upsampler(tiny_config(augmentation="bsr")))
+    low = images(2, 8)
+
+    def run(seed=0, **kw):
+        return upsample(up, low, generator=torch.Generator().manual_seed(seed), **kw)
+
+    out = run()
+    assert out.shape == (2, 3, 16, 16)
+    assert torch.equal(out, run()), "same seed, same images"
+    assert not torch.allclose(run(aug_level=0.8), run(aug_level=0.8, seed=1)), "BSR and noise follow the seed"
+    assert not torch.allclose(out, upsample(up, images(2, 8, seed=1), generator=torch.Generator().manual_seed(0)))
+    assert run(sampler="ddpm").shape == run(sampler="dpmpp_2m").shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="aug_level"):
+        run(aug_level=1.5)
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    up = randomised(Upsampler(tiny_config(diffusion=DiffusionConfig(objective="v", variance="learned_range"))))
+    up.save_pretrained(tmp_path / "up")
+    meta = json.loads((tmp_path / "up" / "config.json").read_text())
+    assert meta["kind"] == "upsampler" and meta["config"]["model"]["diffusion"]["variance"] == "learned_range"
+    loaded = Upsampler.from_pretrained(tmp_path / "up")
+    assert loaded.config == up.config
+    x, t, level = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([0.1, 0.9])
+    cond = up.conditioning(images(2, 8), level)
+    with torch.no_grad():
+        out = up(x, t, low_res_up=cond, aug_level=level)
+        assert out.shape == (2, 6, 16, 16)
+        assert torch.equal(loaded(x, t, low_res_up=cond, aug_level=level), out)
+    assert upsample(loaded, images(1, 8), steps=2, sampler="ddpm").shape == (1, 3, 16, 16)
+    (tmp_path / "up" / "config.json").write_text(json.dumps({**meta, "kind": "decoder"}))
+    with pytest.raises(CheckpointError, match="not a 'upsampler'|not an? 'upsampler'"):
+        Upsampler.from_pretrained(tmp_path / "up")
+
+
+# ----- training ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("augmentation", ["blur", "bsr"])
+def test_tiny_upsampler_loss_falls_and_exports(tmp_path, augmentation):
+    torch.manual_seed(0)
+    cfg = small_train_config(**{"model.augmentation": augmentation, "train.sample_every": 50})
+    task = UpsamplerTrainTask(cfg)
+    result = Trainer(task, cfg.train, tmp_path / "run").train()
+    first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
+    assert last < 0.7 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert result.nonfinite_steps == 0
+    assert (tmp_path / "run" / "samples" / "step-0000050.png").is_file()
+    up = Upsampler.from_pretrained(tmp_path / "run" / "model")
+    assert up.config == cfg.model
+    assert upsample(up, images(2, 16), steps=2).shape == (2, 3, 32, 32)
+
+
+def test_training_batches_are_crops_with_levels_in_range():
+    cfg = small_train_config(**{"model.max_aug_level": 0.4})
+    task = UpsamplerTrainTask(cfg)
+    seen = {}
+
+    def spy(module, args, kwargs):
+        seen.update(x_t=args[0], low_res_up=kwargs["low_res_up"], aug_level=kwargs["aug_level"])
+
+    task.model.register_forward_pre_hook(spy, with_kwargs=True)
+    dataset = task.train_dataset()
+    batch = task.collate_fn([dataset[i] for i in range(8)])
+    assert batch["images"].shape == (8, 3, 16, 16)
+    torch.manual_seed(0)
+    loss, metrics = task.loss(task.model, batch)
+    assert torch.isfinite(loss) and "mse" in metrics
+    assert seen["x_t"].shape == seen["low_res_up"].shape == (8, 3, 4, 4)  # crop_size 16 // 4
+    assert ((seen["aug_level"] >= 0) & (seen["aug_level"] <= 0.4)).all()
+
+
+# ----- evaluation, configs, CLI --------------------------------------------------------------------------------
+def test_psnr_and_the_bicubic_comparison():
+    x = torch.full((2, 3, 4, 4), 0.5)
+    assert torch.allclose(psnr(x + 0.1, x), torch.tensor([20.0, 20.0]), atol=1e-4)
+    torch.manual_seed(0)
+    up = Upsampler(small_train_config().model)
+    report = psnr_vs_bicubic(up, samples=3, aug_levels=(0.0, 0.5), steps=2, batch_size=2)
+    assert report["samples"] == 3 and (report["low_res_size"], report["image_size"]) == (8, 16)
+    assert set(report["model"]) == set(report["wins"]) == {"0.0", "0.5"}
+    assert report["bicubic"] > 15 and all(0 <= w <= 1 for w in report["wins"].values())
+
+
+def test_config_checks():
+    assert TrainUpsamplerConfig().crop_size == 64, "the defaults are a valid config (64 -> 256, crops of 64)"
+    with pytest.raises(ConfigError, match="bogus"):
+        load_config(TrainUpsamplerConfig, {"model": {"bogus": 1}})
+    with pytest.raises(ValueError, match="multiple"):
+        tiny_config(low=8, high=20)
+    with pytest.raises(ValueError, match="cond_dim"):
+        UpsamplerConfig(low_res_size=8, image_size=16, unet=UNetConfig(image_size=16, attention_resolutions=(),
+                                                                      cond_dim=4))
+    with pytest.raises(ValueError, match="crop_size"):
+        small_train_config(**{"data.crop_size": 7})
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_upsampler_config_loads(path):
+    cfg = load_config(TrainUpsamplerConfig, path)
+    assert cfg.stage == "upsampler" and cfg.crop_size == cfg.model.image_size // 4
+    assert not cfg.model.unet.attention_resolutions
+    if cfg.model.image_size <= 128:  # the CPU configs also build
+        assert sum(p.numel() for p in Upsampler(cfg.model).parameters()) > 0
+
+
+def test_train_decoder_cli_upsampler_stage(tmp_path, capsys):
+    from unclip.cli.train_decoder import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text("stage: upsampler\n")
+    args = [str(config), "--output-dir", str(tmp_path / "run"),
+            "--set", "model.low_res_size=8", "--set", "model.image_size=16", "--set", "model.unet.image_size=16",
+            "--set", "model.unet.model_channels=8", "--set", "model.unet.channel_mult=[1, 2]",
+            "--set", "model.unet.num_res_blocks=1", "--set", "model.unet.attention_resolutions=[]",
+            "--set", "model.unet.groups=4", "--set", "model.sample_steps=2", "--set", "data.shapes_samples=8",
+            "--set", "data.shapes_resolution=16", "--set", "train.batch_size=4", "--set", "train.max_steps=2",
+            "--set", "train.progress=false", "--set", "eval.samples=3", "--set", "eval.batch_size=2"]
+    assert main(args) == 0
+    assert Upsampler.from_pretrained(tmp_path / "run" / "model").config.image_size == 16
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert {"bicubic", "model", "wins"} <= set(report) and set(report["model"]) == {"0.0"}
+    out = capsys.readouterr().out
+    assert "bicubic" in out and "upsampler, aug level 0.0" in out
