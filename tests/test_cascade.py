@@ -1,0 +1,61 @@
+"""The upsampling cascade (pipeline layer): shapes through two upsamplers, the SHAPES agreement report, its CLI."""
+
+import json
+
+import pytest
+import torch
+from test_decoder import randomised
+from test_upsamplers import tiny_config
+
+from unclip.pipeline.cascade import cascade_agreement, main, run_cascade
+from upsamplers import Upsampler, upsample
+
+
+def tiny_upsampler(low: int, seed: int, augmentation: str = "blur") -> Upsampler:
+    torch.manual_seed(seed)
+    return randomised(Upsampler(tiny_config(low, 2 * low, augmentation, sample_steps=2)), seed)
+
+
+@pytest.fixture(scope="module")
+def cascade():
+    return [tiny_upsampler(16, 0), tiny_upsampler(32, 1, "bsr")]
+
+
+def test_cascade_shapes_16_32_64(cascade):
+    base = torch.rand(2, 3, 16, 16)
+    outputs = run_cascade(base, cascade, generator=torch.Generator().manual_seed(0))
+    assert [tuple(o.shape) for o in outputs] == [(2, 3, 32, 32), (2, 3, 64, 64)]
+    assert all(0 <= o.min() and o.max() <= 1 for o in outputs)
+    again = run_cascade(base, cascade, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(outputs, again, strict=True)), "same seed, same cascade"
+    # the first stage is exactly `upsample` with the shared generator; per-stage steps and levels are honoured
+    g = torch.Generator().manual_seed(3)
+    first = upsample(cascade[0], base, steps=1, aug_level=0.5, generator=g)
+    staged = run_cascade(base, cascade, steps=[1, 2], aug_levels=[0.5, None],
+                         generator=torch.Generator().manual_seed(3))
+    assert torch.equal(staged[0], first)
+    with pytest.raises(ValueError, match="takes 16px"):
+        run_cascade(torch.rand(1, 3, 32, 32), cascade)
+    with pytest.raises(ValueError, match="2 upsamplers"):
+        run_cascade(base, cascade, steps=[3])
+
+
+def test_cascade_agreement_report(cascade, tiny_clip):
+    report = cascade_agreement(cascade, tiny_clip, samples=4, batch_size=3)
+    assert report["samples"] == 4 and report["sizes"] == [16, 32, 64]
+    for key in ("agreement", "base_accuracy", "output_accuracy"):
+        assert set(report[key]) == {"shape", "fg", "bg", "all"} and all(0 <= v <= 1 for v in report[key].values())
+    given = cascade_agreement(cascade, tiny_clip, base_images=torch.rand(3, 3, 16, 16), batch_size=2)
+    assert given["samples"] == 3 and "base_accuracy" not in given
+
+
+def test_cascade_cli(cascade, tiny_clip, tmp_path, capsys):
+    for i, up in enumerate(cascade):
+        up.save_pretrained(tmp_path / f"up{i}")
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    out = tmp_path / "report.json"
+    assert main(["--upsamplers", str(tmp_path / "up0"), str(tmp_path / "up1"), "--clip", str(tmp_path / "clip"),
+                 "--samples", "3", "--batch-size", "3", "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "cascade 16 -> 32 -> 64 on 3 held-out SHAPES images" in printed and "output vs base verdict" in printed
+    assert json.loads(out.read_text())["sizes"] == [16, 32, 64]

@@ -1,0 +1,163 @@
+"""The upsampling cascade: base images -> upsampler 1 -> upsampler 2 -> ..., and whether it keeps what they show.
+
+    outputs = run_cascade(base, [up1, up2], generator=torch.Generator().manual_seed(0))   # [(b,3,64,64), (b,3,128,128)]
+    report = cascade_agreement([up1, up2], clip, samples=200)    # report["agreement"]["all"]: same verdict, fraction
+
+    python -m unclip.pipeline.cascade --upsamplers runs/upsampler-32-64/model runs/upsampler-64-128/model \\
+        --clip runs/clip-shapes-tiny/model --samples 200
+
+`cascade_agreement` renders held-out SHAPES images, area-downsamples them to the first upsampler's input side (the
+base decoder's output side; or takes given base images), runs the cascade and asks the SHAPES CLIP judge for
+each image's shape, foreground and background colour: once for the base image (bicubic-upscaled to the CLIP's
+input side) and once for the cascade's final output. It reports how often the verdicts agree, per attribute and
+for all three, and the judge's accuracy against the true attributes for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from unclip.clip import Clip
+from unclip.clip.shapes_judge import ShapesJudge, verdict_agreement
+from unclip.data import ATTRIBUTES, make_shapes
+from unclip.diffusion import SamplerName
+from unclip.images import pil_to_tensor, resize_images
+from upsamplers import Upsampler, upsample
+
+__all__ = ["run_cascade", "cascade_agreement", "main"]
+
+
+def _per_stage(value: Sequence[Any] | None, n: int, name: str) -> list[Any]:
+    """A per-upsampler list of n values (None: n Nones)."""
+    if value is None:
+        return [None] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries for {n} upsamplers")
+    return values
+
+
+@torch.no_grad()
+def run_cascade(
+    images: Tensor,
+    upsamplers: Sequence[Upsampler],
+    *,
+    steps: Sequence[int | None] | None = None,
+    aug_levels: Sequence[float | None] | None = None,
+    sampler: SamplerName = "ddim",
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> list[Tensor]:
+    """Run base images (b, 3, s, s) in [0, 1] through the upsamplers in order: one tensor per upsampler,
+    [(b, 3, s * scale_1, ...), (b, 3, s * scale_1 * scale_2, ...), ...], each in [0, 1].
+
+    steps / aug_levels: one entry per upsampler (None, or a None entry: that stage's config default).
+    Each stage's input side must be its `low_res_size`; the stages share `generator`.
+    """
+    assert images.ndim == 4 and images.shape[1] == 3, f"images must be (b, 3, s, s), got {tuple(images.shape)}"
+    steps_, levels = _per_stage(steps, len(upsamplers), "steps"), _per_stage(aug_levels, len(upsamplers), "aug_levels")
+    outputs, x = [], images
+    for i, up in enumerate(upsamplers):
+        if x.shape[-1] != up.config.low_res_size:
+            raise ValueError(f"upsampler {i + 1} takes {up.config.low_res_size}px images, got {x.shape[-1]}px")
+        x = upsample(up, x, steps=steps_[i], aug_level=levels[i], sampler=sampler, generator=generator,
+                     progress=progress)
+        outputs.append(x)
+    return outputs
+
+
+@torch.no_grad()
+def cascade_agreement(
+    upsamplers: Sequence[Upsampler],
+    clip: Clip,
+    *,
+    samples: int = 200,
+    seed: int = 1234,
+    base_images: Tensor | None = None,
+    steps: Sequence[int | None] | None = None,
+    aug_levels: Sequence[float | None] | None = None,
+    sampler: SamplerName = "ddim",
+    batch_size: int = 50,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """How often the cascade's output keeps its base image's shape and colours, judged by the SHAPES CLIP.
+
+    base_images: (n, 3, s, s) in [0, 1] (e.g. decoder outputs) or None: `samples` held-out SHAPES images rendered
+    at 64 px and area-downsampled to the first upsampler's low_res_size. Returns {"samples", "sizes",
+    "agreement": {attr: fraction}, "base_accuracy": ..., "output_accuracy": ...} (accuracies only for rendered
+    bases), each a dict over "shape", "fg", "bg" and "all".
+    """
+    first = upsamplers[0].config.low_res_size
+    labels = None
+    if base_images is None:
+        data = make_shapes(samples, split="heldout", seed=seed, resolution=max(64, first))
+        base_images = resize_images(torch.stack([pil_to_tensor(im) for im in data["image"]]), first)
+        labels = {k: torch.as_tensor(data[k]) for k in ATTRIBUTES}
+    device = next(upsamplers[0].parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    batches = range(0, len(base_images), batch_size)
+    finals = torch.cat([
+        run_cascade(base_images[i:i + batch_size].to(device), upsamplers, steps=steps, aug_levels=aug_levels,
+                    sampler=sampler, generator=generator)[-1].cpu()
+        for i in tqdm(batches, desc="cascade", disable=not progress)
+    ])
+    judge = ShapesJudge(clip)
+    side = max(clip.image_size, first)
+    base_up = F.interpolate(base_images, size=side, mode="bicubic", align_corners=False).clamp(0, 1)
+    base_pred, final_pred = judge.predict_batched(base_up, batch_size), judge.predict_batched(finals, batch_size)
+    report: dict[str, Any] = {"samples": len(base_images),
+                              "sizes": [first, *(u.config.image_size for u in upsamplers)],
+                              "agreement": verdict_agreement(final_pred, base_pred)}
+    if labels is not None:
+        report["base_accuracy"] = verdict_agreement(base_pred, labels)
+        report["output_accuracy"] = verdict_agreement(final_pred, labels)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m unclip.pipeline.cascade`: print (and optionally save) the cascade agreement on SHAPES."""
+    from unclip.cli.common import print_table, resolve_device
+    from unclip.clip import load_clip
+
+    p = argparse.ArgumentParser(prog="python -m unclip.pipeline.cascade", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--upsamplers", nargs="+", required=True, help="upsampler directories, in cascade order")
+    p.add_argument("--clip", default="runs/clip-shapes-tiny/model", help="the SHAPES CLIP that judges")
+    p.add_argument("--samples", type=int, default=200, help="held-out SHAPES images")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="sampler steps per upsampler (default: each's)")
+    p.add_argument("--aug-levels", type=float, nargs="+", default=None, help="corruption level per upsampler")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m"])
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="also write the report to this JSON file")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    ups = [Upsampler.from_pretrained(path, map_location=device) for path in args.upsamplers]
+    clip = load_clip(args.clip).to(device)
+    report = cascade_agreement(ups, clip, samples=args.samples, seed=args.seed, steps=args.steps,
+                               aug_levels=args.aug_levels, sampler=args.sampler, batch_size=args.batch_size,
+                               progress=True)
+    rows = [["output vs base verdict", *report["agreement"].values()]]
+    if "base_accuracy" in report:
+        rows += [["base vs truth", *report["base_accuracy"].values()],
+                 ["output vs truth", *report["output_accuracy"].values()]]
+    print(f"cascade {' -> '.join(map(str, report['sizes']))} on {report['samples']} held-out SHAPES images:")
+    print_table(["", "shape", "fg", "bg", "all"], [[r[0], *(f"{v:.1%}" for v in r[1:])] for r in rows])
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"upsamplers": args.upsamplers, "clip": args.clip, **report}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
