@@ -68,18 +68,19 @@ def sample_candidates(
     """`num_samples` unit-norm CLIP image embeddings per caption: (b, num_samples, d).
 
     text: b captions' TextEncoding (text_embed (b, d), text_tokens (b, l, w), text_mask (b, l)); moved to the
-    prior's device. The starting noise (b * num_samples, d) is drawn from `generator` (reproducible).
+    prior's device and dtype. The starting noise (b * num_samples, d) is drawn from `generator` (reproducible).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     b, d = text.text_embed.shape
-    text = text.to(prior.device)
+    dtype = next(prior.parameters()).dtype
+    text = text.to(prior.device, dtype)
     cond = {
         "text_embed": repeat(text.text_embed, "b d -> (b n) d", n=num_samples),
         "text_tokens": repeat(text.text_tokens, "b l w -> (b n) l w", n=num_samples),
         "text_mask": repeat(text.text_mask, "b l -> (b n) l", n=num_samples),
     }
-    x_T = randn((b * num_samples, d), generator=generator, device=prior.device)
+    x_T = randn((b * num_samples, d), generator=generator, device=prior.device, dtype=dtype)
     denoiser = make_denoiser(cfg(prior, guidance_scale), prior.schedule, prior.config.objective)
     with _eval_mode(prior):
         x0 = sample(sampler, denoiser, x_T, prior.schedule, steps, generator=generator, cond=cond,

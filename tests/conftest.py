@@ -41,3 +41,51 @@ def tiny_clip(tiny_arch):
 
     torch.manual_seed(0)
     return Clip.from_architecture(tiny_arch, model_name="tiny-test")
+
+
+def build_tiny_pipeline(clip, *, upsampler_sides: tuple[int, ...] = (), seed: int = 0):
+    """A randomly initialised pipeline on the tiny CLIP: 8 px decoder, then one upsampler per entry of
+    `upsampler_sides` (each doubling the side). Zero-initialised output layers are filled with small noise so
+    that every stage's output depends on its inputs."""
+    from decoder import Decoder, DecoderConfig
+    from prior import DiffusionPriorNetwork, PriorConfig
+    from unclip.config import load_config
+    from unclip.nn import UNetConfig
+    from unclip.pipeline.pipeline import GenerationDefaults, UnclipPipeline
+
+    torch.manual_seed(seed)
+    prior = DiffusionPriorNetwork(load_config(PriorConfig, dict(
+        embed_dim=32, text_width=48, text_length=16, width=64, depth=2, heads=2, dim_head=32,
+        schedule={"kind": "cosine", "num_timesteps": 100})))
+    unet = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+                      image_size=8, head_channels=16, groups=8)
+    decoder = Decoder(DecoderConfig(image_size=8, embed_dim=32, text_width=48, context_dim=16, unet=unet))
+    upsamplers = []
+    if upsampler_sides:
+        side = 8
+        for target in upsampler_sides:
+            upsamplers.append(tiny_upsampler(side, target))
+            side = target
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in (prior, decoder, *upsamplers):
+            for p in module.parameters():
+                if p.abs().sum() == 0:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    defaults = GenerationDefaults(prior_steps=4, decoder_steps=4, upsampler_steps=(3,) * len(upsamplers))
+    return UnclipPipeline(clip, prior, decoder, upsamplers, defaults)
+
+
+def tiny_upsampler(low: int, high: int):
+    """A randomly initialised pure-convolutional upsampler low -> high px (two levels, 8 channels)."""
+    from unclip.nn import UNetConfig
+    from upsamplers import Upsampler, UpsamplerConfig
+
+    unet = UNetConfig(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
+                      image_size=high, groups=4)
+    return Upsampler(UpsamplerConfig(low_res_size=low, image_size=high, unet=unet, sample_steps=3))
+
+
+@pytest.fixture()
+def tiny_pipeline(tiny_clip):
+    return build_tiny_pipeline(tiny_clip)

@@ -3,6 +3,8 @@
     unclip classify IMAGE... --labels "circle,square" --clip runs/clip-shapes-tiny/model
     unclip zero-shot runs/clip-shapes-tiny/model          # SHAPES held-out accuracy per attribute
     unclip embed --clip runs/clip-shapes-tiny/model --data shapes --out runs/embeddings
+    unclip generate "a red circle on a blue background" -n 4 --out grid.png     # and vary, interpolate, text-diff
+    unclip eval --images-per-caption 4                                         # SHAPES compositional accuracy
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .common import CliError, add_device_argument, print_table, resolve_device
+from .pipeline_commands import add_pipeline_parsers
+from .serve import add_serve_parser
 
 __all__ = ["main", "build_parser"]
 
@@ -20,10 +24,13 @@ __all__ = ["main", "build_parser"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unclip",
-        description="unCLIP (DALL-E 2) text-to-image. Training lives in the train-clip script; "
-                    "run `unclip COMMAND --help` for each command.",
+        description="unCLIP (DALL-E 2) text-to-image: generate images from captions, vary, interpolate and edit "
+                    "images, evaluate, classify zero-shot. Training lives in the train-clip, train-prior and "
+                    "train-decoder scripts; run `unclip COMMAND --help` for each command.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_pipeline_parsers(sub)
+    add_serve_parser(sub)
 
     p = sub.add_parser("classify", help="zero-shot classify images against class names",
                        description="Zero-shot classification: each label is embedded with an ensemble of prompt "

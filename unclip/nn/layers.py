@@ -33,10 +33,12 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Ten
 
 
 class _GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the activation dtype (as ADM does)."""
+    """GroupNorm computed in float32 whatever the activation and weight dtypes (as ADM does)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:

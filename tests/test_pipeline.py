@@ -1,0 +1,230 @@
+"""The pipeline: generate end to end, save/load, dtype, manipulations, the public API and its CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import build_tiny_pipeline
+from PIL import Image
+
+import unclip
+from unclip.checkpoint import CheckpointError
+from unclip.cli.main import main
+from unclip.clip import CaptionError
+from unclip.pipeline.default import load_pipeline
+from unclip.pipeline.manipulations import encode_image, interpolate, slerp, text_diff, vary
+from unclip.pipeline.pipeline import GenerationDefaults, UnclipPipeline
+
+CAPTIONS = ["a red circle on a blue background", "a green cross on a white background"]
+
+
+@pytest.fixture(scope="module")
+def cascade(tiny_clip):
+    """A tiny random pipeline 8 -> 16 -> 32 px."""
+    return build_tiny_pipeline(tiny_clip, upsampler_sides=(16, 32))
+
+
+@pytest.fixture(scope="module")
+def cascade_dir(cascade, tmp_path_factory):
+    return cascade.save_pretrained(tmp_path_factory.mktemp("pipe") / "pipeline")
+
+
+def test_generate_gives_caption_major_pil_images_at_the_last_stage_side(cascade):
+    images = cascade.generate(CAPTIONS, num_images=3, seed=0)
+    assert len(images) == 6 and all(isinstance(im, Image.Image) and im.size == (32, 32) for im in images)
+    assert cascade.image_size == 32
+
+
+def test_generate_is_seeded_and_captions_matter(cascade):
+    a = cascade.generate_tensors(CAPTIONS, 1, seed=0)
+    b = cascade.generate_tensors(CAPTIONS, 1, seed=0)
+    c = cascade.generate_tensors(CAPTIONS, 1, seed=1)
+    assert a.shape == (2, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    swapped = cascade.generate_tensors(CAPTIONS[::-1], 1, seed=0)
+    assert not torch.allclose(swapped, a)
+
+
+def test_settings_override_defaults_and_unknown_ones_are_refused(cascade):
+    s = cascade.settings(decoder_steps=7, upsampler_steps=2, sampler="dpmpp_2m")
+    assert s.decoder_steps == 7 and s.upsampler_steps == (2, 2) and s.sampler == "dpmpp_2m"
+    assert s.prior_steps == cascade.defaults.prior_steps
+    with pytest.raises(TypeError, match="decoder_stepz"):
+        cascade.settings(decoder_stepz=3)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp_2m"])
+def test_every_sampler_runs_every_stage(cascade, sampler):
+    out = cascade.generate_tensors(CAPTIONS[:1], 2, seed=0, sampler=sampler)
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_bad_input_is_refused_clearly(cascade):
+    with pytest.raises(CaptionError):
+        cascade.generate([""], 1)
+    with pytest.raises(CaptionError, match="no captions"):
+        cascade.generate([], 1)
+    with pytest.raises(ValueError, match="num_images"):
+        cascade.generate(CAPTIONS, 0)
+
+
+def test_save_load_round_trip_gives_the_same_images(cascade, cascade_dir):
+    loaded = UnclipPipeline.from_pretrained(cascade_dir)
+    meta = json.loads((cascade_dir / "pipeline.json").read_text())
+    assert meta["stages"]["upsamplers"] == ["upsampler-1", "upsampler-2"] and meta["image_sizes"] == [8, 16, 32]
+    assert loaded.defaults == cascade.defaults
+    assert torch.equal(loaded.generate_tensors(CAPTIONS, 1, seed=3), cascade.generate_tensors(CAPTIONS, 1, seed=3))
+
+
+def test_half_precision_storage_halves_the_files_and_stays_close(cascade, tmp_path):
+    full = cascade.save_pretrained(tmp_path / "f32")
+    half = cascade.save_pretrained(tmp_path / "f16", dtype=torch.float16)
+    size = lambda d: sum(f.stat().st_size for f in d.rglob("*.safetensors"))  # noqa: E731
+    assert size(half) < 0.55 * size(full)
+    loaded = UnclipPipeline.from_pretrained(half)
+    assert loaded.dtype == torch.float32  # stored half, computed in float32
+    g = torch.Generator().manual_seed(0)
+    x, embed = torch.randn(2, 3, 8, 8, generator=g), F.normalize(torch.randn(2, 32, generator=g), dim=-1)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        a, b = (p.decoder(x, t, image_embed=embed) for p in (cascade, loaded))
+    assert not torch.equal(a, b) and (a - b).abs().max() < 1e-2 * a.abs().max()  # rounded, not broken
+
+
+def test_bfloat16_runs_on_the_cpu_and_float16_is_refused_there(cascade_dir):
+    pipe = UnclipPipeline.from_pretrained(cascade_dir, dtype=torch.bfloat16)
+    assert pipe.dtype == torch.bfloat16 and pipe.clip.model.logit_scale.dtype == torch.float32
+    out = pipe.generate_tensors(CAPTIONS[:1], 1, seed=0)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="float16"):
+        UnclipPipeline.from_pretrained(cascade_dir, device="cpu", dtype=torch.float16)
+
+
+def test_loading_refuses_broken_or_mismatched_directories(cascade, cascade_dir, tmp_path, tiny_clip):
+    with pytest.raises(CheckpointError, match="not found"):
+        UnclipPipeline.from_pretrained(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="pipeline.json"):
+        UnclipPipeline.from_pretrained(tmp_path / "empty")
+    with pytest.raises(ValueError, match="upsampler 1 takes 16px"):
+        UnclipPipeline(tiny_clip, cascade.prior, cascade.decoder, [cascade.upsamplers[1]])
+
+
+def test_from_stages_refuses_a_decoder_trained_on_another_clip(cascade, tmp_path, tiny_arch):
+    from unclip.clip import Clip
+    from unclip.data.embeddings import clip_fingerprint
+
+    cascade.clip.save_pretrained(tmp_path / "clip")
+    cascade.prior.save_pretrained(tmp_path / "prior")
+    cascade.decoder.clip_info = {"source": "x", "fingerprint": clip_fingerprint(cascade.clip)}
+    cascade.decoder.save_pretrained(tmp_path / "decoder")
+    pipe = UnclipPipeline.from_stages(tmp_path / "clip", tmp_path / "prior", tmp_path / "decoder")
+    assert len(pipe.upsamplers) == 0 and pipe.image_size == 8
+    torch.manual_seed(1)
+    Clip.from_architecture(tiny_arch, model_name="other").save_pretrained(tmp_path / "other-clip")
+    with pytest.raises(CheckpointError, match="another CLIP"):
+        UnclipPipeline.from_stages(tmp_path / "other-clip", tmp_path / "prior", tmp_path / "decoder")
+
+
+def test_slerp_keeps_norms_and_hits_both_ends():
+    g = torch.Generator().manual_seed(0)
+    a, b = F.normalize(torch.randn(2, 16, generator=g), dim=-1)
+    t = torch.linspace(0, 1, 5)[:, None]
+    path = slerp(a[None], b[None], t)
+    assert torch.allclose(path[0], a, atol=1e-6) and torch.allclose(path[-1], b, atol=1e-6)
+    assert torch.allclose(path.norm(dim=-1), torch.ones(5), atol=1e-6)
+    angles = torch.arccos((path[:-1] * path[1:]).sum(-1).clamp(-1, 1))
+    assert torch.allclose(angles, angles[0].expand(4), atol=1e-5)  # constant angular speed
+    assert torch.allclose(slerp(a, a, 0.3), a, atol=1e-6)  # parallel inputs: no division by zero
+
+
+def test_vary_at_eta_zero_is_deterministic_and_eta_one_varies(tiny_pipeline, cascade):
+    """On the decoder's output (the upsamplers add their own noise): eta 0 repeats, eta 1 varies."""
+    image = Image.new("RGB", (32, 32), (220, 30, 30))
+    same = vary(tiny_pipeline, image, n=2, eta=0.0)
+    assert len(same) == 2 and same[0].size == (8, 8)
+    assert same[0].tobytes() == same[1].tobytes()
+    varied = vary(tiny_pipeline, image, n=2, eta=1.0, seed=0)
+    assert varied[0].tobytes() != varied[1].tobytes()
+    assert all(im.size == (32, 32) for im in vary(cascade, image, n=2))
+
+
+def test_encode_image_gives_the_bipartite_latent(cascade):
+    """(z_i, x_T): the CLIP's image embedding and an image-dependent decoder latent at the decoder's side
+    (that DDIM maps x_T back to the image is tested with the inversion itself, in test_diffusion_samplers)."""
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(2, 3, 32, 32, generator=g)
+    latent = encode_image(cascade, pixels, steps=5)
+    assert latent.image_embed.shape == (2, 32) and latent.x_T.shape == (2, 3, 8, 8)
+    assert torch.allclose(latent.image_embed, cascade.clip.encode_image(pixels))
+    again = encode_image(cascade, pixels.flip(0), steps=5)
+    assert torch.allclose(again.x_T.flip(0), latent.x_T, atol=1e-5) and not torch.allclose(again.x_T, latent.x_T)
+
+
+def test_interpolate_and_text_diff_shapes_and_ends(cascade):
+    a, b = Image.new("RGB", (32, 32), (220, 30, 30)), Image.new("RGB", (32, 32), (30, 70, 220))
+    frames = interpolate(cascade, a, b, n=4)
+    assert len(frames) == 4 and frames[0].tobytes() != frames[-1].tobytes()
+    edits = text_diff(cascade, a, "a red circle", "a red square", n=3)
+    assert len(edits) == 3 and edits[0].tobytes() != edits[-1].tobytes()
+    with pytest.raises(ValueError):
+        interpolate(cascade, a, b, n=1)
+
+
+def test_public_api_loads_a_directory_once(cascade_dir):
+    images = unclip.generate(CAPTIONS[0], num_images=2, pipeline=cascade_dir, seed=0)
+    assert len(images) == 2 and images[0].size == (32, 32)
+    assert load_pipeline(cascade_dir) is load_pipeline(cascade_dir)  # cached
+    assert len(unclip.vary(images[0], n=2, pipeline=cascade_dir)) == 2
+
+
+def test_cli_generate_writes_a_labelled_grid_and_the_images(cascade_dir, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    rc = main(["generate", *CAPTIONS, "-n", "2", "--pipeline", str(cascade_dir), "--out", str(out),
+               "--out-dir", str(tmp_path / "imgs"), "--decoder-steps", "2", "--device", "cpu"])
+    assert rc == 0 and out.is_file()
+    grid = Image.open(out)
+    assert grid.width >= 2 * 32 and grid.height > 2 * 32  # two rows of two, with caption lines
+    assert len(list((tmp_path / "imgs").glob("*.png"))) == 4
+
+
+def test_cli_errors_are_one_clear_line(cascade_dir, tmp_path, capsys):
+    assert main(["generate", "x", "--pipeline", str(tmp_path / "missing")]) == 2
+    assert "pipeline directory not found" in capsys.readouterr().err
+    assert main(["vary", str(tmp_path / "nope.png"), "--pipeline", str(cascade_dir)]) == 2
+    assert "image not found" in capsys.readouterr().err
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    assert main(["vary", str(tmp_path / "bad.png"), "--pipeline", str(cascade_dir)]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["generate", "x", "--pipeline", str(cascade_dir), "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_cli_assemble_then_eval(cascade, tmp_path, capsys):
+    from unclip.data.embeddings import clip_fingerprint
+
+    for name in ("clip", "prior"):
+        getattr(cascade, name).save_pretrained(tmp_path / name)
+    cascade.decoder.clip_info = {"source": "x", "fingerprint": clip_fingerprint(cascade.clip)}
+    cascade.decoder.save_pretrained(tmp_path / "decoder")
+    for i, up in enumerate(cascade.upsamplers):
+        up.save_pretrained(tmp_path / f"up{i}")
+    (tmp_path / "defaults.json").write_text(json.dumps(
+        {"prior_steps": 2, "decoder_steps": 2, "upsampler_steps": [2, 2]}))
+    rc = main(["assemble", "--clip", str(tmp_path / "clip"), "--prior", str(tmp_path / "prior"), "--decoder",
+               str(tmp_path / "decoder"), "--upsamplers", str(tmp_path / "up0"), str(tmp_path / "up1"),
+               "--out", str(tmp_path / "pipe"), "--store-dtype", "float16", "--defaults",
+               str(tmp_path / "defaults.json")])
+    assert rc == 0 and "32px output" in capsys.readouterr().out
+    pipe = UnclipPipeline.from_pretrained(tmp_path / "pipe")
+    assert pipe.defaults == GenerationDefaults(prior_steps=2, decoder_steps=2, upsampler_steps=(2, 2))
+    rc = main(["eval", "--pipeline", str(tmp_path / "pipe"), "--images-per-caption", "1", "--real-samples", "30",
+               "--out", str(tmp_path / "eval.json"), "--device", "cpu"])
+    assert rc == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert set(report["accuracy"]) == {"shape", "fg", "bg", "all"} and len(report["per_caption"]) == 25
+    assert report["fid"] > 0 and "compositional accuracy" in capsys.readouterr().out

@@ -1,0 +1,273 @@
+"""The pipeline's sub-commands of `unclip`: generate, vary, interpolate, text-diff, eval and assemble.
+
+    unclip generate "a red circle on a blue background" "a green cross on a white background" -n 4 --out grid.png
+    unclip vary photo.png -n 4 --out variations.png
+    unclip interpolate a.png b.png -n 6 --out interpolation.png
+    unclip text-diff photo.png --from "a red circle" --to "a red square" -n 5 --out edit.png
+    unclip eval --images-per-caption 4 --out eval.json
+    unclip assemble --clip runs/clip/model --prior runs/prior/model --decoder runs/decoder/model --out runs/pipeline
+
+Each loads the shipped SHAPES model unless `--pipeline DIR` names another pipeline directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import CheckpointError, write_json_atomic
+from .common import CliError, add_device_argument, print_table, resolve_device
+
+__all__ = ["add_pipeline_parsers"]
+
+SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register generate, vary, interpolate, text-diff, eval and assemble on the `unclip` sub-parsers."""
+    p = sub.add_parser("generate", help="text -> images (CLIP -> prior -> decoder -> upsamplers)",
+                       description="Generate images for one or more captions and write a labelled grid (one row per "
+                                   "caption). Steps, guidance and sampler default to the pipeline's own settings.")
+    p.add_argument("captions", nargs="+", help="captions, each in quotes")
+    p.add_argument("-n", "--num-images", type=int, default=4, help="images per caption (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the whole run (default 0)")
+    p.add_argument("--out", type=Path, default=Path("generated.png"), help="grid PNG to write (default generated.png)")
+    p.add_argument("--out-dir", type=Path, default=None, help="also write every image as its own PNG here")
+    _add_pipeline_arguments(p)
+    _add_sampling_arguments(p)
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("vary", help="variations of an image (DALL-E 2 section 3.1)",
+                       description="Encode an image as its CLIP image embedding and DDIM-inverted decoder latent, then "
+                                   "decode it n times with DDIM noise eta (0 reconstructs the image, 1 varies freely).")
+    p.add_argument("image", type=Path, help="an image file")
+    p.add_argument("-n", type=int, default=4, help="variations (default 4)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM noise of the decoder (default 1.0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("variations.png"))
+    _add_pipeline_arguments(p)
+    p.set_defaults(func=_vary)
+
+    p = sub.add_parser("interpolate", help="interpolate between two images (DALL-E 2 section 3.2)",
+                       description="Spherical interpolation of two images' CLIP image embeddings and DDIM-inverted "
+                                   "decoder latents, decoded with DDIM eta 0; both ends included.")
+    p.add_argument("image_a", type=Path)
+    p.add_argument("image_b", type=Path)
+    p.add_argument("-n", type=int, default=5, help="images including both ends (default 5)")
+    p.add_argument("--out", type=Path, default=Path("interpolation.png"))
+    _add_pipeline_arguments(p)
+    p.set_defaults(func=_interpolate)
+
+    p = sub.add_parser("text-diff", help="edit an image along a change of caption (DALL-E 2 section 3.3)",
+                       description="Rotate the image's CLIP embedding towards the normalised difference of two "
+                                   "captions' text embeddings (slerp up to --max-angle) and decode each step.")
+    p.add_argument("image", type=Path)
+    p.add_argument("--from", dest="from_text", required=True, help="a caption describing the image now")
+    p.add_argument("--to", dest="to_text", required=True, help="a caption describing the wanted change")
+    p.add_argument("-n", type=int, default=5, help="images, the first the reconstruction (default 5)")
+    p.add_argument("--max-angle", type=float, default=0.5, help="largest slerp fraction (paper: 0.25-0.5)")
+    p.add_argument("--out", type=Path, default=Path("text-diff.png"))
+    _add_pipeline_arguments(p)
+    p.set_defaults(func=_text_diff)
+
+    p = sub.add_parser("eval", help="SHAPES compositional accuracy, CLIP score, FID and KID of a pipeline",
+                       description="Generate images for the 25 held-out SHAPES captions and report the fraction whose "
+                                   "shape, foreground and background colour the SHAPES CLIP judges right, the CLIP "
+                                   "score, and FID / KID against real held-out images.")
+    p.add_argument("--images-per-caption", type=int, default=4, help="images per held-out caption (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--real-samples", type=int, default=500, help="real held-out images for FID / KID (default 500)")
+    p.add_argument("--features", choices=("clip", "inception"), default="clip",
+                   help="FID / KID features: the pipeline's CLIP (default) or Inception-v3 via torch-fidelity")
+    p.add_argument("--batch-size", type=int, default=25)
+    p.add_argument("--out", type=Path, default=None, help="write the full report as JSON here")
+    _add_pipeline_arguments(p)
+    _add_sampling_arguments(p)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("assemble", help="assemble a pipeline directory from trained stages",
+                       description="Gather the stages written by train-clip, train-prior and train-decoder (each "
+                                   "OUTPUT_DIR/model) into one pipeline directory, checking that they fit together "
+                                   "(the decoder must have been trained on this CLIP's embeddings).")
+    p.add_argument("--clip", required=True, type=Path)
+    p.add_argument("--prior", required=True, type=Path)
+    p.add_argument("--decoder", required=True, type=Path)
+    p.add_argument("--upsamplers", nargs="*", type=Path, default=[], help="upsampler directories, lowest first")
+    p.add_argument("--out", required=True, type=Path, help="the pipeline directory to write")
+    p.add_argument("--store-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="dtype of the stored weights (float16 halves the size; loading casts back)")
+    p.add_argument("--defaults", type=Path, default=None,
+                   help="a JSON file of generation defaults (sampler, prior_steps, decoder_steps, ...)")
+    p.set_defaults(func=_assemble)
+
+
+def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pipeline", default=None, help="a pipeline directory (default: the shipped SHAPES model)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="dtype of the diffusion stages (default float32; bfloat16 or float16 on CUDA)")
+    add_device_argument(p)
+
+
+def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (default: the pipeline's own settings)")
+    g.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler of every stage")
+    g.add_argument("--prior-steps", type=int, default=None)
+    g.add_argument("--prior-guidance", type=float, default=None)
+    g.add_argument("--best-of", type=int, default=None, help="prior samples per image, the closest to the text kept")
+    g.add_argument("--decoder-steps", type=int, default=None)
+    g.add_argument("--decoder-guidance", type=float, default=None)
+    g.add_argument("--decoder-eta", type=float, default=None, help="DDIM noise of the decoder")
+    g.add_argument("--upsampler-steps", type=int, nargs="+", default=None, help="steps of each upsampler")
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("sampler", "prior_steps", "prior_guidance", "best_of", "decoder_steps", "decoder_guidance",
+             "decoder_eta", "upsampler_steps")
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def _pipeline(args: argparse.Namespace):
+    from ..pipeline.default import load_pipeline
+
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    if dtype == torch.float16 and device == "cpu":
+        raise CliError("--dtype float16 needs a CUDA device; on the CPU use float32 or bfloat16")
+    if args.pipeline is not None and not Path(args.pipeline).exists():
+        raise CliError(f"pipeline directory not found: {args.pipeline}")
+    try:
+        return load_pipeline(args.pipeline, device=device, dtype=dtype)
+    except CheckpointError as e:
+        raise CliError(str(e)) from None
+
+
+def _open_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise CliError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise CliError(f"cannot read image {path}: {e}") from None
+
+
+def _write_grid(images, path: Path, nrow: int, labels=None) -> None:
+    from ..images import image_grid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, nrow, labels=labels).save(path)
+    print(f"wrote {path}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from ..clip import CaptionError
+
+    if args.num_images < 1:
+        raise CliError(f"--num-images must be >= 1, got {args.num_images}")
+    pipe = _pipeline(args)
+    try:
+        images = pipe.generate(args.captions, args.num_images, seed=args.seed, progress=True, **_settings(args))
+    except (CaptionError, ValueError) as e:
+        raise CliError(str(e)) from None
+    labels = [c for c in args.captions for _ in range(args.num_images)]
+    _write_grid(images, args.out, args.num_images, labels)
+    if args.out_dir is not None:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(images):
+            im.save(args.out_dir / f"{i // args.num_images:03d}-{i % args.num_images:02d}.png")
+        write_json_atomic(args.out_dir / "captions.json", {"captions": args.captions, "seed": args.seed,
+                                                           "num_images": args.num_images, **_settings(args)})
+        print(f"wrote {len(images)} images to {args.out_dir}")
+
+
+def _vary(args: argparse.Namespace) -> None:
+    from ..pipeline.manipulations import vary
+
+    image = _open_image(args.image)
+    images = vary(_pipeline(args), image, args.n, eta=args.eta, seed=args.seed, progress=True)
+    _write_grid(images, args.out, args.n)
+
+
+def _interpolate(args: argparse.Namespace) -> None:
+    from ..pipeline.manipulations import interpolate
+
+    a, b = _open_image(args.image_a), _open_image(args.image_b)
+    try:
+        images = interpolate(_pipeline(args), a, b, args.n, progress=True)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    _write_grid(images, args.out, args.n)
+
+
+def _text_diff(args: argparse.Namespace) -> None:
+    from ..clip import CaptionError
+    from ..pipeline.manipulations import text_diff
+
+    image = _open_image(args.image)
+    try:
+        images = text_diff(_pipeline(args), image, args.from_text, args.to_text, args.n, max_angle=args.max_angle,
+                           progress=True)
+    except (CaptionError, ValueError) as e:
+        raise CliError(str(e)) from None
+    _write_grid(images, args.out, args.n)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from ..pipeline.evaluation import evaluate_pipeline, inception_features
+
+    pipe = _pipeline(args)
+    features = None
+    if args.features == "inception":
+        try:
+            features = inception_features(pipe.device)
+        except (ImportError, RuntimeError) as e:
+            raise CliError(str(e)) from None
+    report = evaluate_pipeline(pipe, images_per_caption=args.images_per_caption, seed=args.seed,
+                               batch_size=args.batch_size, real_samples=args.real_samples, features=features,
+                               **_settings(args))
+    report["features"] = args.features
+    report["pipeline"] = args.pipeline or "default"
+    acc = report["accuracy"]
+    print(f"SHAPES held-out captions: 25 x {args.images_per_caption} images at {report['image_size']}px")
+    print_table(["measure", "value"], [
+        ["compositional accuracy (shape, fg and bg right)", f"{acc['all']:.1%}"],
+        ["shape / fg / bg accuracy", f"{acc['shape']:.1%} / {acc['fg']:.1%} / {acc['bg']:.1%}"],
+        ["CLIP score", f"{report['clip_score']:.2f}"],
+        [f"FID ({args.features} features, {args.real_samples} real images)", f"{report['fid']:.4f}"],
+        [f"KID ({args.features} features)", f"{report['kid']['mean']:.5f} +- {report['kid']['std']:.5f}"],
+    ])
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.out, json.loads(json.dumps(report, default=list)))
+        print(f"wrote {args.out}")
+
+
+def _assemble(args: argparse.Namespace) -> None:
+    from ..pipeline.pipeline import GenerationDefaults, UnclipPipeline
+
+    defaults = None
+    if args.defaults is not None:
+        try:
+            data = json.loads(args.defaults.read_text())
+            if "upsampler_steps" in data:
+                data["upsampler_steps"] = tuple(data["upsampler_steps"])
+            defaults = GenerationDefaults(**data)
+        except FileNotFoundError:
+            raise CliError(f"defaults file not found: {args.defaults}") from None
+        except (json.JSONDecodeError, TypeError) as e:
+            raise CliError(f"bad defaults file {args.defaults}: {e}") from None
+    try:
+        pipe = UnclipPipeline.from_stages(args.clip, args.prior, args.decoder, args.upsamplers, defaults)
+    except (CheckpointError, ValueError) as e:
+        raise CliError(str(e)) from None
+    pipe.save_pretrained(args.out, dtype=DTYPES[args.store_dtype] if args.store_dtype != "float32" else None)
+    size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
+    print(f"wrote the pipeline ({len(pipe.upsamplers)} upsampler(s), {pipe.image_size}px output, "
+          f"{size / 2**20:.1f} MiB) to {args.out}")

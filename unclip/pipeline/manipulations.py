@@ -1,0 +1,129 @@
+"""Image manipulations of DALL-E 2 section 3, on the bipartite latent (z_i, x_T) of an image.
+
+    variations = vary(pipe, image, n=4, eta=1.0)                       # section 3.1
+    frames = interpolate(pipe, image_a, image_b, n=5)                  # section 3.2
+    frames = text_diff(pipe, image, "a photo of a cat", "a photo of a dog", n=5)   # section 3.3
+
+An image is encoded as z_i, its CLIP image embedding (b, d), and x_T, the decoder latent that DDIM inversion
+under z_i gives (b, 3, s, s): decoding (z_i, x_T) with DDIM eta = 0 reconstructs the image. Every function returns
+PIL images at the pipeline's output side (the decoder's output runs through the upsamplers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import repeat
+from PIL import Image
+from torch import Tensor
+
+from decoder import decode
+from decoder.variations import as_image_batch, invert_images
+
+from ..images import tensor_to_pil
+from .pipeline import UnclipPipeline
+
+__all__ = ["BipartiteLatent", "encode_image", "vary", "interpolate", "text_diff", "slerp"]
+
+ImageInput = Image.Image | Sequence[Image.Image] | Tensor
+
+
+def slerp(a: Tensor, b: Tensor, t: Tensor | float) -> Tensor:
+    """Spherical interpolation between a and b (..., k) at fractions t (broadcastable, 0 -> a, 1 -> b).
+
+    Interpolates along the great circle through the two directions; the norm is interpolated linearly (so unit
+    vectors stay unit and Gaussian latents keep a typical norm). Falls back to lerp for (anti)parallel inputs.
+    """
+    t = torch.as_tensor(t, dtype=a.dtype, device=a.device)
+    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+    ua, ub = a / na, b / nb
+    cos = (ua * ub).sum(-1, keepdim=True).clamp(-1, 1)
+    omega = torch.arccos(cos)
+    sin = torch.sin(omega)
+    safe = sin.abs() > 1e-6
+    wa = torch.where(safe, torch.sin((1 - t) * omega) / sin.where(safe, torch.ones_like(sin)), 1 - t)
+    wb = torch.where(safe, torch.sin(t * omega) / sin.where(safe, torch.ones_like(sin)), t)
+    return (wa * ua + wb * ub) * ((1 - t) * na + t * nb)
+
+
+class BipartiteLatent:
+    """(z_i (b, d) unit-norm CLIP image embeddings, x_T (b, 3, s, s) decoder latents) of b images."""
+
+    def __init__(self, image_embed: Tensor, x_T: Tensor) -> None:
+        self.image_embed, self.x_T = image_embed, x_T
+
+
+@torch.no_grad()
+def encode_image(pipe: UnclipPipeline, images: ImageInput, *, steps: int | None = None,
+                 progress: bool = False) -> BipartiteLatent:
+    """The bipartite latent of images (PIL or a (b, 3, h, w) tensor in [0, 1]); `steps` of DDIM inversion."""
+    pixels = as_image_batch([images] if isinstance(images, Image.Image) else images).to(pipe.device)
+    image_embed = pipe.clip.encode_image(pixels).to(pipe.device, pipe.dtype)  # (b, d)
+    with pipe.autocast():
+        x_T = invert_images(pipe.decoder, pixels.to(pipe.dtype), image_embed,
+                            steps=steps or pipe.defaults.decoder_steps, progress=progress)
+    return BipartiteLatent(image_embed, x_T)
+
+
+def _decode(pipe: UnclipPipeline, image_embed: Tensor, x_T: Tensor, *, eta: float, steps: int,
+            guidance_scale: float, seed: int | None, progress: bool) -> list[Image.Image]:
+    generator = torch.Generator(pipe.device).manual_seed(seed) if seed is not None else None
+    with pipe.autocast():
+        base = decode(pipe.decoder, image_embed, None, steps=steps, sampler="ddim", eta=eta,
+                      guidance_scale=guidance_scale, generator=generator, x_T=x_T, progress=progress)
+    return [tensor_to_pil(im) for im in pipe.upsample(base, generator=generator, progress=progress)]
+
+
+@torch.no_grad()
+def vary(pipe: UnclipPipeline, image: Image.Image | Tensor, n: int = 4, *, eta: float = 1.0, steps: int | None = None,
+         guidance_scale: float | None = None, seed: int | None = 0, progress: bool = False) -> list[Image.Image]:
+    """n variations of one image: its (z_i, x_T) decoded with DDIM `eta` (0 reconstructs; 1 varies freely)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    steps = steps or pipe.defaults.decoder_steps
+    latent = encode_image(pipe, image if isinstance(image, Tensor) else [image], steps=steps, progress=progress)
+    embed = repeat(latent.image_embed[:1], "1 d -> n d", n=n)
+    x_T = repeat(latent.x_T[:1], "1 c h w -> n c h w", n=n)
+    return _decode(pipe, embed, x_T, eta=eta, steps=steps, progress=progress, seed=seed,
+                   guidance_scale=pipe.defaults.decoder_guidance if guidance_scale is None else guidance_scale)
+
+
+@torch.no_grad()
+def interpolate(pipe: UnclipPipeline, image_a: Image.Image | Tensor, image_b: Image.Image | Tensor, n: int = 5, *,
+                steps: int | None = None, guidance_scale: float | None = None, progress: bool = False,
+                ) -> list[Image.Image]:
+    """n images between two (both ends included): slerp of the CLIP image embeddings and of the inverted decoder
+    latents, decoded with DDIM eta = 0 (DALL-E 2 section 3.2)."""
+    if n < 2:
+        raise ValueError(f"n must be >= 2 to include both ends, got {n}")
+    steps = steps or pipe.defaults.decoder_steps
+    a = encode_image(pipe, image_a if isinstance(image_a, Tensor) else [image_a], steps=steps, progress=progress)
+    b = encode_image(pipe, image_b if isinstance(image_b, Tensor) else [image_b], steps=steps, progress=progress)
+    t = torch.linspace(0, 1, n, device=pipe.device, dtype=pipe.dtype)[:, None]  # (n, 1)
+    embed = F.normalize(slerp(a.image_embed[:1], b.image_embed[:1], t), dim=-1)  # (n, d)
+    x_a, x_b = a.x_T[:1].flatten(1), b.x_T[:1].flatten(1)  # (1, 3 s s)
+    x_T = slerp(x_a, x_b, t).reshape(n, *a.x_T.shape[1:])
+    return _decode(pipe, embed, x_T, eta=0.0, steps=steps, progress=progress, seed=None,
+                   guidance_scale=pipe.defaults.decoder_guidance if guidance_scale is None else guidance_scale)
+
+
+@torch.no_grad()
+def text_diff(pipe: UnclipPipeline, image: Image.Image | Tensor, from_text: str, to_text: str, n: int = 5, *,
+              max_angle: float = 0.5, steps: int | None = None, guidance_scale: float | None = None,
+              progress: bool = False) -> list[Image.Image]:
+    """Edit an image towards a text change (DALL-E 2 section 3.3): z_d = normalize(z_t(to) - z_t(from)),
+    z_theta = slerp(z_i, z_d, theta) for theta from 0 to `max_angle` (the paper: 0.25 to 0.5), decoded from
+    the image's inverted latent x_T with DDIM eta = 0. n images, the first the reconstruction."""
+    if n < 2:
+        raise ValueError(f"n must be >= 2, got {n}")
+    steps = steps or pipe.defaults.decoder_steps
+    latent = encode_image(pipe, image if isinstance(image, Tensor) else [image], steps=steps, progress=progress)
+    text = pipe.clip.encode_text([from_text, to_text]).text_embed.to(pipe.device, pipe.dtype)  # (2, d)
+    z_d = F.normalize(text[1] - text[0], dim=-1)[None]  # (1, d)
+    theta = torch.linspace(0, max_angle, n, device=pipe.device, dtype=pipe.dtype)[:, None]  # (n, 1)
+    embed = F.normalize(slerp(latent.image_embed[:1], z_d, theta), dim=-1)  # (n, d)
+    x_T = repeat(latent.x_T[:1], "1 c h w -> n c h w", n=n)
+    return _decode(pipe, embed, x_T, eta=0.0, steps=steps, progress=progress, seed=None,
+                   guidance_scale=pipe.defaults.decoder_guidance if guidance_scale is None else guidance_scale)

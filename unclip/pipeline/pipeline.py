@@ -1,0 +1,261 @@
+"""The unCLIP pipeline: caption -> CLIP text encoding -> prior -> CLIP image embedding -> decoder -> upsamplers.
+
+    pipe = UnclipPipeline.from_pretrained("runs/pipeline")          # or load_default_pipeline()
+    images = pipe.generate(["a red circle on a blue background"], num_images=4, seed=0)   # PIL images
+    pipe.save_pretrained("my-pipeline", dtype=torch.float16)
+
+A pipeline directory holds `pipeline.json` (which sub-directory is which stage, and the generation defaults)
+and one sub-directory per stage, each a `config.json` + `model.safetensors` written by the stage itself:
+`clip/`, `prior/`, `decoder/`, `upsampler-1/`, `upsampler-2/`, ... Weights may be stored in half precision;
+they are loaded into the modules' own dtype (float32 unless `dtype` says otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from decoder import Decoder, decode
+from prior import DiffusionPriorNetwork, sample_image_embeds
+from upsamplers import Upsampler
+
+from ..checkpoint import CheckpointError, atomic_directory, write_json_atomic
+from ..clip import CaptionError, Clip
+from ..data.embeddings import clip_fingerprint
+from ..images import tensor_to_pil
+from .cascade import run_cascade
+
+__all__ = ["GenerationDefaults", "UnclipPipeline", "PIPELINE_FILE", "SamplerName"]
+
+PIPELINE_FILE = "pipeline.json"
+FORMAT_VERSION = 1
+SamplerName = Literal["ddim", "ddpm", "dpmpp_2m"]
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Sampling settings a pipeline directory ships with (each `generate` argument left as None takes these)."""
+
+    sampler: SamplerName = "ddim"  # sampler of every stage: "ddim", "ddpm" or "dpmpp_2m"
+    prior_steps: int = 64  # the paper's prior used 64 steps
+    prior_guidance: float = 1.0  # guiding the prior did not help in the paper
+    best_of: int = 2  # prior samples per image; the one closest to the caption's text embedding is kept
+    decoder_steps: int = 50  # the paper: 250 for the decoder
+    decoder_guidance: float = 3.0
+    decoder_eta: float = 0.0  # DDIM noise of the decoder (0: deterministic given x_T)
+    upsampler_steps: tuple[int, ...] = ()  # per upsampler; () : each upsampler's own default (paper: 27 and 15)
+
+
+class UnclipPipeline(nn.Module):
+    """CLIP + prior + decoder + upsamplers (any number, possibly none). Build from modules or `from_pretrained`."""
+
+    def __init__(self, clip: Clip, prior: DiffusionPriorNetwork, decoder: Decoder,
+                 upsamplers: Sequence[Upsampler] = (), defaults: GenerationDefaults | None = None) -> None:
+        super().__init__()
+        self.clip, self.prior, self.decoder = clip.freeze(), prior.eval(), decoder.eval()
+        self.upsamplers = nn.ModuleList(list(upsamplers)).eval()
+        self.defaults = defaults or GenerationDefaults()
+        self._check_stages()
+
+    # ----- construction -------------------------------------------------------------------------------------
+    def _check_stages(self) -> None:
+        d = self.clip.embed_dim
+        if self.prior.config.embed_dim != d:
+            raise ValueError(f"the prior maps into {self.prior.config.embed_dim}-d embeddings, the CLIP's are {d}-d")
+        if self.decoder.config.embed_dim != d:
+            raise ValueError(f"the decoder reads {self.decoder.config.embed_dim}-d embeddings, the CLIP's are {d}-d")
+        side = self.decoder.config.image_size
+        for i, up in enumerate(self.upsamplers, start=1):
+            if up.config.low_res_size != side:
+                raise ValueError(f"upsampler {i} takes {up.config.low_res_size}px images but the stage before it "
+                                 f"makes {side}px ones")
+            side = up.config.image_size
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images `generate` returns (the last stage's)."""
+        return self.upsamplers[-1].config.image_size if len(self.upsamplers) else self.decoder.config.image_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the diffusion stages (the CLIP always runs in float32 for its embeddings)."""
+        return next(self.decoder.parameters()).dtype
+
+    def autocast(self) -> torch.autocast:
+        """Autocast to the pipeline's dtype on its device (disabled in float32): mixed-precision pieces inside the
+        stages (x-transformers' float32 buffers, for instance) then meet half-precision weights safely."""
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> UnclipPipeline:
+        """Move every stage to `device`; cast the prior, decoder and upsamplers to `dtype` (e.g. torch.bfloat16 on
+        CUDA). The CLIP stays float32 (tiny next to the rest; its normalised embeddings are what everything reads)."""
+        if dtype is not None and device is not None and torch.device(device).type == "cpu" and dtype == torch.float16:
+            raise ValueError("float16 is not supported on the CPU; use torch.float32 or torch.bfloat16 there")
+        self.clip.to(device)
+        for module in (self.prior, self.decoder, self.upsamplers):
+            module.to(device=device, dtype=dtype)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None) -> UnclipPipeline:
+        """Load a pipeline directory (see the module doc); `device`/`dtype` as in `to`."""
+        path = Path(path)
+        meta_path = path / PIPELINE_FILE
+        if not meta_path.is_file():
+            if not path.exists():
+                raise CheckpointError(f"pipeline directory not found: {path}")
+            raise CheckpointError(f"{path} is not a pipeline directory: {PIPELINE_FILE} is missing")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{meta_path} is not valid JSON: {e}") from None
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise CheckpointError(f"{path} was written by a newer unclip; upgrade unclip")
+        stages = meta.get("stages", {})
+        missing = [k for k in ("clip", "prior", "decoder") if k not in stages]
+        if missing:
+            raise CheckpointError(f"{meta_path} names no {', '.join(missing)} stage")
+        defaults = meta.get("defaults", {})
+        unknown = sorted(set(defaults) - set(GenerationDefaults.__dataclass_fields__))
+        if unknown:
+            raise CheckpointError(f"{meta_path}: unknown generation defaults {unknown}")
+        if "upsampler_steps" in defaults:
+            defaults["upsampler_steps"] = tuple(defaults["upsampler_steps"])
+        pipe = cls(
+            Clip.from_pretrained(path / stages["clip"]),
+            DiffusionPriorNetwork.from_pretrained(path / stages["prior"]),
+            Decoder.from_pretrained(path / stages["decoder"]),
+            [Upsampler.from_pretrained(path / p) for p in stages.get("upsamplers", [])],
+            GenerationDefaults(**defaults),
+        )
+        return pipe.to(device, dtype)
+
+    @classmethod
+    def from_stages(cls, clip: str | Path, prior: str | Path, decoder: str | Path,
+                    upsamplers: Sequence[str | Path] = (),
+                    defaults: GenerationDefaults | None = None) -> UnclipPipeline:
+        """Assemble a pipeline from stage directories written by the train-* scripts (each OUTPUT_DIR/model).
+
+        Refuses a decoder trained on another CLIP's embeddings (the weights' fingerprint differs)."""
+        clip_model = Clip.from_pretrained(clip)
+        dec = Decoder.from_pretrained(decoder)
+        want = (dec.clip_info or {}).get("fingerprint")
+        have = clip_fingerprint(clip_model)
+        if want is not None and want != have:
+            raise CheckpointError(f"the decoder {decoder} was trained on the embeddings of another CLIP (fingerprint "
+                                  f"{want}) than {clip} ({have})")
+        return cls(clip_model, DiffusionPriorNetwork.from_pretrained(prior), dec,
+                   [Upsampler.from_pretrained(p) for p in upsamplers], defaults)
+
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write the pipeline directory atomically; `dtype` (e.g. torch.float16) casts the stored float weights."""
+        with atomic_directory(path) as tmp:
+            stages: dict[str, Any] = {"clip": "clip", "prior": "prior", "decoder": "decoder", "upsamplers": []}
+            self.clip.save_pretrained(tmp / "clip")
+            self.prior.save_pretrained(tmp / "prior")
+            self.decoder.save_pretrained(tmp / "decoder")
+            for i, up in enumerate(self.upsamplers, start=1):
+                up.save_pretrained(tmp / f"upsampler-{i}")
+                stages["upsamplers"].append(f"upsampler-{i}")
+            if dtype is not None:
+                for weights in tmp.glob("*/model.safetensors"):
+                    _cast_safetensors(weights, dtype)
+            defaults = asdict(self.defaults)
+            defaults["upsampler_steps"] = list(defaults["upsampler_steps"])
+            write_json_atomic(tmp / PIPELINE_FILE, {
+                "format_version": FORMAT_VERSION, "stages": stages, "defaults": defaults,
+                "clip_fingerprint": clip_fingerprint(self.clip),
+                "image_sizes": [self.decoder.config.image_size, *(u.config.image_size for u in self.upsamplers)],
+            })
+        return Path(path)
+
+    # ----- generation ---------------------------------------------------------------------------------------
+    def settings(self, **overrides: Any) -> GenerationDefaults:
+        """The pipeline's defaults with the non-None `overrides` applied (unknown names are errors)."""
+        unknown = sorted(set(overrides) - set(GenerationDefaults.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"unknown generation settings {unknown}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if isinstance(given.get("upsampler_steps"), int):
+            given["upsampler_steps"] = (given["upsampler_steps"],) * len(self.upsamplers)
+        if "upsampler_steps" in given:
+            given["upsampler_steps"] = tuple(given["upsampler_steps"])
+        return replace(self.defaults, **given)
+
+    def encode_text(self, captions: Sequence[str]):
+        """The CLIP's `TextEncoding` of the captions, on the pipeline's device and dtype."""
+        return self.clip.encode_text(list(captions)).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def generate_tensors(self, texts: str | Sequence[str], num_images: int = 1, *, seed: int | None = None,
+                         progress: bool = False, **settings: Any) -> Tensor:
+        """Images (len(texts) * num_images, 3, S, S) in [0, 1], caption-major; see `generate` for the arguments."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise CaptionError("no captions given")
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        s = self.settings(**settings)
+        device = self.device
+        generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+        captions = [t for t in texts for _ in range(num_images)]
+        text = self.encode_text(captions)  # (n, ...), caption-major
+        with self.autocast():
+            image_embed = sample_image_embeds(self.prior, text, best_of=s.best_of, steps=s.prior_steps,
+                                              sampler=s.sampler, guidance_scale=s.prior_guidance, generator=generator,
+                                              progress=progress)
+            base = decode(self.decoder, image_embed.to(self.dtype), text if self.decoder.text_proj else None,
+                          steps=s.decoder_steps, sampler=s.sampler, eta=s.decoder_eta,
+                          guidance_scale=s.decoder_guidance, generator=generator, progress=progress)
+        return self.upsample(base, generator=generator, progress=progress, settings=s)
+
+    def upsample(self, base: Tensor, *, generator: torch.Generator | None = None, progress: bool = False,
+                 settings: GenerationDefaults | None = None) -> Tensor:
+        """Run the upsamplers on base images (b, 3, s, s) in [0, 1]: (b, 3, S, S) in [0, 1]."""
+        if not len(self.upsamplers):
+            return base
+        s = settings or self.defaults
+        steps = list(s.upsampler_steps) or None
+        with self.autocast():
+            outputs = run_cascade(base.to(self.dtype), list(self.upsamplers), steps=steps, sampler=s.sampler,
+                                  generator=generator, progress=progress)
+        return outputs[-1].float()
+
+    def generate(self, texts: str | Sequence[str], num_images: int = 1, *, seed: int | None = None,
+                 sampler: SamplerName | None = None, prior_steps: int | None = None,
+                 prior_guidance: float | None = None, best_of: int | None = None, decoder_steps: int | None = None,
+                 decoder_guidance: float | None = None, decoder_eta: float | None = None,
+                 upsampler_steps: int | Sequence[int] | None = None, progress: bool = False) -> list[Image.Image]:
+        """Generate `num_images` PIL images per caption (len(texts) * num_images, caption-major).
+
+        Every setting left None takes the pipeline's `defaults`; `seed` makes the whole run reproducible.
+        """
+        images = self.generate_tensors(texts, num_images, seed=seed, progress=progress, sampler=sampler,
+                                       prior_steps=prior_steps, prior_guidance=prior_guidance, best_of=best_of,
+                                       decoder_steps=decoder_steps, decoder_guidance=decoder_guidance,
+                                       decoder_eta=decoder_eta, upsampler_steps=upsampler_steps)
+        return [tensor_to_pil(im) for im in images]
+
+
+def _cast_safetensors(path: Path, dtype: torch.dtype) -> None:
+    """Rewrite a safetensors file with its floating-point tensors cast to `dtype` (in place; the caller's
+    directory is a temporary one that is renamed into place only when everything is written)."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata=metadata)
+
