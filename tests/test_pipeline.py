@@ -213,13 +213,17 @@ def test_cli_assemble_then_eval(cascade, tmp_path, capsys):
     cascade.decoder.save_pretrained(tmp_path / "decoder")
     for i, up in enumerate(cascade.upsamplers):
         up.save_pretrained(tmp_path / f"up{i}")
-    (tmp_path / "defaults.json").write_text(json.dumps(
-        {"prior_steps": 2, "decoder_steps": 2, "upsampler_steps": [2, 2]}))
+    (tmp_path / "defaults.yaml").write_text("prior_steps: 2\ndecoder_steps: 2\nupsampler_steps: [2, 2]\n")
+    (tmp_path / "bad.yaml").write_text("decoder_stepz: 2\n")
     rc = main(["assemble", "--clip", str(tmp_path / "clip"), "--prior", str(tmp_path / "prior"), "--decoder",
                str(tmp_path / "decoder"), "--upsamplers", str(tmp_path / "up0"), str(tmp_path / "up1"),
                "--out", str(tmp_path / "pipe"), "--store-dtype", "float16", "--defaults",
-               str(tmp_path / "defaults.json")])
+               str(tmp_path / "defaults.yaml")])
     assert rc == 0 and "32px output" in capsys.readouterr().out
+    assert main(["assemble", "--clip", str(tmp_path / "clip"), "--prior", str(tmp_path / "prior"), "--decoder",
+                 str(tmp_path / "decoder"), "--out", str(tmp_path / "pipe2"), "--defaults",
+                 str(tmp_path / "bad.yaml")]) == 2
+    assert "decoder_stepz" in capsys.readouterr().err and not (tmp_path / "pipe2").exists()
     pipe = UnclipPipeline.from_pretrained(tmp_path / "pipe")
     assert pipe.defaults == GenerationDefaults(prior_steps=2, decoder_steps=2, upsampler_steps=(2, 2))
     rc = main(["eval", "--pipeline", str(tmp_path / "pipe"), "--images-per-caption", "1", "--real-samples", "30",

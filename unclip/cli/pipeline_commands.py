@@ -102,7 +102,7 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="dtype of the stored weights (float16 halves the size; loading casts back)")
     p.add_argument("--defaults", type=Path, default=None,
-                   help="a JSON file of generation defaults (sampler, prior_steps, decoder_steps, ...)")
+                   help="a YAML file of generation defaults (configs/pipeline/*.yaml: sampler, prior_steps, ...)")
     p.set_defaults(func=_assemble)
 
 
@@ -250,18 +250,14 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _assemble(args: argparse.Namespace) -> None:
+    from ..config import ConfigError, load_config
     from ..pipeline.pipeline import GenerationDefaults, UnclipPipeline
 
     defaults = None
     if args.defaults is not None:
         try:
-            data = json.loads(args.defaults.read_text())
-            if "upsampler_steps" in data:
-                data["upsampler_steps"] = tuple(data["upsampler_steps"])
-            defaults = GenerationDefaults(**data)
-        except FileNotFoundError:
-            raise CliError(f"defaults file not found: {args.defaults}") from None
-        except (json.JSONDecodeError, TypeError) as e:
+            defaults = load_config(GenerationDefaults, args.defaults)
+        except (ConfigError, FileNotFoundError) as e:
             raise CliError(f"bad defaults file {args.defaults}: {e}") from None
     try:
         pipe = UnclipPipeline.from_stages(args.clip, args.prior, args.decoder, args.upsamplers, defaults)
