@@ -4,7 +4,8 @@
     out = prior(x_t, t, text_embed=enc.text_embed, text_tokens=enc.text_tokens, text_mask=enc.text_mask)  # (b, d)
 
 The sequence, in this order (one row of width `width` each; the order is the paper's, and it puts everything
-that does not change across sampling steps first, so a later KV cache can reuse the caption prefix):
+that does not change across sampling steps first, so sampling computes the caption prefix once: `encode_prefix`,
+`forward_cached` and prior/cache.py):
 
     [ text_tokens (l) | text_embed | timestep | x_t | query ]   -> output at the query: the prediction (b, d)
 
@@ -37,6 +38,7 @@ from unclip.config import config_to_dict, load_config
 from unclip.diffusion import NoiseSchedule, make_schedule
 from unclip.nn.layers import timestep_embedding
 
+from .cache import PrefixCache, check_cacheable, prefix_cache_from_intermediates, suffix_forward
 from .config import PriorConfig
 
 __all__ = ["KIND", "DiffusionPriorNetwork"]
@@ -105,6 +107,17 @@ class DiffusionPriorNetwork(nn.Module):
             f"text_tokens must be ({b}, {c.text_length}, {c.text_width}), got {tuple(text_tokens.shape)}"
         )
         assert text_mask.shape == (b, c.text_length), f"text_mask must be ({b}, {c.text_length}), got {text_mask.shape}"
+        prefix, prefix_mask = self._embed_prefix(text_embed, text_tokens, text_mask, cond_drop)
+        seq, _ = pack([prefix, self._embed_suffix(x_t, t)], "b * w")  # (b, l + 4, width)
+        mask = torch.cat([prefix_mask, prefix_mask.new_ones(b, NUM_EXTRA_SLOTS - 1)], dim=1)  # (b, l + 4)
+        h = self.transformer(seq, mask=mask)  # (b, l + 4, width), final norm applied
+        return self.to_out(h[:, -1])  # the query's output: (b, d)
+
+    def _embed_prefix(
+        self, text_embed: Tensor, text_tokens: Tensor, text_mask: Tensor, cond_drop: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The caption prefix [text tokens | text embed] with positions: (b, l + 1, width), and its mask (b, l + 1)."""
+        b = text_embed.shape[0]
         tokens = self.text_tokens_proj(text_tokens)  # (b, l, width)
         embed = self.text_embed_proj(text_embed * self.scale)  # (b, width)
         mask = text_mask.bool()
@@ -114,13 +127,44 @@ class DiffusionPriorNetwork(nn.Module):
             tokens = torch.where(drop[:, None, None], self.null_text_tokens.to(tokens.dtype), tokens)
             embed = torch.where(drop[:, None], self.null_text_embed.to(embed.dtype), embed)
             mask = mask | drop[:, None]  # the null tokens are attended to in full
-        time = self.time_mlp(timestep_embedding(t, c.width).to(embed.dtype))  # (b, width)
-        query = repeat(self.query, "w -> b w", b=b).to(embed.dtype)
-        seq, _ = pack([tokens, embed, time, self.x_t_proj(x_t), query], "b * w")  # (b, l + 4, width)
-        seq = seq + self.pos_embed.to(seq.dtype)
-        mask = torch.cat([mask, mask.new_ones(b, NUM_EXTRA_SLOTS)], dim=1)  # (b, l + 4)
-        h = self.transformer(seq, mask=mask)  # (b, l + 4, width), final norm applied
-        return self.to_out(h[:, -1])  # the query's output: (b, d)
+        seq, _ = pack([tokens, embed], "b * w")  # (b, l + 1, width)
+        n = seq.shape[1]
+        return seq + self.pos_embed[:n].to(seq.dtype), torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+
+    def _embed_suffix(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """The suffix [timestep | x_t | query] with positions: (b, 3, width)."""
+        b, width = x_t.shape[0], self.config.width
+        x = self.x_t_proj(x_t)
+        time = self.time_mlp(timestep_embedding(t, width).to(x.dtype))  # (b, width)
+        query = repeat(self.query, "w -> b w", b=b).to(x.dtype)
+        seq, _ = pack([time, x, query], "b * w")  # (b, 3, width)
+        return seq + self.pos_embed[-(NUM_EXTRA_SLOTS - 1) :].to(seq.dtype)
+
+    # ----- sampling with a cached caption prefix (prior/cache.py) ------------------------------------------
+    def encode_prefix(
+        self, text_embed: Tensor, text_tokens: Tensor, text_mask: Tensor, cond_drop: Tensor | None = None
+    ) -> PrefixCache:
+        """Every layer's keys and values at the caption prefixes of b captions (cond_drop: as in `forward`; a
+        dropped row is the null prefix, whatever its text): one pass, reused by `forward_cached`. Eval only."""
+        c, b = self.config, text_embed.shape[0]
+        assert text_embed.shape == (b, c.embed_dim), f"text_embed must be (b, {c.embed_dim}), got {text_embed.shape}"
+        assert text_tokens.shape == (b, c.text_length, c.text_width), f"text_tokens: got {tuple(text_tokens.shape)}"
+        assert text_mask.shape == (b, c.text_length), f"text_mask must be ({b}, {c.text_length}), got {text_mask.shape}"
+        assert not self.training, "the prefix cache is for sampling (eval mode)"
+        check_cacheable(self.transformer)
+        seq, mask = self._embed_prefix(text_embed, text_tokens, text_mask, cond_drop)
+        _, intermediates = self.transformer(seq, mask=mask, return_hiddens=True)
+        return prefix_cache_from_intermediates(intermediates, mask)
+
+    def forward_cached(self, x_t: Tensor, t: Tensor, prefix: PrefixCache) -> Tensor:
+        """`forward` for x_t (g * m, d) and t (g * m,) whose rows '(g m)' take their caption from the g cached
+        prefixes (m rows each): only the suffix [timestep | x_t | query] is run. Returns (g * m, d)."""
+        n = x_t.shape[0]
+        assert x_t.shape == (n, self.config.embed_dim), f"x_t must be (n, {self.config.embed_dim}), got {x_t.shape}"
+        assert t.shape == (n,), f"t must be ({n},), got {tuple(t.shape)}"
+        assert not self.training, "the prefix cache is for sampling (eval mode)"
+        h = suffix_forward(self.transformer, self._embed_suffix(x_t, t), prefix)  # (g * m, 3, width)
+        return self.to_out(h[:, -1])
 
     # ----- checkpoints --------------------------------------------------------------------------------
     def pretrained_config(self) -> dict[str, Any]:

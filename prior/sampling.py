@@ -9,12 +9,18 @@ and puts it on CLIP's unit sphere, and the sample with the highest dot product w
 (DALL-E 2 draws 2). Guidance (`guidance_scale` != 1) is `unclip.diffusion.cfg` on the network: one batched
 forward with the text conditioning dropped for the unconditional half. The paper found that guiding the prior
 did not help, so the default is 1.
+
+By default (`use_cache=True`) the caption prefix is computed once per call (prior/cache.py): one pass over the
+b captions, plus the null prefix when guiding, gives every layer's keys and values, and each of the `steps`
+denoiser calls runs only the 3 suffix positions of the b * n candidates (and of their unconditional rows)
+against them. `use_cache=False` runs the full sequence at every step; both give the same embeddings up to
+float rounding.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +30,11 @@ from torch import Tensor, nn
 from unclip.clip import TextEncoding
 from unclip.diffusion import cfg, make_denoiser, randn, sample
 
+from .cache import PrefixCache
 from .config import Sampler
 from .model import DiffusionPriorNetwork
 
-__all__ = ["sample_image_embeds", "sample_candidates", "select_best"]
+__all__ = ["sample_image_embeds", "sample_candidates", "select_best", "cached_prior_fn"]
 
 
 @contextlib.contextmanager
@@ -64,28 +71,73 @@ def sample_candidates(
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    use_cache: bool = True,
 ) -> Tensor:
     """`num_samples` unit-norm CLIP image embeddings per caption: (b, num_samples, d).
 
     text: b captions' TextEncoding (text_embed (b, d), text_tokens (b, l, w), text_mask (b, l)); moved to the
     prior's device and dtype. The starting noise (b * num_samples, d) is drawn from `generator` (reproducible).
+    use_cache: compute the caption prefix once (`cached_prior_fn`) rather than at every step.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     b, d = text.text_embed.shape
     dtype = next(prior.parameters()).dtype
     text = text.to(prior.device, dtype)
-    cond = {
-        "text_embed": repeat(text.text_embed, "b d -> (b n) d", n=num_samples),
-        "text_tokens": repeat(text.text_tokens, "b l w -> (b n) l w", n=num_samples),
-        "text_mask": repeat(text.text_mask, "b l -> (b n) l", n=num_samples),
-    }
     x_T = randn((b * num_samples, d), generator=generator, device=prior.device, dtype=dtype)
-    denoiser = make_denoiser(cfg(prior, guidance_scale), prior.schedule, prior.config.objective)
     with _eval_mode(prior):
+        if use_cache:
+            model_fn, cond = cached_prior_fn(prior, text, num_samples, guidance_scale), {}
+        else:
+            model_fn = cfg(prior, guidance_scale)
+            cond = {
+                "text_embed": repeat(text.text_embed, "b d -> (b n) d", n=num_samples),
+                "text_tokens": repeat(text.text_tokens, "b l w -> (b n) l w", n=num_samples),
+                "text_mask": repeat(text.text_mask, "b l -> (b n) l", n=num_samples),
+            }
+        denoiser = make_denoiser(model_fn, prior.schedule, prior.config.objective)
         x0 = sample(sampler, denoiser, x_T, prior.schedule, steps, generator=generator, cond=cond,
                     progress=progress)
     return rearrange(F.normalize(x0.float(), dim=-1), "(b n) d -> b n d", n=num_samples)
+
+
+def cached_prior_fn(
+    prior: DiffusionPriorNetwork, text: TextEncoding, num_samples: int, guidance_scale: float = 1.0
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """The prior as `model_fn(x_t, t)` for rows '(b n)' (num_samples per caption of `text`), its caption prefixes
+    computed here once: the b captions' and, with guidance, the null prefix, in one `encode_prefix` pass.
+
+    With guidance_scale != 1 each call runs the b * n rows twice in one batch, under their caption's prefix and
+    under the null prefix, and returns uncond + guidance_scale * (cond - uncond), as `unclip.diffusion.cfg` does.
+    `text` must be on the prior's device and dtype; the prior in eval mode.
+    """
+    b = text.text_embed.shape[0]
+    guided = guidance_scale != 1.0
+    embed, tokens, mask, drop = text.text_embed, text.text_tokens, text.text_mask, None
+    if guided:  # one more row for the null prefix (its text is replaced by the learned null conditioning)
+        embed, tokens, mask = (torch.cat([x, x[:1]]) for x in (embed, tokens, mask))
+        drop = torch.arange(b + 1, device=embed.device) == b  # (b + 1,)
+    prefix = prior.encode_prefix(embed, tokens, mask, cond_drop=drop)  # b (+ 1) prefixes
+    if not guided:
+        return _grouped(prior, prefix, num_samples)
+    rows = torch.cat([torch.arange(b), torch.full((b,), b)]).to(embed.device)  # each caption, then the null b times
+    both = _grouped(prior, prefix.select(rows), num_samples)
+
+    def guided_fn(x_t: Tensor, t: Tensor) -> Tensor:
+        out_cond, out_uncond = both(torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)  # 2 x (b * n, d)
+        return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+    return guided_fn
+
+
+def _grouped(prior: DiffusionPriorNetwork, prefix: PrefixCache, n: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """model_fn for rows '(g n)': n rows per cached prefix."""
+
+    def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
+        assert x_t.shape[0] == len(prefix) * n, f"expected {len(prefix)} x {n} rows, got {x_t.shape[0]}"
+        return prior.forward_cached(x_t, t, prefix)
+
+    return model_fn
 
 
 def sample_image_embeds(
@@ -98,13 +150,15 @@ def sample_image_embeds(
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    use_cache: bool = True,
 ) -> Tensor:
     """Sample one unit-norm CLIP image embedding per caption: (b, d), the best of `best_of` by text similarity.
 
     text: TextEncoding of b captions from the CLIP the prior was trained against. steps: sampler steps (denoiser
     calls) out of the prior's T; sampler: "ddim" (eta 0), "ddpm" or "dpmpp_2m"; guidance_scale: classifier-free guidance
-    on the text (1: none); generator: all randomness (same seed, same embeddings).
+    on the text (1: none); generator: all randomness (same seed, same embeddings); use_cache: compute each caption's
+    prefix once per call (the default; False runs the whole sequence at every step, for comparison).
     """
     candidates = sample_candidates(prior, text, best_of, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
-                                   generator=generator, progress=progress)  # (b, n, d)
+                                   generator=generator, progress=progress, use_cache=use_cache)  # (b, n, d)
     return select_best(candidates, text.text_embed.to(candidates.device))
