@@ -6,6 +6,7 @@ every diffusion step, for every best-of-N candidate, and, for the null (uncondit
 
     prefix = prior.encode_prefix(text_embed, text_tokens, text_mask)   # one pass over g prefixes
     out = prior.forward_cached(x_t, t, prefix)                         # x_t (g * m, d): m rows per prefix
+    out = prior.forward_cached(x_t, t, prefix, null)                   # 2 * g * m rows: then all on `null`
 
 `encode_prefix` runs the prior's own x-transformers Decoder over the prefix (its `return_hiddens` intermediates
 carry every attention layer's keys and values). `suffix_forward` then runs only the 3 suffix positions through
@@ -15,6 +16,7 @@ copying them (`prefix_attention`). Eval only: dropout is not applied on this pat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,40 +75,55 @@ def check_cacheable(transformer: Decoder) -> None:
             assert block.kv_heads == block.heads and block.attend.scale is not None
 
 
-def prefix_attention(attn: Attention, x: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> Tensor:
-    """`attn` (an x-transformers Attention) for suffix queries x (g * m, s, width), rows '(g m)', attending
+def prefix_attention(
+    attn: Attention, x: Tensor, key: Tensor, value: Tensor, mask: Tensor, queries: int | None = None
+) -> Tensor:
+    """`attn` (an x-transformers Attention) for suffix positions x (g * m, s, width), rows '(g m)', attending
     causally to their own s suffix positions after their group's cached prefix: key, value (g, h, p, dh), mask
     (g, p). The softmax runs over [prefix | suffix] keys at once; the prefix is shared by the m rows, not copied.
-    Returns the attention block's output (g * m, s, width)."""
+    queries: only the last `queries` positions query (all s are keys). Returns (g * m, queries or s, width)."""
     g, h, p, _ = key.shape
     n, s, _ = x.shape
-    m = n // g
-    q, k, v = (rearrange(proj(x), "(g m) s (h d) -> g h m s d", g=g, h=h) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    m, r = n // g, s if queries is None else queries
+    q = rearrange(attn.to_q(x[:, s - r :]), "(g m) s (h d) -> g h m s d", g=g, h=h)
+    k, v = (rearrange(proj(x), "(g m) s (h d) -> g h m s d", g=g, h=h) for proj in (attn.to_k, attn.to_v))
     # matmul against the (g, h, p, d) cache and its transposed view: batched over (g, h) without copying the cache
-    scores_prefix = (q.reshape(g, h, m * s, -1) @ key.transpose(-1, -2)).view(g, h, m, s, p)
-    scores_suffix = q @ k.transpose(-1, -2)  # (g, h, m, s, s)
+    scores_prefix = (q.reshape(g, h, m * r, -1) @ key.transpose(-1, -2)).view(g, h, m, r, p)
+    scores_suffix = q @ k.transpose(-1, -2)  # (g, h, m, r, s)
     neg = -torch.finfo(scores_prefix.dtype).max
     scores_prefix = scores_prefix.masked_fill(~mask[:, None, None, None, :], neg)
-    causal = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)  # (s, s): True above the diagonal
+    causal = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)[s - r :]  # (r, s): True after the query
     scores_suffix = scores_suffix.masked_fill(causal, neg)
-    scores = torch.cat([scores_prefix, scores_suffix], dim=-1) * attn.attend.scale  # (g, h, m, s, p + s)
+    scores = torch.cat([scores_prefix, scores_suffix], dim=-1) * attn.attend.scale  # (g, h, m, r, p + s)
     weights = scores.softmax(dim=-1)
-    out = (weights[..., :p].reshape(g, h, m * s, p) @ value).view(g, h, m, s, -1) + weights[..., p:] @ v
+    out = (weights[..., :p].reshape(g, h, m * r, p) @ value).view(g, h, m, r, -1) + weights[..., p:] @ v
     return attn.to_out(rearrange(out, "g h m s d -> (g m) s (h d)"))
 
 
-def suffix_forward(transformer: Decoder, x: Tensor, prefix: PrefixCache) -> Tensor:
-    """The Decoder's output (g * m, s, width), final norm applied, at the suffix positions x (g * m, s, width)
-    (rows '(g m)': the m rows of group i follow prefix i), as if each row's full sequence had been run."""
-    assert x.shape[0] % len(prefix) == 0, f"{x.shape[0]} rows do not split into {len(prefix)} prefix groups"
+def suffix_forward(transformer: Decoder, x: Tensor, prefixes: Sequence[PrefixCache]) -> Tensor:
+    """The Decoder's output at the last suffix position (n, width), final norm applied, for the suffix positions
+    x (n, s, width), as if each row's full sequence had been run. The n rows split into len(prefixes) equal
+    parts, part j into len(prefixes[j]) groups of consecutive rows, group i taking prefix i of prefixes[j]
+    (e.g. b captions' prefixes with n rows each, then the null prefix alone for the next b * n rows). The last
+    layers (from the last attention on) compute the last position only: earlier ones are only its keys there."""
+    parts = len(prefixes)
+    assert x.shape[0] % parts == 0 and all((x.shape[0] // parts) % len(p) == 0 for p in prefixes), (
+        f"{x.shape[0]} rows do not split into the prefix groups {[len(p) for p in prefixes]}"
+    )
+    layers = list(transformer.layers)
+    last_attn = max(i for i, (_, block, _) in enumerate(layers) if isinstance(block, Attention))
     layer = 0
-    for (pre_norm, _, _), block, residual in transformer.layers:
+    for i, ((pre_norm, _, _), block, residual) in enumerate(layers):
         normed = pre_norm(x)
         if isinstance(block, Attention):
-            out = prefix_attention(block, normed, prefix.keys[layer], prefix.values[layer], prefix.mask)
-            layer += 1
+            queries = 1 if i == last_attn else None
+            out = torch.cat([
+                prefix_attention(block, rows, p.keys[layer], p.values[layer], p.mask, queries)
+                for rows, p in zip(normed.chunk(parts), prefixes, strict=True)
+            ])  # fmt: skip
+            x, layer = x[:, -out.shape[1] :], layer + 1
         else:
             out = block(normed)
         x = residual(out, x)
-    assert layer == len(prefix.keys), f"the cache holds {len(prefix.keys)} layers, the Decoder {layer}"
-    return transformer.final_norm(x)
+    assert all(layer == len(p.keys) for p in prefixes), f"the Decoder has {layer} attention layers, not the cache's"
+    return transformer.final_norm(x[:, -1])

@@ -156,15 +156,16 @@ class DiffusionPriorNetwork(nn.Module):
         _, intermediates = self.transformer(seq, mask=mask, return_hiddens=True)
         return prefix_cache_from_intermediates(intermediates, mask)
 
-    def forward_cached(self, x_t: Tensor, t: Tensor, prefix: PrefixCache) -> Tensor:
-        """`forward` for x_t (g * m, d) and t (g * m,) whose rows '(g m)' take their caption from the g cached
-        prefixes (m rows each): only the suffix [timestep | x_t | query] is run. Returns (g * m, d)."""
+    def forward_cached(self, x_t: Tensor, t: Tensor, *prefixes: PrefixCache) -> Tensor:
+        """`forward` for x_t (n, d) and t (n,) whose rows take their caption from cached prefixes: only the suffix
+        [timestep | x_t | query] is run. With one cache of g prefixes the rows are '(g m)' (m rows per prefix);
+        with several, the rows split into equal parts, one per cache (`prior.cache.suffix_forward`). Returns (n, d).
+        """
         n = x_t.shape[0]
         assert x_t.shape == (n, self.config.embed_dim), f"x_t must be (n, {self.config.embed_dim}), got {x_t.shape}"
         assert t.shape == (n,), f"t must be ({n},), got {tuple(t.shape)}"
-        assert not self.training, "the prefix cache is for sampling (eval mode)"
-        h = suffix_forward(self.transformer, self._embed_suffix(x_t, t), prefix)  # (g * m, 3, width)
-        return self.to_out(h[:, -1])
+        assert prefixes and not self.training, "needs a prefix cache, and eval mode (it is for sampling)"
+        return self.to_out(suffix_forward(self.transformer, self._embed_suffix(x_t, t), prefixes))  # (n, d)
 
     # ----- checkpoints --------------------------------------------------------------------------------
     def pretrained_config(self) -> dict[str, Any]:

@@ -108,7 +108,7 @@ def cached_prior_fn(
     computed here once: the b captions' and, with guidance, the null prefix, in one `encode_prefix` pass.
 
     With guidance_scale != 1 each call runs the b * n rows twice in one batch, under their caption's prefix and
-    under the null prefix, and returns uncond + guidance_scale * (cond - uncond), as `unclip.diffusion.cfg` does.
+    under the null prefix (one cache entry that all b * n rows attend to), and returns uncond + guidance_scale * (cond - uncond), as `unclip.diffusion.cfg` does.
     `text` must be on the prior's device and dtype; the prior in eval mode.
     """
     b = text.text_embed.shape[0]
@@ -119,9 +119,10 @@ def cached_prior_fn(
         drop = torch.arange(b + 1, device=embed.device) == b  # (b + 1,)
     prefix = prior.encode_prefix(embed, tokens, mask, cond_drop=drop)  # b (+ 1) prefixes
     if not guided:
-        return _grouped(prior, prefix, num_samples)
-    rows = torch.cat([torch.arange(b), torch.full((b,), b)]).to(embed.device)  # each caption, then the null b times
-    both = _grouped(prior, prefix.select(rows), num_samples)
+        return _grouped(prior, num_samples, prefix)
+    index = torch.arange(b + 1, device=embed.device)
+    captions, null = prefix.select(index[:b]), prefix.select(index[b:])
+    both = _grouped(prior, num_samples, captions, null)  # rows: b * n under their captions, b * n under the null
 
     def guided_fn(x_t: Tensor, t: Tensor) -> Tensor:
         out_cond, out_uncond = both(torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)  # 2 x (b * n, d)
@@ -130,12 +131,13 @@ def cached_prior_fn(
     return guided_fn
 
 
-def _grouped(prior: DiffusionPriorNetwork, prefix: PrefixCache, n: int) -> Callable[[Tensor, Tensor], Tensor]:
-    """model_fn for rows '(g n)': n rows per cached prefix."""
+def _grouped(prior: DiffusionPriorNetwork, n: int, *prefixes: PrefixCache) -> Callable[[Tensor, Tensor], Tensor]:
+    """model_fn for rows '(g n)' of the first cache's g prefixes (n rows each), then as many under each next."""
+    rows = len(prefixes[0]) * n
 
     def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
-        assert x_t.shape[0] == len(prefix) * n, f"expected {len(prefix)} x {n} rows, got {x_t.shape[0]}"
-        return prior.forward_cached(x_t, t, prefix)
+        assert x_t.shape[0] == rows * len(prefixes), f"expected {len(prefixes)} x {rows} rows, got {x_t.shape[0]}"
+        return prior.forward_cached(x_t, t, *prefixes)
 
     return model_fn
 

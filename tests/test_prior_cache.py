@@ -33,6 +33,13 @@ def test_forward_cached_is_forward_for_captions_and_the_null_prefix():
     reordered = prefix.select(torch.tensor([2, 0]))  # any order, any subset of prefixes
     order = torch.cat([torch.arange(8, 12), torch.arange(0, 4)])  # the rows of captions 2 and 0
     torch.testing.assert_close(prior.forward_cached(x_t[order], t[order], reordered), expected[order], **TOL)
+    # two caches, the rows split in halves: captions 0 and 2 (4 rows each), then all 8 rows under the null prefix
+    null = prefix.select(torch.tensor([1]))
+    both = prior.forward_cached(torch.cat([x_t[order]] * 2), torch.cat([t[order]] * 2), reordered, null)
+    torch.testing.assert_close(both[:8], expected[order], **TOL)
+    dropped = forward(prior, x_t[order], t[order], TextEncoding(*(x[order] for x in (repeated.text_embed,
+                      repeated.text_tokens, repeated.text_mask))), torch.ones(8, dtype=torch.bool))
+    torch.testing.assert_close(both[8:], dropped, **TOL)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
