@@ -146,7 +146,7 @@ class DecoderTrainTask:
             images[rows], [captions[int(r)] for r in rows]))
 
     # ----- loss ---------------------------------------------------------------------------------------------
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg.model
         decoder: Decoder = unwrap_model(model)
         schedule, diffusion = decoder.schedule, cfg.diffusion
@@ -162,7 +162,7 @@ class DecoderTrainTask:
         text_drop = torch.rand(b, device=x0.device) < cfg.text_drop
         out = model(x_t, t, image_drop=image_drop, text_drop=text_drop, **cond)
         loss, metrics = training_loss(diffusion, out, x0, x_t, t, noise, schedule)
-        metrics.update(image_drop_frac=float(image_drop.float().mean()), text_drop_frac=float(text_drop.float().mean()))
+        metrics.update(image_drop_frac=image_drop.float().mean(), text_drop_frac=text_drop.float().mean())  # no sync
         return loss, metrics
 
     # ----- side outputs -------------------------------------------------------------------------------------

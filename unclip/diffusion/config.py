@@ -46,23 +46,24 @@ class DiffusionConfig:
 
 
 def training_loss(diffusion: DiffusionConfig, output: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, noise: Tensor,
-                  schedule: NoiseSchedule) -> tuple[Tensor, dict[str, float]]:
+                  schedule: NoiseSchedule) -> tuple[Tensor, dict[str, Tensor]]:
     """The scalar training loss of a raw network output (b, c or 2c, ...) for x0, x_t, noise (b, c, ...), t (b,).
 
     L_simple (the objective's MSE, min-SNR weighted if set), plus with a learned variance the vlb term, which
-    trains only the variance (the mean is detached): L_hybrid of improved DDPM. Metrics: "mse" and maybe "vlb".
+    trains only the variance (the mean is detached): L_hybrid of improved DDPM. Metrics: "mse" and maybe "vlb", as
+detached 0-d tensors (the trainer reads them without a host sync per step).
     """
     var_interp = None
     if diffusion.variance == "learned_range":
         output, var_interp = output.chunk(2, dim=1)  # (b, 2c, ...) -> 2 x (b, c, ...)
     mse = diffusion_loss(output, x0, x_t, t, noise, schedule, diffusion.objective, diffusion.min_snr_gamma)
     loss = mse.mean()
-    metrics = {"mse": float(mse.detach().mean())}
+    metrics = {"mse": mse.detach().mean()}
     if var_interp is not None:
         x0_pred = denoised_from_output(output.detach(), x_t, t, schedule, diffusion.objective).x0
         vlb = vlb_loss(schedule, x0, x_t, t, x0_pred, "learned_range", var_interp)
         loss = loss + diffusion.vlb_weight * schedule.num_timesteps * vlb.mean()
-        metrics["vlb"] = float(vlb.detach().mean())
+        metrics["vlb"] = vlb.detach().mean()
     return loss, metrics
 
 

@@ -14,6 +14,9 @@ Conditioning:
 Attention sits at the feature-map sides listed in `attention_resolutions` (none: a pure convolutional UNet, as
 the upsamplers use); the middle block attends when the lowest resolution is listed. Extra input channels (an
 upsampled low-resolution image concatenated to x_t) are just a larger `in_channels`.
+`set_gradient_checkpointing(True)` recomputes each block's activations in the backward instead of storing them
+(same gradients, dropout included; less memory, about a third more compute); the trainer's
+`gradient_checkpointing` option calls it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from unclip.nn.layers import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, timestep_embedding, zero_module
 
@@ -134,6 +138,16 @@ class UNet(nn.Module):
         assert not skip_channels, "every skip connection is consumed"
         self.out = nn.Sequential(group_norm(c, cfg.groups), nn.SiLU(),
                                  zero_module(nn.Conv2d(c, cfg.out_channels, 3, padding=1)))
+        self.gradient_checkpointing = False  # a training-time switch, not part of the architecture or the config
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute every block's activations in the backward pass (torch.utils.checkpoint) while grad is on."""
+        self.gradient_checkpointing = enabled
+
+    def _run(self, block: _Block, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, mask, use_reentrant=False)  # RNG (dropout) state is replayed
+        return block(h, emb, context, mask)
 
     def forward(self, x: Tensor, t: Tensor, *, cond: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None) -> Tensor:
@@ -156,11 +170,15 @@ class UNet(nn.Module):
             assert context.ndim == 3 and context.shape[0] == b and context.shape[2] == cfg.context_dim, (
                 f"context must be (b, m, {cfg.context_dim}), got {tuple(context.shape)}")
         skips = []
-        h = x
+        # oneDNN's convolutions (CPU) are faster on channels_last activations (measured ~10-15% per UNet step); the
+        # numbers are the same within float tolerance. Elsewhere the caller's layout is kept (see TrainConfig).
+        h = x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+        nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        x_format = torch.channels_last if nhwc else torch.contiguous_format  # the output's: the input's layout
         for block in self.input_blocks:
-            h = block(h, emb, context, context_mask)
+            h = self._run(block, h, emb, context, context_mask)
             skips.append(h)
-        h = self.middle_block(h, emb, context, context_mask)
+        h = self._run(self.middle_block, h, emb, context, context_mask)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
-        return self.out(h)
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
+        return self.out(h).contiguous(memory_format=x_format)  # randn_like(output) then draws as before

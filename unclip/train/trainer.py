@@ -8,6 +8,13 @@ warm-up + cosine/constant LR, gradient clipping and accumulation, fp32 EMA, bf16
 non-finite loss skipping, atomic rotating checkpoints with exact resume, log.jsonl / TensorBoard / tqdm,
 periodic sample grids and a final `task.export`. Data sharding is done here from one deterministic global
 order (see `unclip.train.data`), not by accelerate's dataloader wrapper.
+
+GPU efficiency knobs (TrainConfig): channels_last, compile (in place, so state-dict keys do not change),
+gradient_checkpointing (modules with a `set_gradient_checkpointing(enabled)` method, e.g. `unclip.nn.UNet`),
+fused_adamw, and defer_sync: on CUDA the step never waits for the device; loss, gradient norm and metrics stay
+there and are read in one transfer every `log_every` steps (and before samples / checkpoints), the fused AdamW
+kernel skips a non-finite step on the device (`found_inf`), and the skipped steps are taken back out of the step
+count, the LR schedule and the EMA warm-up when they are read.
 """
 
 from __future__ import annotations
@@ -91,10 +98,32 @@ class TrainResult:
 
 
 class _Outcome(NamedTuple):
-    loss: float
-    grad_norm: float
+    loss: Any  # float, or a 0-d device tensor until read (defer_sync)
+    grad_norm: Any
     lr: float
-    metrics: dict[str, float]
+    metrics: dict[str, Any]
+    finite: Any = True  # deferred steps: 0-d bool tensor, False when the device skipped the update
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    supporting = [m for m in model.modules() if callable(getattr(m, "set_gradient_checkpointing", None))]
+    if not supporting:
+        raise ValueError(f"gradient_checkpointing: {type(model).__name__} has no module that supports it "
+                         "(one with a set_gradient_checkpointing(enabled) method, like unclip.nn.UNet)")
+    for module in supporting:
+        module.set_gradient_checkpointing(True)
+
+
+def _to_channels_last(batch: Any) -> Any:
+    """4-D floating tensors of a batch (dicts, lists and tuples walked) in channels_last memory format."""
+    if isinstance(batch, torch.Tensor):
+        return batch.contiguous(memory_format=torch.channels_last) if batch.ndim == 4 and batch.is_floating_point() \
+            else batch
+    if isinstance(batch, dict):
+        return {k: _to_channels_last(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(_to_channels_last(v) for v in batch)
+    return batch
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -144,8 +173,20 @@ class Trainer:
         self.micro_batch = per_draw // self.world_size  # samples per forward on each process
         if acc.is_fsdp2 and cfg.ema_decay is not None:
             raise NotImplementedError("EMA is not supported with distributed: fsdp yet; use ddp or ema_decay: null")
+        on_cuda = acc.device.type == "cuda"
+        fp16 = acc.mixed_precision == "fp16"
+        if cfg.defer_sync and fp16:
+            raise ValueError("defer_sync does not combine with fp16 (its loss scaler reads the gradients on the host)")
+        self.defer_sync = bool(cfg.defer_sync if cfg.defer_sync is not None else on_cuda and not fp16)
+        fused = cfg.fused_adamw if cfg.fused_adamw is not None else on_cuda or self.defer_sync
         model = task.model.to(acc.device)
-        optimizer = build_optimizer(model, cfg, fused=acc.device.type == "cuda")
+        if cfg.gradient_checkpointing:
+            _enable_gradient_checkpointing(model)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            model.compile()  # in place: the module, its parameters and state-dict keys stay what they were
+        optimizer = build_optimizer(model, cfg, fused=fused)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.scheduler = build_lr_scheduler(self.optimizer.optimizer, cfg)
         self.ema = EMA(self.unwrapped_model, cfg.ema_decay) if cfg.ema_decay is not None else None
@@ -214,16 +255,27 @@ class Trainer:
         )  # fmt: skip
         window = MetricWindow(self.samples_seen)
         stream = self._batches()
+        pending: list[_Outcome] = []  # defer_sync: steps run but not read yet
         try:
             while self.step < cfg.max_steps:
                 outcome = self._train_step(stream)
                 if outcome is None:
                     continue
-                losses.append(outcome.loss)
-                window.add(outcome.loss, outcome.grad_norm, outcome.lr, outcome.metrics)
                 bar.update(1)
-                rate = window.rate(self.samples_seen)
-                bar.set_postfix(loss=f"{outcome.loss:.4f}", samples_s=f"{rate:.1f}", refresh=False)
+                if self.defer_sync:
+                    pending.append(outcome)
+                    if not self._read_due():
+                        continue
+                    done, pending = self._settle(pending), []
+                    bar.update(self.step - bar.n)  # skipped steps are taken back
+                else:
+                    done = [outcome]
+                for outcome in done:
+                    losses.append(outcome.loss)
+                    window.add(outcome.loss, outcome.grad_norm, outcome.lr, outcome.metrics)
+                if done:
+                    rate = window.rate(self.samples_seen)
+                    bar.set_postfix(loss=f"{done[-1].loss:.4f}", samples_s=f"{rate:.1f}", refresh=False)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     self._logger.log(window.record(self.step, self.samples_seen, self._totals()))
                     window = MetricWindow(self.samples_seen)
@@ -239,7 +291,7 @@ class Trainer:
         """One optimizer step over `grad_accum_steps` micro-batches; None when it was skipped."""
         acc, cfg = self.accelerator, self.cfg
         loss_sum = torch.zeros((), device=acc.device)
-        metrics: dict[str, float] = {}
+        metrics: dict[str, Any] = {}
         for i in range(cfg.grad_accum_steps):
             batch = next(stream)
             last = i == cfg.grad_accum_steps - 1
@@ -248,13 +300,18 @@ class Trainer:
                     loss, batch_metrics = self.task.loss(self.model, batch)
                 acc.backward(loss / cfg.grad_accum_steps)
             loss_sum += loss.detach().float()
-            for k, v in batch_metrics.items():
-                metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.grad_accum_steps
+            for k, v in batch_metrics.items():  # tensors stay on the device (no sync); floats are taken as they are
+                v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+                metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum_steps
         mean_loss = loss_sum / cfg.grad_accum_steps
-        mean_loss = float(acc.reduce(mean_loss, "mean") if self.world_size > 1 else mean_loss)
+        mean_loss = acc.reduce(mean_loss, "mean") if self.world_size > 1 else mean_loss
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
-        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
         lr = self.optimizer.param_groups[0]["lr"]
+        if self.defer_sync:
+            return self._deferred_update(mean_loss, torch.as_tensor(grad_norm, device=acc.device), lr, metrics)
+        mean_loss, grad_norm = float(mean_loss), float(grad_norm)
+        metrics = {k: float(v) for k, v in metrics.items()}
         try:
             applied = self._apply_update(mean_loss, grad_norm)
         finally:
@@ -266,6 +323,63 @@ class Trainer:
             self.ema.update(self.unwrapped_model)
         self.step += 1
         return _Outcome(mean_loss, grad_norm, lr, metrics)
+
+    def _deferred_update(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
+                         metrics: dict[str, Any]) -> _Outcome:
+        """Step without reading anything on the host: the fused AdamW kernel skips the update on the device when
+        the loss or gradient norm is non-finite; `_settle` counts such steps later."""
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        self.optimizer.optimizer.found_inf = (~finite).float()  # read by the fused kernel: 1 leaves everything as is
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.unwrapped_model, gate=finite)
+        self.step += 1
+        return _Outcome(loss, grad_norm, lr, metrics, finite)
+
+    def _read_due(self) -> bool:
+        """defer_sync: whether the steps run so far must be read now (a log record, samples, a checkpoint, the end)."""
+        cfg, step = self.cfg, self.step
+        return (step % cfg.log_every == 0 or step >= cfg.max_steps or bool(cfg.sample_every and step % cfg.sample_every
+                == 0) or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0))
+
+    def _settle(self, pending: list[_Outcome]) -> list[_Outcome]:
+        """Read deferred steps in one device-to-host transfer; return the applied ones with plain floats, count the
+        skipped ones (as `_apply_update` does) and take them back out of the step count, LR schedule and EMA warm-up."""
+        flat = [t for o in pending for t in (o.loss, o.grad_norm, o.finite, *o.metrics.values())
+                if isinstance(t, torch.Tensor)]
+        values = iter(torch.stack([t.float().reshape(()) for t in flat]).tolist())
+        take = lambda v: next(values) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        applied, skipped, step = [], 0, self.step - len(pending)
+        for o in pending:
+            loss, grad_norm, finite = take(o.loss), take(o.grad_norm), take(o.finite)
+            metrics = {k: take(v) for k, v in o.metrics.items()}
+            if finite:
+                step += 1
+                self.consecutive_nonfinite = 0
+                applied.append(_Outcome(loss, grad_norm, o.lr, metrics))
+                continue
+            skipped += 1
+            self.nonfinite_steps += 1
+            self.consecutive_nonfinite += 1
+            self._logger.log({"step": step + 1, "event": "nonfinite", "loss": loss, "grad_norm": grad_norm,
+                              **self._totals()})
+        if skipped:
+            self.step -= skipped
+            if self.ema is not None:
+                self.ema.num_updates -= skipped
+            self.scheduler.last_epoch -= skipped + 1
+            self.scheduler.step()  # recomputes the LR of update number `self.step`
+        if self.consecutive_nonfinite >= self.cfg.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"the loss or gradient norm was non-finite for {self.consecutive_nonfinite} optimizer steps in a row "
+                f"(read at step {self.step}); the run stopped (last checkpoint: {self._last_checkpoint_step}). Try a "
+                f"lower lr (now {self.cfg.lr}), a longer warm-up or grad_clip, or check the data for NaN/inf."
+            )
+        return applied
 
     def _apply_update(self, loss: float, grad_norm: float) -> bool:
         """Step the optimizer unless the loss (or, without fp16 loss scaling, the gradient) is non-finite."""
@@ -316,7 +430,8 @@ class Trainer:
                     raise RuntimeError("the collate_fn dropped every sample of a whole epoch; check the dataset")
                 continue
             empty_run = 0
-            yield send_to_device(batch, acc.device, non_blocking=True)
+            batch = send_to_device(batch, acc.device, non_blocking=True)
+            yield _to_channels_last(batch) if cfg.channels_last else batch
 
     # ---------------------------------------------------------------- side outputs
     def _totals(self) -> dict[str, int]:
