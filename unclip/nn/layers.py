@@ -113,7 +113,7 @@ class ResBlock(nn.Module):
         e = rearrange(self.emb_proj(F.silu(emb)).to(h.dtype), "b c -> b c 1 1")
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)
-            h = self.out_norm(h) * (1 + scale) + shift
+            h = torch.addcmul(shift, self.out_norm(h), 1 + scale)  # norm(h) * (1 + scale) + shift, one pass
         else:
             h = self.out_norm(h + e)
         h = self.out_conv(self.dropout(F.silu(h)))
