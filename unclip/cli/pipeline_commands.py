@@ -142,7 +142,7 @@ def _pipeline(args: argparse.Namespace):
         raise CliError(f"pipeline directory not found: {args.pipeline}")
     try:
         return load_pipeline(args.pipeline, device=device, dtype=dtype)
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:
         raise CliError(str(e)) from None
 
 

@@ -79,6 +79,10 @@ class UnclipPipeline(nn.Module):
                 raise ValueError(f"upsampler {i} takes {up.config.low_res_size}px images but the stage before it "
                                  f"makes {side}px ones")
             side = up.config.image_size
+        steps = self.defaults.upsampler_steps
+        if steps and len(steps) != len(self.upsamplers):
+            raise ValueError(f"the generation defaults give upsampler_steps for {len(steps)} upsampler(s), the "
+                             f"pipeline has {len(self.upsamplers)}")
 
     @property
     def image_size(self) -> int:
