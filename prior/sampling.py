@@ -108,7 +108,8 @@ def cached_prior_fn(
     computed here once: the b captions' and, with guidance, the null prefix, in one `encode_prefix` pass.
 
     With guidance_scale != 1 each call runs the b * n rows twice in one batch, under their caption's prefix and
-    under the null prefix (one cache entry that all b * n rows attend to), and returns uncond + guidance_scale * (cond - uncond), as `unclip.diffusion.cfg` does.
+    under the null prefix (one cache entry that all b * n rows attend to), and returns
+    uncond + guidance_scale * (cond - uncond), as `unclip.diffusion.cfg` does.
     `text` must be on the prior's device and dtype; the prior in eval mode.
     """
     b = text.text_embed.shape[0]
