@@ -19,23 +19,12 @@ from torch import Tensor
 
 from unclip.clip import Clip
 from unclip.diffusion import ddim_invert, randn
-from unclip.images import pil_to_tensor, to_signed_range
+from unclip.images import as_image_batch, to_signed_range
 
 from .model import Decoder
 from .sampling import decode, decoder_denoiser, resize_images
 
 __all__ = ["image_variations", "invert_images"]
-
-
-def as_image_batch(images: Sequence[Image.Image] | Tensor) -> Tensor:
-    if isinstance(images, Tensor):
-        assert images.ndim == 4 and images.shape[1] == 3, f"images must be (b, 3, h, w), got {tuple(images.shape)}"
-        return images.float()
-    if isinstance(images, Image.Image):
-        images = [images]
-    tensors = [pil_to_tensor(im) for im in images]
-    side = max(max(t.shape[-2:]) for t in tensors)
-    return torch.stack([resize_images(t[None], side)[0] for t in tensors])
 
 
 @torch.no_grad()

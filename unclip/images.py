@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["pil_to_tensor", "tensor_to_pil", "to_unit_range", "to_signed_range", "image_grid", "resize_images",
-           "SquareImage"]
+__all__ = ["as_image_batch", "pil_to_tensor", "tensor_to_pil", "to_unit_range", "to_signed_range", "image_grid",
+           "resize_images", "SquareImage"]
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -139,3 +139,16 @@ def _fit(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: i
     while body and font.getlength(body + suffix) > width:
         body = body[:-1]
     return body + suffix
+
+
+def as_image_batch(images: Image.Image | Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
+    """PIL image(s) or a (b, 3, h, w) tensor in [0, 1] -> a float (b, 3, s, s) batch in [0, 1]; PIL images of
+    different sizes are resized (`resize_images`) to the largest side s among them."""
+    if isinstance(images, torch.Tensor):
+        assert images.ndim == 4 and images.shape[1] == 3, f"images must be (b, 3, h, w), got {tuple(images.shape)}"
+        return images.float()
+    if isinstance(images, Image.Image):
+        images = [images]
+    tensors = [pil_to_tensor(im) for im in images]
+    side = max(max(t.shape[-2:]) for t in tensors)
+    return torch.stack([resize_images(t[None], side)[0] for t in tensors])

@@ -20,9 +20,9 @@ from PIL import Image
 from torch import Tensor
 
 from decoder import decode
-from decoder.variations import as_image_batch, invert_images
+from decoder.variations import invert_images
 
-from ..images import tensor_to_pil
+from ..images import as_image_batch, tensor_to_pil
 from .pipeline import UnclipPipeline
 
 __all__ = ["BipartiteLatent", "encode_image", "vary", "interpolate", "text_diff", "slerp"]
@@ -59,7 +59,7 @@ class BipartiteLatent:
 def encode_image(pipe: UnclipPipeline, images: ImageInput, *, steps: int | None = None,
                  progress: bool = False) -> BipartiteLatent:
     """The bipartite latent of images (PIL or a (b, 3, h, w) tensor in [0, 1]); `steps` of DDIM inversion."""
-    pixels = as_image_batch([images] if isinstance(images, Image.Image) else images).to(pipe.device)
+    pixels = as_image_batch(images).to(pipe.device)
     image_embed = pipe.clip.encode_image(pixels).to(pipe.device, pipe.dtype)  # (b, d)
     with pipe.autocast():
         x_T = invert_images(pipe.decoder, pixels.to(pipe.dtype), image_embed,
@@ -83,7 +83,7 @@ def vary(pipe: UnclipPipeline, image: Image.Image | Tensor, n: int = 4, *, eta: 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     steps = steps or pipe.defaults.decoder_steps
-    latent = encode_image(pipe, image if isinstance(image, Tensor) else [image], steps=steps, progress=progress)
+    latent = encode_image(pipe, image, steps=steps, progress=progress)
     embed = repeat(latent.image_embed[:1], "1 d -> n d", n=n)
     x_T = repeat(latent.x_T[:1], "1 c h w -> n c h w", n=n)
     return _decode(pipe, embed, x_T, eta=eta, steps=steps, progress=progress, seed=seed,
@@ -99,8 +99,8 @@ def interpolate(pipe: UnclipPipeline, image_a: Image.Image | Tensor, image_b: Im
     if n < 2:
         raise ValueError(f"n must be >= 2 to include both ends, got {n}")
     steps = steps or pipe.defaults.decoder_steps
-    a = encode_image(pipe, image_a if isinstance(image_a, Tensor) else [image_a], steps=steps, progress=progress)
-    b = encode_image(pipe, image_b if isinstance(image_b, Tensor) else [image_b], steps=steps, progress=progress)
+    a = encode_image(pipe, image_a, steps=steps, progress=progress)
+    b = encode_image(pipe, image_b, steps=steps, progress=progress)
     t = torch.linspace(0, 1, n, device=pipe.device, dtype=pipe.dtype)[:, None]  # (n, 1)
     embed = F.normalize(slerp(a.image_embed[:1], b.image_embed[:1], t), dim=-1)  # (n, d)
     x_a, x_b = a.x_T[:1].flatten(1), b.x_T[:1].flatten(1)  # (1, 3 s s)
@@ -119,7 +119,7 @@ def text_diff(pipe: UnclipPipeline, image: Image.Image | Tensor, from_text: str,
     if n < 2:
         raise ValueError(f"n must be >= 2, got {n}")
     steps = steps or pipe.defaults.decoder_steps
-    latent = encode_image(pipe, image if isinstance(image, Tensor) else [image], steps=steps, progress=progress)
+    latent = encode_image(pipe, image, steps=steps, progress=progress)
     text = pipe.clip.encode_text([from_text, to_text]).text_embed.to(pipe.device, pipe.dtype)  # (2, d)
     z_d = F.normalize(text[1] - text[0], dim=-1)[None]  # (1, d)
     theta = torch.linspace(0, max_angle, n, device=pipe.device, dtype=pipe.dtype)[:, None]  # (n, 1)
