@@ -10,7 +10,7 @@ classifier-free guidance, prior/sampling.py for best-of-N sampling, prior/evalua
 
 from .config import PriorConfig, PriorDataConfig, PriorEvalConfig, TrainPriorConfig
 from .evaluation import evaluate_prior_shapes, heldout_captions, triple_image_embeds
-from .model import DiffusionPriorNetwork
+from .model import DiffusionPriorNetwork, length_groups
 from .sampling import sample_candidates, sample_image_embeds, select_best
 from .training import PriorTrainTask, draw_cond_drop, prior_loss
 
@@ -24,6 +24,7 @@ __all__ = [
     "draw_cond_drop",
     "evaluate_prior_shapes",
     "heldout_captions",
+    "length_groups",
     "prior_loss",
     "sample_candidates",
     "sample_image_embeds",

@@ -39,6 +39,8 @@ class PriorConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # noise schedule (cosine, 1000 steps)
     cond_drop_prob: float = 0.1  # training: fraction of captions replaced by the learned null text conditioning
     embed_scale: float | None = None  # unit-norm CLIP embeddings are multiplied by this; None: sqrt(embed_dim)
+    length_buckets: int = 4  # `forward` runs the rows, sorted by caption length, in up to this many groups, each
+    #   cut to its longest caption: padding is masked out, so the result is the same (0: every row at full length)
 
     def __post_init__(self) -> None:
         for name in ("embed_dim", "text_width", "text_length", "width", "depth", "heads", "dim_head", "ff_mult"):
@@ -48,6 +50,8 @@ class PriorConfig:
             raise ValueError(f"cond_drop_prob must lie in [0, 1), got {self.cond_drop_prob}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if self.length_buckets < 0:
+            raise ValueError(f"length_buckets must be >= 0, got {self.length_buckets}")
         if self.embed_scale is not None and self.embed_scale <= 0:
             raise ValueError(f"embed_scale must be > 0 or null, got {self.embed_scale}")
 

@@ -41,7 +41,7 @@ from unclip.nn.layers import timestep_embedding
 from .cache import PrefixCache, check_cacheable, prefix_cache_from_intermediates, suffix_forward
 from .config import PriorConfig
 
-__all__ = ["KIND", "DiffusionPriorNetwork"]
+__all__ = ["KIND", "DiffusionPriorNetwork", "length_groups"]
 
 KIND = "prior"
 NUM_EXTRA_SLOTS = 4  # text_embed, timestep, x_t, query
@@ -110,8 +110,15 @@ class DiffusionPriorNetwork(nn.Module):
         prefix, prefix_mask = self._embed_prefix(text_embed, text_tokens, text_mask, cond_drop)
         seq, _ = pack([prefix, self._embed_suffix(x_t, t)], "b * w")  # (b, l + 4, width)
         mask = torch.cat([prefix_mask, prefix_mask.new_ones(b, NUM_EXTRA_SLOTS - 1)], dim=1)  # (b, l + 4)
-        h = self.transformer(seq, mask=mask)  # (b, l + 4, width), final norm applied
-        return self.to_out(h[:, -1])  # the query's output: (b, d)
+        if c.length_buckets == 0:
+            return self.to_out(self.transformer(seq, mask=mask)[:, -1])  # the query's output: (b, d)
+        out = seq.new_empty(b, c.width)
+        for rows, length in length_groups(prefix_mask[:, :-1], c.length_buckets):
+            keep = torch.cat([torch.arange(length, device=seq.device),
+                              torch.arange(c.text_length, seq.shape[1], device=seq.device)])  # (length + 4,)
+            h = self.transformer(seq[rows][:, keep], mask=mask[rows][:, keep])  # (k, length + 4, width)
+            out[rows] = h[:, -1]
+        return self.to_out(out)  # the query's output: (b, d)
 
     def _embed_prefix(
         self, text_embed: Tensor, text_tokens: Tensor, text_mask: Tensor, cond_drop: Tensor | None
@@ -185,3 +192,26 @@ class DiffusionPriorNetwork(nn.Module):
         prior = cls(load_config(PriorConfig, cfg["model"]), clip=cfg.get("clip"))
         load_state_dict_strict(prior, state, source=path)
         return prior.to(device).eval()
+
+
+def length_groups(mask: Tensor, groups: int) -> list[tuple[Tensor, int]]:
+    """Split b rows by caption length into up to `groups` groups of consecutive lengths: [(rows (k,) long, length)].
+
+    mask: (b, l) bool, True at the tokens a row attends to. A row's length is one past its last True token (0 for
+    none), and a group's length is its longest row's: cutting a group's token slots to that length drops only
+    masked-out slots, so the causal transformer's output at the later slots is unchanged. Rows are sorted by
+    length and cut into equal parts; parts of the same length merge. One host sync (the lengths).
+    """
+    b, l = mask.shape
+    slots = torch.arange(1, l + 1, device=mask.device)
+    lengths = (mask * slots).amax(dim=1)  # (b,) one past the last attended slot
+    order = torch.argsort(lengths, stable=True)
+    parts = [part for part in torch.tensor_split(order, min(groups, b)) if part.numel()]
+    tops = lengths[torch.stack([part[-1] for part in parts])].tolist()  # each part's longest row
+    merged: list[tuple[Tensor, int]] = []
+    for part, top in zip(parts, tops, strict=True):
+        if merged and merged[-1][1] == top:
+            merged[-1] = (torch.cat([merged[-1][0], part]), top)
+        else:
+            merged.append((part, top))
+    return merged

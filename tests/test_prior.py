@@ -11,6 +11,7 @@ from prior import (
     PriorConfig,
     TrainPriorConfig,
     draw_cond_drop,
+    length_groups,
     prior_loss,
     sample_candidates,
     sample_image_embeds,
@@ -95,12 +96,43 @@ def test_wrong_shapes_are_refused():
         forward(prior, torch.randn(2, D), torch.zeros(2, dtype=torch.long), short)
 
 
-def test_padded_text_tokens_are_not_attended_to():
-    prior, text = tiny_prior(), random_text(4)
+@pytest.mark.parametrize("length_buckets", [0, 4])
+def test_padded_text_tokens_are_not_attended_to(length_buckets):
+    prior, text = tiny_prior(length_buckets=length_buckets), random_text(4)
     x_t, t = torch.randn(4, D), torch.tensor([3, 30, 60, 90])
     noisy = text.text_tokens.masked_fill(~text.text_mask[..., None], 0) + 100 * (~text.text_mask[..., None])
     changed = TextEncoding(text.text_embed, noisy, text.text_mask)
     torch.testing.assert_close(forward(prior, x_t, t, changed), forward(prior, x_t, t, text))
+
+
+def test_length_groups_cover_every_row_once_at_its_length():
+    lengths = torch.tensor([5, 0, 16, 3, 3, 9, 16, 12, 1, 7])
+    mask = torch.arange(L)[None, :] < lengths[:, None]
+    mask[2, 4] = False  # a hole: the row still needs all 16 slots
+    groups = length_groups(mask, 3)
+    rows = torch.cat([r for r, _ in groups])
+    assert sorted(rows.tolist()) == list(range(10))
+    assert [n for _, n in groups] == sorted(n for _, n in groups)  # ascending, one group per distinct cut
+    for r, n in groups:
+        assert lengths[r].max().item() == n
+    assert [n for _, n in length_groups(mask, 1)] == [16] and len(length_groups(mask, 50)) == 8  # 8 distinct
+
+
+@pytest.mark.parametrize("buckets", [1, 3, 8])
+def test_length_buckets_give_the_full_length_outputs_and_gradients(buckets):
+    text, b = random_text(8, seed=3), 8
+    x_t, t, drop = torch.randn(b, D), torch.randint(0, 100, (b,)), torch.arange(b) % 4 == 0
+    outs, grads = [], []
+    for n in (0, buckets):
+        prior = tiny_prior(length_buckets=n).train()
+        out = forward(prior, x_t, t, text, drop)
+        out.square().mean().backward()
+        outs.append(out)
+        grads.append({k: p.grad for k, p in prior.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and "null_text_tokens" in grads[0]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-4, msg=k)
 
 
 # ----- classifier-free guidance ----------------------------------------------------------------------------
