@@ -202,8 +202,8 @@ def length_groups(mask: Tensor, groups: int) -> list[tuple[Tensor, int]]:
     masked-out slots, so the causal transformer's output at the later slots is unchanged. Rows are sorted by
     length and cut into equal parts; parts of the same length merge. One host sync (the lengths).
     """
-    b, l = mask.shape
-    slots = torch.arange(1, l + 1, device=mask.device)
+    b, length = mask.shape
+    slots = torch.arange(1, length + 1, device=mask.device)
     lengths = (mask * slots).amax(dim=1)  # (b,) one past the last attended slot
     order = torch.argsort(lengths, stable=True)
     parts = [part for part in torch.tensor_split(order, min(groups, b)) if part.numel()]
