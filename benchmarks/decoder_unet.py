@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -133,45 +134,51 @@ def timed(fn, warmup: int, reps: int, clock: str = "wall") -> list[float]:
     return times
 
 
-def worker(side: str, size: int, warmup: int, reps: int, threads: int, clock: str = "wall") -> dict[str, Any]:
+def worker(side: str, size: int, warmup: int, reps: int, threads: int, clock: str = "wall",
+           precision: str = "fp32") -> dict[str, Any]:
     torch.set_num_threads(threads)
     model = build(side, size)
     b = SIZES[size]["batch"]
     x = inputs(b, size, seed=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # bf16: every forward under CPU autocast (our trainer's mixed_precision: bf16); weights and AdamW in float32
+    autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def train_step() -> None:
         model.train()
-        loss = (forward(side, model, x, train=True) - x["noise"]).square().mean()
+        with autocast():
+            out = forward(side, model, x, train=True)
+        loss = (out.float() - x["noise"]).square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     def sample_step() -> None:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             forward(side, model, x, train=False)
 
     def guided_step() -> None:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             guided(side, model, x)
 
     return {"side": side, "size": size, "batch": b, "threads": threads, "torch": torch.__version__,
+            "precision": precision,
             "params": sum(p.numel() for p in model.parameters()), "config": SIZES[size][side],
             "train": timed(train_step, warmup, reps, clock), "sample": timed(sample_step, warmup, reps, clock),
             "guided": timed(guided_step, warmup, reps, clock)}
 
 
 # ----- the driver ------------------------------------------------------------------------------------------------
-def run_worker(side: str, size: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_worker(side: str, size: int, args: argparse.Namespace, precision: str = "fp32") -> dict[str, Any]:
     python = PYTHON[side]
     if not python.exists():
         raise SystemExit(f"{python} is missing; see this script's docstring for the peer venv")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     cmd = [str(python), __file__, "--worker", side, "--sizes", str(size), "--warmup", str(args.warmup),
-           "--reps", str(args.reps), "--threads", str(args.threads), "--clock", args.clock]
-    print(f"[{side} {size}x{size}] running ...", file=sys.stderr, flush=True)
+           "--reps", str(args.reps), "--threads", str(args.threads), "--clock", args.clock, "--precisions", precision]
+    print(f"[{side} {size}x{size} {precision}] running ...", file=sys.stderr, flush=True)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"[{side}] worker failed:\n{done.stderr[-4000:]}")
@@ -180,6 +187,11 @@ def run_worker(side: str, size: int, args: argparse.Namespace) -> dict[str, Any]
           f"{statistics.median(result['train']):.3f} s, sample {statistics.median(result['sample']):.3f} s",
           file=sys.stderr, flush=True)
     return result
+
+
+def row_key(size: int, precision: str) -> str:
+    """The results key of one (size, precision) row: "32", "64" for float32 (as before), "32-bf16", ..."""
+    return str(size) if precision == "fp32" else f"{size}-{precision}"
 
 
 def summarise(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
@@ -193,15 +205,18 @@ def summarise(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
 
 def render(data: dict[str, Any]) -> str:
     a = data["args"]
-    rows = ["| size | batch | params ours / peer | train step ours / peer (s) | speed-up | sampler step ours / peer "
-            "(s) | speed-up | guided step ours / peer (s) | speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| size | precision | batch | params ours / peer | train step ours / peer (s) | speed-up | sampler step "
+            "ours / peer (s) | speed-up | guided step ours / peer (s) | speed-up |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     configs = []
-    for size, r in data["sizes"].items():
-        s = r["summary"]
+    for key, r in data["sizes"].items():
+        s, size, precision = r["summary"], r.get("size", key), r.get("precision", "fp32")
         cells = [f"{s[k]['ours_s']:.3f} / {s[k]['peer_s']:.3f} | {s[k]['speedup']:.2f}x" for k in
                  ("train", "sample", "guided")]
-        rows.append(f"| {size}x{size} | {r['ours']['batch']} | {s['params']['ours']:,} / {s['params']['peer']:,} "
-                    f"({s['params']['ratio'] - 1:+.1%}) | " + " | ".join(cells) + " |")
+        rows.append(f"| {size}x{size} | {precision} | {r['ours']['batch']} | {s['params']['ours']:,} / "
+                    f"{s['params']['peer']:,} ({s['params']['ratio'] - 1:+.1%}) | " + " | ".join(cells) + " |")
+        if precision != "fp32":
+            continue
         configs.append(f"- {size}x{size}: ours `UNetConfig` {json.dumps(r['ours']['config'])} inside `Decoder` "
                        f"(embed_dim={EMBED}, text_width={EMBED}, context_dim={SIZES[int(size)]['context_dim']}, 4 "
                        "image tokens); peer "
@@ -247,17 +262,22 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--clock", choices=list(CLOCKS), default="wall", help="wall seconds, or process CPU seconds")
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                   help="bf16: forwards under CPU bfloat16 autocast on both sides (weights, AdamW in float32)")
     p.add_argument("--no-write", action="store_true", help="print only; leave the JSON and BENCHMARKS.md alone")
     p.add_argument("--worker", choices=["ours", "peer"], help=argparse.SUPPRESS)
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.worker:
-        print(json.dumps(worker(args.worker, sizes[0], args.warmup, args.reps, args.threads, args.clock)))
+        print(json.dumps(worker(args.worker, sizes[0], args.warmup, args.reps, args.threads, args.clock,
+                                args.precisions[0])))
         return
     results = {}
-    for size in sizes:
-        ours, peer = run_worker("ours", size, args), run_worker("peer", size, args)
-        results[str(size)] = {"ours": ours, "peer": peer, "summary": summarise(ours, peer)}
+    for precision in args.precisions:
+        for size in sizes:
+            ours, peer = run_worker("ours", size, args, precision), run_worker("peer", size, args, precision)
+            results[row_key(size, precision)] = {"size": size, "precision": precision, "ours": ours, "peer": peer,
+                                                 "summary": summarise(ours, peer)}
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from report import command, write_result, write_section
 

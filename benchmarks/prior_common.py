@@ -58,12 +58,13 @@ def text_inputs(b: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torc
     return embed, tokens, mask
 
 
-def build_ours():
+def build_ours(**overrides: Any):
+    """Our prior at the benchmark size (OURS), with `overrides` of PriorConfig fields (e.g. length_buckets=0)."""
     from prior import DiffusionPriorNetwork, PriorConfig
     from unclip.config import load_config
 
     torch.manual_seed(0)
-    return DiffusionPriorNetwork(load_config(PriorConfig, OURS))
+    return DiffusionPriorNetwork(load_config(PriorConfig, {**OURS, **overrides}))
 
 
 def build_peer():

@@ -44,12 +44,13 @@ def worker(side: str, a: dict) -> dict:
     if side.startswith("ours"):
         from prior import prior_loss
 
-        model = build_ours().train()
+        full_length = "-full-length" in side  # every row at all 77 token slots (length_buckets: 0), as before
+        model = build_ours(**({"length_buckets": 0} if full_length else {})).train()
 
         def loss_fn() -> torch.Tensor:
             return prior_loss(model, image_embed, embed, tokens, mask)[0]
 
-        config = OURS
+        config = {**OURS, "length_buckets": 0 if full_length else 4}
     else:
         model = build_peer().train()
 
@@ -81,8 +82,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=THREADS)
-    p.add_argument("--sides", nargs="+", default=["ours", "peer", "ours-bf16", "peer-bf16"],
-                   help="-bf16: the forward under torch.autocast(bfloat16), weights and optimizer in float32")
+    p.add_argument("--sides", nargs="+", default=["ours", "ours-full-length", "peer", "ours-bf16", "peer-bf16"],
+                   help="-bf16: the forward under torch.autocast(bfloat16), weights and optimizer in float32; "
+                        "-full-length: ours with length_buckets 0 (no caption-length groups)")
     p.add_argument("--no-report", action="store_true", help="print only; do not write the JSON or BENCHMARKS.md")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--args", help=argparse.SUPPRESS)

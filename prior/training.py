@@ -41,8 +41,8 @@ def draw_cond_drop(batch: int, prob: float, device: torch.device | str | None = 
 
 def prior_loss(
     model: nn.Module, image_embed: Tensor, text_embed: Tensor, text_tokens: Tensor, text_mask: Tensor
-) -> tuple[Tensor, dict[str, float]]:
-    """The prior's diffusion loss on a batch: mean MSE to the objective's target, and metrics.
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The prior's diffusion loss on a batch: mean MSE to the objective's target, and metrics (0-d tensors).
 
     image_embed, text_embed: (b, d) unit-norm CLIP embeddings; text_tokens: (b, l, w); text_mask: (b, l) bool.
     Draws t uniformly, the noise and the CFG dropout (rate `cond_drop_prob`) from the global RNG. `model` may
@@ -59,10 +59,10 @@ def prior_loss(
     out = model(x_t, t, text_embed=text_embed.float(), text_tokens=text_tokens.float(), text_mask=text_mask.bool(),
                 cond_drop=cond_drop)
     loss = diffusion_loss(out, x0, x_t, t, noise, prior.schedule, prior.config.objective).mean()
-    with torch.no_grad():
+    with torch.no_grad():  # metrics stay 0-d tensors on the device: the trainer reads them when it logs
         x0_pred = denoised_from_output(out.detach().float(), x_t, t, prior.schedule, prior.config.objective).x0
-        x0_cos = F.cosine_similarity(x0_pred, x0, dim=-1).mean().item()
-    return loss, {"x0_cos": x0_cos, "cond_drop": cond_drop.float().mean().item()}
+        x0_cos = F.cosine_similarity(x0_pred, x0, dim=-1).mean()
+    return loss, {"x0_cos": x0_cos, "cond_drop": cond_drop.float().mean()}
 
 
 def is_embeddings_dir(source: str) -> bool:

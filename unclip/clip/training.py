@@ -81,8 +81,8 @@ class ClipTrainTask:
         with torch.no_grad():
             logits = image_features @ text_features.T  # (b, b)
             target = torch.arange(len(logits), device=logits.device)
-            acc = (logits.argmax(dim=1) == target).float().mean().item()
-        return loss, {"i2t_acc": acc, "temperature": float(logit_scale.detach().float().mean())}
+            acc = (logits.argmax(dim=1) == target).float().mean()  # 0-d tensors: read when the trainer logs
+        return loss, {"i2t_acc": acc, "temperature": logit_scale.detach().float().mean()}
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
         """Write the trained model in our pretrained format."""
