@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from unclip.diffusion import DiffusionConfig  # re-exported: it lived here before the upsamplers shared it
+from unclip.diffusion import DiffusionConfig, SamplerName  # re-exported: it lived here before the upsamplers shared it
 from unclip.nn import UNetConfig
 from unclip.train import TrainConfig
 
@@ -70,7 +70,7 @@ class DecoderEvalConfig:
     samples: int = 200  # held-out SHAPES images decoded (0: skip the evaluation)
     guidance_scales: tuple[float, ...] = (1.0, 3.0)  # each scale is evaluated
     steps: int = 50  # sampler steps
-    sampler: Literal["ddim", "ddpm", "dpmpp_2m"] = "ddim"  # which shared sampler
+    sampler: SamplerName = "ddim"  # which shared sampler
     eta: float = 0.0  # DDIM noise (0: deterministic)
     seed: int = 1234  # data and sampling seed
     batch_size: int = 100  # images decoded per batch

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
-from unclip.diffusion import Objective, ScheduleConfig
+from unclip.diffusion import Objective, SamplerName, ScheduleConfig
 from unclip.train.config import TrainConfig
 
 __all__ = ["PriorConfig", "PriorDataConfig", "PriorEvalConfig", "TrainPriorConfig", "Sampler"]
 
-Sampler = Literal["ddim", "ddpm", "dpmpp_2m"]
+Sampler = SamplerName  # any shared sampler, by name
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ class PriorEvalConfig:
     guidance_scales: tuple[float, ...] = (1.0,)  # one evaluation per scale; 1 = no guidance (paper's default)
     best_of: int = 2  # samples per caption; the one closest to the text embedding is kept
     steps: int = 64  # sampler steps
-    sampler: Sampler = "ddim"  # "ddim" (eta 0), "ddpm" (ancestral, respaced) or "dpmpp_2m"
+    sampler: Sampler = "ddim"  # "ddim" (eta 0), "ddpm" (ancestral, respaced), "dpmpp_2m" or "dpmpp_2m_sde"
     seed: int = 1234  # seed of the rendered images and of the sampling noise
 
     def __post_init__(self) -> None:

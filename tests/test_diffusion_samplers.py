@@ -23,6 +23,7 @@ from unclip.diffusion import (
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
     static_clip,
     timestep_subset,
 )
@@ -188,6 +189,26 @@ def test_dpmpp_2m_trajectory_matches_diffusers(diffusers, kind, objective, steps
                           progress=False, callback=lambda i, t, x_t, d: seen.append((i, t)))
     torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-4)
     assert seen == list(enumerate(sched.timesteps.tolist()))
+
+
+@pytest.mark.parametrize(("kind", "objective", "steps"), [("linear", "eps", 20), ("cosine", "v", 12),
+                                                          ("cosine", "x0", 7)])
+def test_dpmpp_2m_sde_trajectory_matches_diffusers(diffusers, kind, objective, steps):
+    schedule = make_schedule(kind, 1000)
+    sched = diffusers.DPMSolverMultistepScheduler(beta_schedule=BETAS[kind], prediction_type=PREDICTION[objective],
+                                                  algorithm_type="sde-dpmsolver++", solver_order=2,
+                                                  solver_type="midpoint", timestep_spacing="trailing")
+    sched.set_timesteps(steps)
+    g = torch.Generator().manual_seed(3)  # ours draws one noise per step but the last, in this order
+    noises = [torch.randn(SHAPE, generator=g) for _ in range(steps - 1)] + [torch.zeros(SHAPE)]
+    x = start(6)
+    for t, noise in zip(sched.timesteps, noises, strict=True):
+        x = sched.step(dummy_model(x, t.repeat(2)), t, x, variance_noise=noise).prev_sample
+    got = sample_dpmpp_2m_sde(make_denoiser(dummy_model, schedule, objective), start(6), schedule, steps,
+                              generator=torch.Generator().manual_seed(3), progress=False)
+    torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-4)
+    ode = sample_dpmpp_2m(make_denoiser(dummy_model, schedule, objective), start(6), schedule, steps, progress=False)
+    assert (got - ode).abs().max() > 1e-2  # the noise matters: not the ODE solver under another name
 
 
 # --- determinism, callbacks, conditioning ---------------------------------------------------------------------------

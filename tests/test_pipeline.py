@@ -14,6 +14,7 @@ import unclip
 from unclip.checkpoint import CheckpointError
 from unclip.cli.main import main
 from unclip.clip import CaptionError
+from unclip.diffusion import SAMPLER_NAMES
 from unclip.pipeline.default import load_pipeline
 from unclip.pipeline.manipulations import encode_image, interpolate, slerp, text_diff, vary
 from unclip.pipeline.pipeline import GenerationDefaults, UnclipPipeline
@@ -56,10 +57,11 @@ def test_settings_override_defaults_and_unknown_ones_are_refused(cascade):
         cascade.settings(decoder_stepz=3)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
 def test_every_sampler_runs_every_stage(cascade, sampler):
     out = cascade.generate_tensors(CAPTIONS[:1], 2, seed=0, sampler=sampler)
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+    torch.testing.assert_close(cascade.generate_tensors(CAPTIONS[:1], 2, seed=0, sampler=sampler), out)  # seeded
 
 
 def test_bad_input_is_refused_clearly(cascade):

@@ -20,11 +20,12 @@ from typing import Any
 import torch
 
 from ..checkpoint import CheckpointError, write_json_atomic
+from ..diffusion import SAMPLER_NAMES
 from .common import CliError, add_device_argument, print_table, resolve_device
 
 __all__ = ["add_pipeline_parsers"]
 
-SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+SAMPLERS = SAMPLER_NAMES
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

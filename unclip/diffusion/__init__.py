@@ -39,6 +39,7 @@ from unclip.diffusion.gaussian import (
 )
 from unclip.diffusion.guidance import cfg
 from unclip.diffusion.samplers import (
+    SAMPLER_NAMES,
     Callback,
     SamplerName,
     Spacing,
@@ -50,6 +51,7 @@ from unclip.diffusion.samplers import (
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
     timestep_subset,
 )
 from unclip.diffusion.schedule import (
@@ -71,6 +73,7 @@ __all__ = [
     "DiffusionConfig",
     "NoiseSchedule",
     "Objective",
+    "SAMPLER_NAMES",
     "SamplerName",
     "ScheduleConfig",
     "ScheduleKind",
@@ -107,6 +110,7 @@ __all__ = [
     "sample_ddim",
     "sample_ddpm",
     "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
     "sample_timesteps",
     "schedule_for",
     "snr",

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -47,14 +47,17 @@ __all__ = [
     "sample_ddpm",
     "sample_ddim",
     "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
     "ddim_invert",
     "SamplerName",
+    "SAMPLER_NAMES",
     "sample",
 ]
 
 Spacing = Literal["leading", "trailing", "linspace"]
 Callback = Callable[[int, int, Tensor, Denoised], None]  # (step_index, t, x_t (b, *), denoised)
-SamplerName = Literal["ddim", "ddpm", "dpmpp_2m"]
+SamplerName = Literal["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde"]
+SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)  # what `sample` accepts by name
 
 
 def timestep_subset(num_timesteps: int, steps: int, spacing: Spacing = "trailing") -> Tensor:
@@ -255,6 +258,48 @@ def sample_dpmpp_2m(
     and D = x0 + (x0 - x0_before) / (2 r), r = h_before / h, afterwards (second-order multistep). The last step,
     to sigma = 0, is first order and returns the final x0 itself (diffusers' lower_order_final).
     """
+    return _dpmpp_2m(denoiser, x_T, schedule, steps, spacing=spacing, sde=False, generator=None, cond=cond,
+                     progress=progress, callback=callback)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    steps: int,
+    *,
+    spacing: Spacing = "trailing",
+    generator: torch.Generator | None = None,
+    cond: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    callback: Callback | None = None,
+) -> Tensor:
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022; diffusers' "sde-dpmsolver++", midpoint), stochastic: x_T -> x0 (b, *).
+
+    The same multistep data prediction D as `sample_dpmpp_2m`, on the reverse SDE instead of the ODE: each step
+    keeps e^-h of the ODE's x term, moves further toward D and adds fresh noise in proportion,
+    x_next = (sigma_next / sigma_cur) e^-h x + alpha_next (1 - e^-2h) D + sigma_next sqrt(1 - e^-2h) z,
+    so that, like ancestral DDPM, every step forgets part of the earlier steps' errors. The last step returns x0.
+    """
+    return _dpmpp_2m(denoiser, x_T, schedule, steps, spacing=spacing, sde=True, generator=generator, cond=cond,
+                     progress=progress, callback=callback)
+
+
+def _dpmpp_2m(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    steps: int,
+    *,
+    spacing: Spacing,
+    sde: bool,
+    generator: torch.Generator | None,
+    cond: Mapping[str, Any] | None,
+    progress: bool,
+    callback: Callback | None,
+) -> Tensor:
+    """DPM-Solver++(2M), ODE (`sde` False) or SDE form; see `sample_dpmpp_2m` and `sample_dpmpp_2m_sde`."""
     ts = timestep_subset(schedule.num_timesteps, steps, spacing).tolist()
     prev = ts[1:] + [-1]
     history: dict[str, Any] = {"x0": None, "h": None}  # the previous step's x0 and h
@@ -267,9 +312,15 @@ def sample_dpmpp_2m(
         D = d.x0 if history["x0"] is None else d.x0 + (d.x0 - history["x0"]) * (h / (2 * history["h"]))
         history["x0"], history["h"] = d.x0, h
         sigma_ratio = math.sqrt((1 - a_next) / (1 - a))
-        return sigma_ratio * x - math.sqrt(a_next) * math.expm1(-h) * D
+        if not sde:
+            return sigma_ratio * x - math.sqrt(a_next) * math.expm1(-h) * D
+        kept = -math.expm1(-2 * h)  # 1 - e^-2h
+        noise = _noise_like(x, generator)
+        noise_scale = math.sqrt((1 - a_next) * kept)  # sigma_next sqrt(1 - e^-2h)
+        return (sigma_ratio * math.exp(-h)) * x + (math.sqrt(a_next) * kept) * D + noise_scale * noise
 
-    return _run(denoiser, x_T, ts, step, cond=cond, progress=progress, callback=callback, desc="dpm++2m")
+    desc = "dpm++2m-sde" if sde else "dpm++2m"
+    return _run(denoiser, x_T, ts, step, cond=cond, progress=progress, callback=callback, desc=desc)
 
 
 @torch.no_grad()
@@ -328,7 +379,8 @@ def sample(
     """Run the sampler named `sampler` for `steps` denoiser calls from x_T (b, *) to x0 (b, *).
 
     "ddim" (eta: its noise, 0 deterministic), "ddpm" (ancestral, on `steps` trailing-respaced timesteps, with the
-    reverse `variance`) or "dpmpp_2m" (deterministic). For a stage that lets its caller pick the sampler by name.
+    reverse `variance`), "dpmpp_2m" (deterministic) or "dpmpp_2m_sde" (stochastic). For a stage that lets its
+    caller pick the sampler by name.
     """
     if sampler == "ddim":
         return sample_ddim(denoiser, x_T, schedule, steps, eta=eta, generator=generator, cond=cond, progress=progress)
@@ -338,4 +390,6 @@ def sample(
                            cond=cond, progress=progress)
     if sampler == "dpmpp_2m":
         return sample_dpmpp_2m(denoiser, x_T, schedule, steps, cond=cond, progress=progress)
-    raise ValueError(f"unknown sampler {sampler!r}; expected 'ddim', 'ddpm' or 'dpmpp_2m'")
+    if sampler == "dpmpp_2m_sde":
+        return sample_dpmpp_2m_sde(denoiser, x_T, schedule, steps, generator=generator, cond=cond, progress=progress)
+    raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from unclip.clip import Clip
 from unclip.clip.shapes_judge import ShapesJudge, verdict_agreement
 from unclip.data import ATTRIBUTES, make_shapes
-from unclip.diffusion import SamplerName
+from unclip.diffusion import SAMPLER_NAMES, SamplerName
 from unclip.images import pil_to_tensor, resize_images
 from upsamplers import Upsampler, upsample
 
@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=200, help="held-out SHAPES images")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="sampler steps per upsampler (default: each's)")
     p.add_argument("--aug-levels", type=float, nargs="+", default=None, help="corruption level per upsampler")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m"])
+    p.add_argument("--sampler", default="ddim", choices=SAMPLER_NAMES)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default="auto")

@@ -16,7 +16,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from PIL import Image
@@ -31,6 +31,7 @@ from upsamplers import Upsampler
 from ..checkpoint import CheckpointError, atomic_directory, write_json_atomic
 from ..clip import CaptionError, Clip
 from ..data.embeddings import clip_fingerprint
+from ..diffusion import SamplerName
 from ..images import tensor_to_pil
 from .cascade import run_cascade
 
@@ -38,14 +39,13 @@ __all__ = ["GenerationDefaults", "UnclipPipeline", "PIPELINE_FILE", "SamplerName
 
 PIPELINE_FILE = "pipeline.json"
 FORMAT_VERSION = 1
-SamplerName = Literal["ddim", "ddpm", "dpmpp_2m"]
 
 
 @dataclass(frozen=True)
 class GenerationDefaults:
     """Sampling settings a pipeline directory ships with (each `generate` argument left as None takes these)."""
 
-    sampler: SamplerName = "ddim"  # sampler of every stage: "ddim", "ddpm" or "dpmpp_2m"
+    sampler: SamplerName = "ddim"  # sampler of every stage: "ddim", "ddpm", "dpmpp_2m" or "dpmpp_2m_sde"
     prior_steps: int = 64  # the paper's prior used 64 steps
     prior_guidance: float = 1.0  # guiding the prior did not help in the paper
     best_of: int = 2  # prior samples per image; the one closest to the caption's text embedding is kept
