@@ -70,7 +70,7 @@ class DecoderEvalConfig:
     samples: int = 200  # held-out SHAPES images decoded (0: skip the evaluation)
     guidance_scales: tuple[float, ...] = (1.0, 3.0)  # each scale is evaluated
     steps: int = 50  # sampler steps
-    sampler: SamplerName = "ddim"  # which shared sampler
+    sampler: SamplerName = "ddpm"  # which shared sampler (ancestral DDPM reconstructs SHAPES best)
     eta: float = 0.0  # DDIM noise (0: deterministic)
     seed: int = 1234  # data and sampling seed
     batch_size: int = 100  # images decoded per batch

@@ -38,7 +38,7 @@ def reconstruction_accuracy(
     samples: int = 200,
     guidance_scales: Sequence[float] = (1.0, 3.0),
     steps: int = 50,
-    sampler: Sampler = "ddim",
+    sampler: Sampler = "ddpm",
     eta: float = 0.0,
     seed: int = 1234,
     batch_size: int = 100,

@@ -41,7 +41,7 @@ def decode(
     text: TextEncoding | None = None,
     *,
     steps: int = 50,
-    sampler: Sampler = "ddim",
+    sampler: Sampler = "ddpm",
     eta: float = 0.0,
     guidance_scale: float = 3.0,
     threshold: str | float | None = 0.995,
@@ -52,8 +52,9 @@ def decode(
     """Generate images (b, 3, s, s) in [0, 1] from CLIP image embeddings image_embed (b, d).
 
     text: the captions' `TextEncoding` (b rows; only text_tokens and text_mask are used) or None (image-only
-    conditioning). sampler: "ddim" (eta: its noise, 0 deterministic), "ddpm" (ancestral, on `steps` respaced
-    timesteps) or "dpmpp_2m". x_T: the starting noise (b, 3, s, s); drawn from `generator` when None.
+    conditioning). sampler: "ddpm" (ancestral, on `steps` respaced timesteps; the default, it reconstructs SHAPES
+    best), "ddim" (eta: its noise, 0 deterministic), "dpmpp_2m" or "dpmpp_2m_sde". x_T: the starting noise
+    (b, 3, s, s); drawn from `generator` when None.
     """
     was_training = decoder.training
     decoder.eval()

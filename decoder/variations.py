@@ -70,6 +70,6 @@ def image_variations(
                      "b c h w -> (b n) c h w", n=n)
     else:
         x_T = randn((b * n, 3, s, s), generator=generator, device=device)
-    out = decode(decoder, embed, None, steps=steps, eta=eta, guidance_scale=guidance_scale, generator=generator,
-                 x_T=x_T, progress=progress)
+    out = decode(decoder, embed, None, steps=steps, sampler="ddim", eta=eta, guidance_scale=guidance_scale,
+                 generator=generator, x_T=x_T, progress=progress)
     return rearrange(out, "(b n) c h w -> b n c h w", n=n)

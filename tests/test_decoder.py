@@ -136,7 +136,7 @@ def test_decode_shapes_determinism_and_guidance():
     assert torch.equal(images, run(guidance_scale=1.0))
     assert not torch.allclose(images, run(guidance_scale=3.0))
     assert not torch.allclose(run(eta=1.0), run(eta=1.0, seed=1))
-    assert run(sampler="ddpm").shape == run(sampler="dpmpp_2m").shape == (3, 3, 8, 8)
+    assert run(sampler="ddim").shape == run(sampler="dpmpp_2m_sde").shape == (3, 3, 8, 8)
 
 
 def test_decode_with_text_and_learned_variance(tiny_clip):
