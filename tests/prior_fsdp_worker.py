@@ -1,0 +1,55 @@
+"""Worker for test_prior_fsdp.py (run by torchrun, 2 gloo processes): the prior under FSDP2 with every attention and
+feed-forward block sharded on its own, so the length-group forward calls each sharded block once per group.
+
+Prints one JSON line on rank 0: the largest difference between the FSDP gradients (gathered) and those of a
+single-process, full-length (length_buckets 0) forward over both ranks' rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
+
+from prior import DiffusionPriorNetwork, PriorConfig
+from unclip.config import load_config
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    cfg = load_config(PriorConfig, dict(embed_dim=32, text_width=32, text_length=16, width=64, depth=2, heads=2,
+                                        dim_head=32, length_buckets=4))
+    reference = DiffusionPriorNetwork(dataclasses.replace(cfg, length_buckets=0))
+    model = DiffusionPriorNetwork(cfg)
+    model.load_state_dict(reference.state_dict())
+    b, g = 8, torch.Generator().manual_seed(1)  # b rows per rank; every rank draws all world * b rows alike
+    n = world * b
+    mask = torch.arange(16)[None] < torch.randint(2, 17, (n, 1), generator=g)
+    batch = dict(text_embed=F.normalize(torch.randn(n, 32, generator=g), dim=-1),
+                 text_tokens=torch.randn(n, 16, 32, generator=g), text_mask=mask,
+                 cond_drop=torch.arange(n) % 5 == 0)
+    x_t, t = torch.randn(n, 32, generator=g), torch.randint(0, 1000, (n,), generator=g)
+    reference(x_t, t, **batch).square().mean().backward()
+    for _, block, _ in model.transformer.layers:
+        fully_shard(block)
+    fully_shard(model)
+    mine = slice(rank * b, (rank + 1) * b)
+    model(x_t[mine], t[mine], **{k: v[mine] for k, v in batch.items()}).square().mean().backward()  # averaged
+    worst = 0.0
+    for (name, p), (_, p_ref) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+        assert (p.grad is None) == (p_ref.grad is None), name
+        if p.grad is not None:
+            worst = max(worst, (p.grad.full_tensor() - p_ref.grad).abs().max().item())
+    if rank == 0:
+        print(json.dumps({"max_grad_diff": worst}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
