@@ -112,13 +112,15 @@ class DiffusionPriorNetwork(nn.Module):
         mask = torch.cat([prefix_mask, prefix_mask.new_ones(b, NUM_EXTRA_SLOTS - 1)], dim=1)  # (b, l + 4)
         if c.length_buckets == 0:
             return self.to_out(self.transformer(seq, mask=mask)[:, -1])  # the query's output: (b, d)
-        out = seq.new_empty(b, c.width)
-        for rows, length in length_groups(prefix_mask[:, :-1], c.length_buckets):
+        groups = length_groups(prefix_mask[:, :-1], c.length_buckets)
+        queries = []
+        for rows, length in groups:
             keep = torch.cat([torch.arange(length, device=seq.device),
                               torch.arange(c.text_length, seq.shape[1], device=seq.device)])  # (length + 4,)
             h = self.transformer(seq[rows][:, keep], mask=mask[rows][:, keep])  # (k, length + 4, width)
-            out[rows] = h[:, -1]
-        return self.to_out(out)  # the query's output: (b, d)
+            queries.append(h[:, -1])
+        order = torch.cat([rows for rows, _ in groups])  # (b,) the rows in group order
+        return self.to_out(torch.cat(queries)[torch.argsort(order)])  # the query's output, in row order: (b, d)
 
     def _embed_prefix(
         self, text_embed: Tensor, text_tokens: Tensor, text_mask: Tensor, cond_drop: Tensor | None

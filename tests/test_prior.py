@@ -135,6 +135,17 @@ def test_length_buckets_give_the_full_length_outputs_and_gradients(buckets):
         torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-4, msg=k)
 
 
+def test_length_buckets_under_bf16_autocast():
+    text, b = random_text(8, seed=4), 8
+    x_t, t = torch.randn(b, D), torch.randint(0, 100, (b,))
+    outs = []
+    for n in (0, 4):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(forward(tiny_prior(length_buckets=n).train(), x_t, t, text))
+    assert outs[1].dtype == outs[0].dtype
+    torch.testing.assert_close(outs[1].float(), outs[0].float(), atol=0.05, rtol=0.05)
+
+
 # ----- classifier-free guidance ----------------------------------------------------------------------------
 def test_dropped_rows_ignore_the_text_but_see_x_t():
     prior, b = tiny_prior(), 4
