@@ -162,6 +162,12 @@ NOTES = """### Where the time goes
   (SDPA's CPU path with a padding mask), so it stays off."""
 
 
+def _note(data: dict[str, Any]) -> str:
+    """A run's note on its conditions (e.g. a busy machine), followed by a space; empty when there is none."""
+    note = (data.get("note") or "").strip()
+    return f"{note} " if note else ""
+
+
 def _config_lines(data: dict[str, Any]) -> str:
     r = data["results"]
     return (f"Parameters: ours {r['ours']['params']:,} (`PriorConfig` {json.dumps(r['ours']['config'])}), "
@@ -190,10 +196,11 @@ def _render_sampling(data: dict[str, Any]) -> str:
         f"### Sampling: {a['captions']} captions x {a['best_of']} candidates, DDIM {a['steps']} steps, "
         f"guidance {a['guidance']}",
         "",
-        f"Command: `{data['command']}`. {data.get('note', '')} Repetitions: {a['reps']} after a "
+        f"Command: `{data['command']}`. {_note(data)}Repetitions: {a['reps']} after a "
         f"{a['warmup_steps']}-step warm-up. "
         "ours = the caption prefix computed once per call (default); ours-uncached = the full sequence at every "
-        "step (`use_cache=False`); peer = `DiffusionPrior.p_sample_loop_ddim(eta=0)` on the same rows.",
+        "step (`use_cache=False`; the forward's caption-length groups still skip the padding); peer = "
+        "`DiffusionPrior.p_sample_loop_ddim(eta=0)` on the same rows.",
         "",
         *rows,
         "",
@@ -211,7 +218,7 @@ def _render_train(data: dict[str, Any]) -> str:
     return "\n".join([
         f"### Training step: batch {a['batch']}, forward + backward + AdamW",
         "",
-        f"Command: `{data['command']}`. {data.get('note', '')} {a['reps']} timed steps after {a['warmup']} warm-up "
+        f"Command: `{data['command']}`. {_note(data)}{a['reps']} timed steps after {a['warmup']} warm-up "
         "steps. ours = "
         "`prior.prior_loss` (10% caption dropout) then backward and `torch.optim.AdamW.step`; peer = "
         "`DiffusionPrior.forward` (its loss, 10% text and image dropout) then the same. -bf16: the forward under "
