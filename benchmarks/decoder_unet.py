@@ -120,6 +120,12 @@ def guided(side: str, model, x: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}  # process: CPU seconds, steadier on a busy machine
+CLOCK_NOTES = {
+    "wall": "Wall-clock seconds, measured on an otherwise idle machine.",
+    "process": "The process clock counts the CPU seconds of the worker (with one thread: its compute time); it is "
+               "meant for runs that share the machine with other work, which makes wall-clock medians of separate "
+               "processes incomparable.",
+}
 
 
 def timed(fn, warmup: int, reps: int, clock: str = "wall") -> list[float]:
@@ -225,7 +231,7 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join([
         "Our decoder (`decoder.Decoder`: `unclip.nn.UNet` + CLIP conditioning) against lucidrains' dalle2-pytorch "
         "`Unet` (1.15.6) at equal parameter count. Each side runs in its own process launched by the same script "
-        f"run, {a['threads']} threads each; medians of {a['reps']} repetitions after {a['warmup']} warm-up calls "
+        f"run, {a['threads']} threads each; medians of {a['reps']} repetitions after {a['warmup']} warm-up call(s) "
         f"({a['clock']} clock). "
         "Speed-up = peer time / our time (target: >= 1.5x). train = forward (training-time condition dropout) + "
         f"MSE + backward + AdamW; sampler step = one conditional eval forward under no_grad; guided = one "
@@ -236,16 +242,18 @@ def render(data: dict[str, Any]) -> str:
         "",
         *rows,
         "",
-        "The process clock counts the CPU seconds of the worker (with one thread: its compute time); it was used "
-        "because other trainings shared the machine during the run, which makes wall-clock medians of separate "
-        "processes incomparable. Where the time goes (torch.profiler, ours at 32x32): convolutions forward and "
+        CLOCK_NOTES[a["clock"]] + " Where the time goes (torch.profiler, ours at 32x32): convolutions forward and "
         "backward are ~60% of the training step and ~55% of the sampler step, already on channels_last activations "
         "(oneDNN's fast path: -10 to -15% per step) at close to one core's fp32 peak; SDPA (CPU flash kernel, "
         "faster here than the math path or a hand-written softmax), the attention/embedding linears, GroupNorm and "
         "SiLU share the rest. Both networks do about the same work per image (FlopCounterMode at 32x32: ours 5.1 "
         "GFLOP of convolutions and linears, the peer 4.8 GFLOP), so at equal parameter count the remaining gap to "
-        "1.5x at 32x32 is not overhead that the implementation can remove without changing the numbers (bf16 "
-        "would).",
+        "1.5x at 32x32 is not overhead that the implementation can remove without changing the numbers. Under "
+        "bf16 autocast both sides gain (oneDNN's bf16 convolutions) and the ratios shrink at 32x32 and in "
+        "training: the convolutions, ~equal work on both sides, then dominate even more. torch.compile (inductor, "
+        "CPU) left our 32x32 training step unchanged (6.82 s against 6.81 s eager, 1 thread). At 64x64 our guided "
+        "call (one forward of 2B) takes longer than two forwards of B would on this CPU (4.13 s against 2 x 1.81 "
+        "s); on a GPU the single batched forward is the faster form, so it stays.",
         "",
         "Configs (same levels, 2 residual blocks per level, self-attention at the two lowest resolutions and in the "
         "middle, 32-channel heads; the peer also cross-attends inside its residual blocks, so its width is lower "
