@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from unclip.diffusion import DiffusionConfig, SamplerName  # re-exported: it lived here before the upsamplers shared it
+from unclip.diffusion import (
+    DiffusionConfig,  # re-exported: it lived here before the upsamplers shared it
+    SamplerName,
+)
 from unclip.nn import UNetConfig
 from unclip.train import TrainConfig
 

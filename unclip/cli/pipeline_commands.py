@@ -25,7 +25,6 @@ from .common import CliError, add_device_argument, print_table, resolve_device
 
 __all__ = ["add_pipeline_parsers"]
 
-SAMPLERS = SAMPLER_NAMES
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -116,7 +115,7 @@ def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (default: the pipeline's own settings)")
-    g.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler of every stage")
+    g.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="sampler of every stage")
     g.add_argument("--prior-steps", type=int, default=None)
     g.add_argument("--prior-guidance", type=float, default=None)
     g.add_argument("--best-of", type=int, default=None, help="prior samples per image, the closest to the text kept")
