@@ -23,6 +23,16 @@ def test_round_trip_and_kind_check(tmp_path):
         load_pretrained_dir(tmp_path / "m", kind="clip")
 
 
+def test_identical_weights_give_identical_files(tmp_path):
+    """Re-saving unchanged weights (e.g. `unclip assemble` run again) must not produce a byte-different file."""
+    state = {"w": torch.randn(3, 4), "b": torch.zeros(4), "a": torch.ones(2, dtype=torch.int64)}
+    blobs = set()
+    for i in range(8):
+        save_pretrained_dir(tmp_path / f"m{i}", kind="toy", config={"width": 4}, state_dict=state)
+        blobs.add((tmp_path / f"m{i}" / "model.safetensors").read_bytes())
+    assert len(blobs) == 1
+
+
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
     save_pretrained_dir(tmp_path / "m", kind="toy", config={"v": 1}, state_dict={"w": torch.ones(2)})
     with pytest.raises(RuntimeError, match="boom"):

@@ -124,7 +124,9 @@ def save_pretrained_dir(
     """
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     with atomic_directory(out_dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "kind": kind})
+        # One metadata key: safetensors writes the map in hash order, so several keys would make identical weights
+        # give byte-different files (the kind lives in config.json).
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         meta = {"kind": kind, "format_version": FORMAT_VERSION, "config": dict(config)}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         for name, data in (extra_files or {}).items():
