@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from .config import TrainConfig
 from .data import epoch_permutation
+from .device import unwrap_model
 from .ema import EMA
 from .logging import RunLogger, save_image_grid
 from .lr import build_lr_scheduler, build_optimizer, lr_factor
 from .state import find_latest_checkpoint, load_training_checkpoint, save_training_checkpoint
-from .trainer import NonFiniteLossError, Trainer, TrainResult, TrainTask, unwrap_model
+from .trainer import NonFiniteLossError, Trainer, TrainResult, TrainTask
 
 __all__ = [
     "TrainConfig",

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,8 +28,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
-from accelerate.utils import gather_object, parse_flag_from_env, send_to_device
+from accelerate.utils import gather_object, send_to_device
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -39,6 +37,7 @@ from ..checkpoint import clean_stale_temporaries, load_state_dict_strict
 from ..config import config_to_dict
 from .config import TrainConfig
 from .data import build_train_loader, is_empty_batch, mix_seed, split_skipped
+from .device import build_accelerator, enable_gradient_checkpointing, to_channels_last
 from .ema import EMA
 from .logging import MetricWindow, RunLogger
 from .lr import build_lr_scheduler, build_optimizer
@@ -54,7 +53,7 @@ from .state import (
     seed_everything,
 )
 
-__all__ = ["NonFiniteLossError", "TrainResult", "TrainTask", "Trainer", "unwrap_model"]
+__all__ = ["NonFiniteLossError", "TrainResult", "TrainTask", "Trainer"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -105,56 +104,6 @@ class _Outcome(NamedTuple):
     finite: Any = True  # deferred steps: 0-d bool tensor, False when the device skipped the update
 
 
-def _enable_gradient_checkpointing(model: nn.Module) -> None:
-    supporting = [m for m in model.modules() if callable(getattr(m, "set_gradient_checkpointing", None))]
-    if not supporting:
-        raise ValueError(f"gradient_checkpointing: {type(model).__name__} has no module that supports it "
-                         "(one with a set_gradient_checkpointing(enabled) method, like unclip.nn.UNet)")
-    for module in supporting:
-        module.set_gradient_checkpointing(True)
-
-
-def _to_channels_last(batch: Any) -> Any:
-    """4-D floating tensors of a batch (dicts, lists and tuples walked) in channels_last memory format."""
-    if isinstance(batch, torch.Tensor):
-        return batch.contiguous(memory_format=torch.channels_last) if batch.ndim == 4 and batch.is_floating_point() \
-            else batch
-    if isinstance(batch, dict):
-        return {k: _to_channels_last(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
-        return type(batch)(_to_channels_last(v) for v in batch)
-    return batch
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The task's own module inside a DDP / FSDP / compile wrapper."""
-    from accelerate.utils import extract_model_from_parallel
-
-    return extract_model_from_parallel(model)
-
-
-def _build_accelerator(cfg: TrainConfig, task: Any) -> Accelerator:
-    # CPU when there is no GPU or `accelerate launch --cpu` asked for it; passing cpu=True is what makes
-    # accelerate start gloo when several CPU processes were launched (torchrun / accelerate launch).
-    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
-    precision = ("no" if cpu else "bf16") if cfg.mixed_precision == "auto" else cfg.mixed_precision
-    fsdp = None
-    if cfg.distributed == "fsdp":
-        fsdp = FullyShardedDataParallelPlugin(
-            fsdp_version=2, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
-            auto_wrap_policy="size_based_wrap", min_num_params=1_000_000,
-        )  # fmt: skip
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(getattr(task, "find_unused_parameters", False)))
-    acc = Accelerator(cpu=cpu, mixed_precision=precision, fsdp_plugin=fsdp, kwargs_handlers=[ddp])
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != acc.num_processes:
-        raise RuntimeError(
-            f"launched as {launched} processes (WORLD_SIZE) but accelerate set up {acc.num_processes}; "
-            "was accelerate's state created before the Trainer with other settings?"
-        )
-    return acc
-
-
 class Trainer:
     """Trains `task.model` as `cfg` says, writing logs, samples and checkpoints under `output_dir`."""
 
@@ -162,7 +111,7 @@ class Trainer:
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
         self.task, self.cfg, self.output_dir = task, cfg, Path(output_dir)
-        self.accelerator = acc = _build_accelerator(cfg, task)
+        self.accelerator = acc = build_accelerator(cfg, task)
         self.world_size, self.rank = acc.num_processes, acc.process_index
         per_draw = cfg.batch_size // cfg.grad_accum_steps
         if per_draw % self.world_size:
@@ -181,7 +130,7 @@ class Trainer:
         fused = cfg.fused_adamw if cfg.fused_adamw is not None else on_cuda or self.defer_sync
         model = task.model.to(acc.device)
         if cfg.gradient_checkpointing:
-            _enable_gradient_checkpointing(model)
+            enable_gradient_checkpointing(model)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if cfg.compile:
@@ -431,7 +380,7 @@ class Trainer:
                 continue
             empty_run = 0
             batch = send_to_device(batch, acc.device, non_blocking=True)
-            yield _to_channels_last(batch) if cfg.channels_last else batch
+            yield to_channels_last(batch) if cfg.channels_last else batch
 
     # ---------------------------------------------------------------- side outputs
     def _totals(self) -> dict[str, int]:
