@@ -12,7 +12,10 @@ the peer (`dalle2_pytorch.Unet`, version 1.15.6, conditioned on the image embedd
   backward, `torch.optim.AdamW.step` (torch's default implementation on CPU, the same for both);
 - sample: the network work of one sampler step at batch B: eval mode, no_grad, one conditional forward (the peer's
   classifier-free guidance runs the conditional and unconditional batches as two forwards, ours as one forward of
-  2B, so the unguided forward is the like-for-like unit; the guided step is timed too and reported beside it).
+  2B, so the unguided forward is the like-for-like unit; the guided step is timed too and reported beside it);
+- loop: sampling one batch of B images from noise, each side's own sampler: `--loop-steps` DDIM steps (eta 0),
+  classifier-free guidance 3, dynamic thresholding of x0 at the 99.5th percentile (ours `decoder.decode`, the
+  peer's `Decoder.sample` around the same `Unet`); seconds per batch, and per step = batch / steps.
 Nothing is installed at run time; the peer venv is made once with
 
     python3 -m venv .venv-peer && .venv-peer/bin/pip install torch==2.14.1 torchvision==0.29.1 dalle2-pytorch==1.15.6
@@ -140,8 +143,25 @@ def timed(fn, warmup: int, reps: int, clock: str = "wall") -> list[float]:
     return times
 
 
+def sampling_loop(side: str, model, x: dict[str, torch.Tensor], size: int, steps: int):
+    """A function sampling one batch (B images from noise) with the side's own DDIM sampler; see the module doc."""
+    if side == "ours":
+        from decoder.sampling import decode
+        from unclip.clip import TextEncoding
+
+        text = TextEncoding(x["image_embed"], x["text_tokens"], x["text_mask"])  # text_embed is not read
+        return lambda: decode(model, x["image_embed"], text, steps=steps, sampler="ddim", eta=0.0,
+                              guidance_scale=GUIDANCE, threshold=0.995, generator=torch.Generator().manual_seed(0))
+    from dalle2_pytorch import Decoder
+
+    decoder = Decoder(model, image_size=size, timesteps=1000, sample_timesteps=steps, beta_schedule="cosine",
+                      learned_variance=False, use_dynamic_thres=True, dynamic_thres_percentile=0.995,
+                      ddim_sampling_eta=0.0).eval()
+    return lambda: decoder.sample(image_embed=x["image_embed"], text_encodings=x["text_tokens"], cond_scale=GUIDANCE)
+
+
 def worker(side: str, size: int, warmup: int, reps: int, threads: int, clock: str = "wall",
-           precision: str = "fp32") -> dict[str, Any]:
+           precision: str = "fp32", loop_steps: int = 0, loop_reps: int = 2) -> dict[str, Any]:
     torch.set_num_threads(threads)
     model = build(side, size)
     b = SIZES[size]["batch"]
@@ -169,11 +189,21 @@ def worker(side: str, size: int, warmup: int, reps: int, threads: int, clock: st
         with torch.no_grad(), autocast():
             guided(side, model, x)
 
-    return {"side": side, "size": size, "batch": b, "threads": threads, "torch": torch.__version__,
-            "precision": precision,
-            "params": sum(p.numel() for p in model.parameters()), "config": SIZES[size][side],
-            "train": timed(train_step, warmup, reps, clock), "sample": timed(sample_step, warmup, reps, clock),
-            "guided": timed(guided_step, warmup, reps, clock)}
+    result = {"side": side, "size": size, "batch": b, "threads": threads, "torch": torch.__version__,
+              "precision": precision,
+              "params": sum(p.numel() for p in model.parameters()), "config": SIZES[size][side],
+              "train": timed(train_step, warmup, reps, clock), "sample": timed(sample_step, warmup, reps, clock),
+              "guided": timed(guided_step, warmup, reps, clock)}
+    if loop_steps:
+        loop = sampling_loop(side, model, x, size, loop_steps)
+
+        def loop_batch() -> None:
+            with torch.no_grad(), autocast():
+                loop()
+
+        result["loop"] = timed(loop_batch, 0, loop_reps, clock)  # the kernels are warm from the steps above
+        result["loop_steps"] = loop_steps
+    return result
 
 
 # ----- the driver ------------------------------------------------------------------------------------------------
@@ -183,7 +213,8 @@ def run_worker(side: str, size: int, args: argparse.Namespace, precision: str = 
         raise SystemExit(f"{python} is missing; see this script's docstring for the peer venv")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     cmd = [str(python), __file__, "--worker", side, "--sizes", str(size), "--warmup", str(args.warmup),
-           "--reps", str(args.reps), "--threads", str(args.threads), "--clock", args.clock, "--precisions", precision]
+           "--reps", str(args.reps), "--threads", str(args.threads), "--clock", args.clock, "--precisions", precision,
+           "--loop-steps", str(args.loop_steps), "--loop-reps", str(args.loop_reps)]
     print(f"[{side} {size}x{size} {precision}] running ...", file=sys.stderr, flush=True)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -203,7 +234,9 @@ def row_key(size: int, precision: str) -> str:
 def summarise(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"params": {"ours": ours["params"], "peer": peer["params"],
                                       "ratio": ours["params"] / peer["params"]}}
-    for key in ("train", "sample", "guided"):
+    for key in ("train", "sample", "guided", "loop"):
+        if key not in ours or key not in peer:
+            continue
         o, p = statistics.median(ours[key]), statistics.median(peer[key])
         out[key] = {"ours_s": o, "peer_s": p, "time_ratio": o / p, "speedup": p / o}
     return out
@@ -211,14 +244,16 @@ def summarise(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
 
 def render(data: dict[str, Any]) -> str:
     a = data["args"]
+    loop_steps = a.get("loop_steps", 0)
     rows = ["| size | precision | batch | params ours / peer | train step ours / peer (s) | speed-up | sampler step "
-            "ours / peer (s) | speed-up | guided step ours / peer (s) | speed-up |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "ours / peer (s) | speed-up | guided step ours / peer (s) | speed-up | sampling loop, "
+            f"{loop_steps} steps, ours / peer (s) | speed-up |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     configs = []
     for key, r in data["sizes"].items():
         s, size, precision = r["summary"], r.get("size", key), r.get("precision", "fp32")
-        cells = [f"{s[k]['ours_s']:.3f} / {s[k]['peer_s']:.3f} | {s[k]['speedup']:.2f}x" for k in
-                 ("train", "sample", "guided")]
+        cells = [f"{s[k]['ours_s']:.3f} / {s[k]['peer_s']:.3f} | {s[k]['speedup']:.2f}x" if k in s else "n/a | n/a"
+                 for k in ("train", "sample", "guided", "loop")]
         rows.append(f"| {size}x{size} | {precision} | {r['ours']['batch']} | {s['params']['ours']:,} / "
                     f"{s['params']['peer']:,} ({s['params']['ratio'] - 1:+.1%}) | " + " | ".join(cells) + " |")
         if precision != "fp32":
@@ -236,7 +271,10 @@ def render(data: dict[str, Any]) -> str:
         "Speed-up = peer time / our time (target: >= 1.5x). train = forward (training-time condition dropout) + "
         f"MSE + backward + AdamW; sampler step = one conditional eval forward under no_grad; guided = one "
         f"classifier-free-guided call (scale {GUIDANCE}) as each side's sampler makes it: ours one forward of 2B, "
-        "the peer's two forwards of B. Captions: 8 to 24 real tokens of 24, CLIP width 128.",
+        "the peer's two forwards of B. sampling loop = one batch of B images from noise with each side's own sampler "
+        f"(`decoder.decode` / the peer's `Decoder.sample`): {loop_steps} DDIM steps (eta 0), guidance {GUIDANCE}, "
+        f"dynamic thresholding at the 99.5th percentile; median of {a.get('loop_reps', 0)} batches after the timed "
+        "steps. Captions: 8 to 24 real tokens of 24, CLIP width 128.",
         "",
         f"Command: `{data['command']}`. Machine: {data['machine']}.",
         "",
@@ -272,13 +310,16 @@ def main() -> None:
     p.add_argument("--clock", choices=list(CLOCKS), default="wall", help="wall seconds, or process CPU seconds")
     p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
                    help="bf16: forwards under CPU bfloat16 autocast on both sides (weights, AdamW in float32)")
+    p.add_argument("--loop-steps", type=int, default=10,
+                   help="DDIM steps of the whole-batch sampling loop timed after the steps (0: skip it)")
+    p.add_argument("--loop-reps", type=int, default=2, help="repetitions of the sampling loop")
     p.add_argument("--no-write", action="store_true", help="print only; leave the JSON and BENCHMARKS.md alone")
     p.add_argument("--worker", choices=["ours", "peer"], help=argparse.SUPPRESS)
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.worker:
         print(json.dumps(worker(args.worker, sizes[0], args.warmup, args.reps, args.threads, args.clock,
-                                args.precisions[0])))
+                                args.precisions[0], args.loop_steps, args.loop_reps)))
         return
     results = {}
     for precision in args.precisions:
