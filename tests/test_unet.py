@@ -98,3 +98,31 @@ def test_config_is_checked():
     unet = UNet(_small(cond_dim=4))
     with pytest.raises(AssertionError, match="cond"):
         unet(torch.randn(1, 3, 8, 8), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_group_norm_of_bf16_activations_is_computed_in_float32(memory_format):
+    """ADM's GroupNorm32: bf16 activations are normalised with float32 statistics, forward and backward; the CPU
+    fast path must give the upcast computation's numbers (identical on channels_last, else within one bf16 step)."""
+    from unclip.nn.layers import group_norm
+
+    g = torch.Generator().manual_seed(0)
+    norm = group_norm(64, 32)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=g))
+        norm.bias.copy_(torch.randn(64, generator=g))
+    x = (torch.randn(4, 64, 8, 8, generator=g) * 30 + 100).to(torch.bfloat16)  # large mean: bf16 stats would fail
+    x = x.contiguous(memory_format=memory_format)
+    upstream = torch.randn(4, 64, 8, 8, generator=g).to(torch.bfloat16)
+    outputs = []
+    for fast in (True, False):
+        xi = x.clone().requires_grad_()
+        norm.zero_grad()
+        y = norm(xi) if fast else torch.nn.functional.group_norm(
+            xi.float(), 32, norm.weight, norm.bias, norm.eps).to(torch.bfloat16)
+        y.backward(upstream)
+        outputs.append((y.float(), xi.grad.float(), norm.weight.grad.clone(), norm.bias.grad.clone()))
+    exact = memory_format == torch.channels_last
+    for got, want in zip(*outputs):
+        scale = want.abs().max()
+        assert (got - want).abs().max() <= (0 if exact else 2**-7 * scale + 1e-4)
