@@ -102,8 +102,9 @@ def test_config_is_checked():
 
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
 def test_group_norm_of_bf16_activations_is_computed_in_float32(memory_format):
-    """ADM's GroupNorm32: bf16 activations are normalised with float32 statistics, forward and backward; the CPU
-    fast path must give the upcast computation's numbers (identical on channels_last, else within one bf16 step)."""
+    """ADM's GroupNorm32: bf16 activations are normalised with float32 statistics, in training and in sampling (the
+    CPU fast path, no_grad): the upcast computation's numbers (identical on channels_last, else within one bf16
+    step)."""
     from unclip.nn.layers import group_norm
 
     g = torch.Generator().manual_seed(0)
@@ -115,13 +116,15 @@ def test_group_norm_of_bf16_activations_is_computed_in_float32(memory_format):
     x = x.contiguous(memory_format=memory_format)
     upstream = torch.randn(4, 64, 8, 8, generator=g).to(torch.bfloat16)
     outputs = []
-    for fast in (True, False):
+    for module in (True, False):  # the layer, then the upcast reference
         xi = x.clone().requires_grad_()
         norm.zero_grad()
-        y = norm(xi) if fast else torch.nn.functional.group_norm(
+        y = norm(xi) if module else torch.nn.functional.group_norm(
             xi.float(), 32, norm.weight, norm.bias, norm.eps).to(torch.bfloat16)
         y.backward(upstream)
         outputs.append((y.float(), xi.grad.float(), norm.weight.grad.clone(), norm.bias.grad.clone()))
+        with torch.no_grad():  # sampling: the fast path, against the reference's y
+            outputs[-1] += (norm(x).float() if module else y.float(),)
     exact = memory_format == torch.channels_last
     for got, want in zip(*outputs):
         scale = want.abs().max()
