@@ -213,3 +213,27 @@ def test_deferred_ema_skips_with_the_update(tmp_path):
     assert deferred.ema.num_updates == strict.ema.num_updates == 6
     for name, value in strict.ema.state_dict().items():  # 0.05 < the warm-up decay (1+n)/(10+n): same decays
         torch.testing.assert_close(deferred.ema.state_dict()[name], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("device", "precision", "overrides", "expected"),
+    [
+        ("cuda", "bf16", {}, (True, True)),  # the defaults on a GPU: deferred reads, fused kernel
+        ("cpu", "no", {}, (False, False)),
+        ("cuda", "bf16", {"fused_adamw": False}, (False, False)),  # deferring needs the fused kernel's skip
+        ("cuda", "fp16", {}, (False, True)),  # the loss scaler reads the gradients on the host
+        ("cpu", "no", {"fused_adamw": True}, (False, True)),
+        ("cpu", "no", {"defer_sync": True}, (True, True)),
+    ],
+)
+def test_step_options_resolve_per_device(device, precision, overrides, expected):
+    from unclip.train.device import step_options
+
+    assert step_options(make_cfg(**overrides), device, precision) == expected
+
+
+def test_step_options_refuse_defer_sync_with_fp16():
+    from unclip.train.device import step_options
+
+    with pytest.raises(ValueError, match="fp16"):
+        step_options(make_cfg(defer_sync=True), "cuda", "fp16")

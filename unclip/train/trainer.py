@@ -37,7 +37,7 @@ from ..checkpoint import clean_stale_temporaries, load_state_dict_strict
 from ..config import config_to_dict
 from .config import TrainConfig
 from .data import build_train_loader, is_empty_batch, mix_seed, split_skipped
-from .device import build_accelerator, enable_gradient_checkpointing, to_channels_last
+from .device import build_accelerator, enable_gradient_checkpointing, step_options, to_channels_last
 from .ema import EMA
 from .logging import MetricWindow, RunLogger
 from .lr import build_lr_scheduler, build_optimizer
@@ -122,12 +122,7 @@ class Trainer:
         self.micro_batch = per_draw // self.world_size  # samples per forward on each process
         if acc.is_fsdp2 and cfg.ema_decay is not None:
             raise NotImplementedError("EMA is not supported with distributed: fsdp yet; use ddp or ema_decay: null")
-        on_cuda = acc.device.type == "cuda"
-        fp16 = acc.mixed_precision == "fp16"
-        if cfg.defer_sync and fp16:
-            raise ValueError("defer_sync does not combine with fp16 (its loss scaler reads the gradients on the host)")
-        self.defer_sync = bool(cfg.defer_sync if cfg.defer_sync is not None else on_cuda and not fp16)
-        fused = cfg.fused_adamw if cfg.fused_adamw is not None else on_cuda or self.defer_sync
+        self.defer_sync, fused = step_options(cfg, acc.device.type, acc.mixed_precision)
         model = task.model.to(acc.device)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
