@@ -85,6 +85,27 @@ def test_extract_broadcasts_and_casts():
     torch.testing.assert_close(out.flatten(), s.betas[[0, 5, 9]].float())
 
 
+def test_tables_are_copied_to_a_device_once_and_forgotten_with_their_schedule():
+    """A lookup on another device reuses one copy of the table (a host-to-GPU copy per call would stall the GPU);
+    the meta device stands in for a GPU here."""
+    import gc
+
+    from unclip.diffusion.schedule import _DEVICE_COPIES, on_device
+
+    schedule = cosine_schedule(50)
+    t = torch.tensor([3, 7], device="meta")
+    x = torch.empty(2, 3, device="meta")
+    first = on_device(schedule.alphas_cumprod, t.device)
+    assert first.device.type == "meta" and on_device(schedule.alphas_cumprod, t.device) is first
+    assert extract(schedule.alphas_cumprod, t, x).shape == (2, 1)
+    assert on_device(schedule.alphas_cumprod, torch.device("cpu")) is schedule.alphas_cumprod
+    key = id(schedule.alphas_cumprod)
+    assert key in _DEVICE_COPIES
+    del schedule
+    gc.collect()
+    assert key not in _DEVICE_COPIES
+
+
 def test_q_posterior_matches_bayes_rule_float64():
     """The posterior of q(x_{t-1} | x0) = N(sqrt(abar') x0, 1 - abar') times q(x_t | x_{t-1}) = N(sqrt(a) x, beta)."""
     s = cosine_schedule(200)

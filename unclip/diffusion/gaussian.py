@@ -22,7 +22,7 @@ import torch
 from einops import reduce
 from torch import Tensor
 
-from unclip.diffusion.schedule import NoiseSchedule, extract
+from unclip.diffusion.schedule import NoiseSchedule, extract, on_device
 
 __all__ = [
     "Objective",
@@ -116,7 +116,7 @@ def v_from_x0_eps(schedule: NoiseSchedule, x0: Tensor, eps: Tensor, t: Tensor) -
 
 def snr(schedule: NoiseSchedule, t: Tensor) -> Tensor:
     """Signal-to-noise ratio alpha-bar_t / (1 - alpha-bar_t) per row: (b,) -> (b,) float32."""
-    acp = schedule.alphas_cumprod.to(t.device)[t]
+    acp = on_device(schedule.alphas_cumprod, t.device)[t]
     return (acp / (1 - acp)).float()
 
 

@@ -12,6 +12,7 @@ casts them to x's dtype and device on use; the samplers read scalars with `alpha
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +28,7 @@ __all__ = [
     "make_schedule",
     "posterior_coefficients",
     "extract",
+    "on_device",
     "alphas_cumprod_at",
 ]
 
@@ -149,13 +151,33 @@ def make_schedule(kind: ScheduleKind = "cosine", num_timesteps: int = 1000) -> N
     raise ValueError(f"unknown schedule kind {kind!r}; expected 'linear' or 'cosine'")
 
 
+_DEVICE_COPIES: dict[int, dict[torch.device, Tensor]] = {}  # id(table) -> its copies on other devices
+
+
+def on_device(values: Tensor, device: torch.device) -> Tensor:
+    """A schedule table on `device`, copied there once per table and device, then reused.
+
+    A copy from ordinary host memory to a GPU waits for everything queued on the device; a lookup that copied its
+    table every time would stall each training and sampling step. The tables are never modified in place.
+    """
+    if values.device == device:
+        return values
+    copies = _DEVICE_COPIES.get(id(values))
+    if copies is None:
+        copies = _DEVICE_COPIES[id(values)] = {}
+        weakref.finalize(values, _DEVICE_COPIES.pop, id(values), None)  # forget the copies with the table
+    if device not in copies:
+        copies[device] = values.to(device)
+    return copies[device]
+
+
 def extract(values: Tensor, t: Tensor, x: Tensor) -> Tensor:
     """Gather values[t] per row and shape it to broadcast against x.
 
     values: (T,) table; t: (b,) long timesteps; x: (b, *) -> (b, 1, ..., 1) in x's dtype and on x's device.
     """
     assert t.ndim == 1 and t.shape[0] == x.shape[0], f"t must be (b,) = ({x.shape[0]},), got {tuple(t.shape)}"
-    gathered = values.to(t.device)[t].to(x.dtype)  # (b,)
+    gathered = on_device(values, t.device)[t].to(x.dtype)  # (b,)
     return gathered.to(x.device).view(-1, *([1] * (x.ndim - 1)))  # (b,) -> (b, 1, ..., 1)
 
 
