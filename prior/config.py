@@ -38,8 +38,9 @@ class PriorConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # noise schedule (cosine, 1000 steps)
     cond_drop_prob: float = 0.1  # training: fraction of captions replaced by the learned null text conditioning
     embed_scale: float | None = None  # unit-norm CLIP embeddings are multiplied by this; None: sqrt(embed_dim)
-    length_buckets: int = 4  # `forward` runs the rows, sorted by caption length, in up to this many groups, each
-    #   cut to its longest caption: padding is masked out, so the result is the same (0: every row at full length)
+    length_buckets: int = 4  # `forward` runs the rows, sorted by caption length, in this many groups (at most b),
+    #   each cut to its longest caption: padding is masked out, so the result is the same. It reads the groups'
+    #   lengths on the host, the prior step's one device sync on a GPU (0: every row at full length, no read)
 
     def __post_init__(self) -> None:
         for name in ("embed_dim", "text_width", "text_length", "width", "depth", "heads", "dim_head", "ff_mult"):

@@ -197,23 +197,18 @@ class DiffusionPriorNetwork(nn.Module):
 
 
 def length_groups(mask: Tensor, groups: int) -> list[tuple[Tensor, int]]:
-    """Split b rows by caption length into up to `groups` groups of consecutive lengths: [(rows (k,) long, length)].
+    """Split b rows by caption length into min(groups, b) groups of consecutive lengths: [(rows (k,) long, length)].
 
     mask: (b, l) bool, True at the tokens a row attends to. A row's length is one past its last True token (0 for
     none), and a group's length is its longest row's: cutting a group's token slots to that length drops only
     masked-out slots, so the causal transformer's output at the later slots is unchanged. Rows are sorted by
-    length and cut into equal parts; parts of the same length merge. One host sync (the lengths).
+    length and cut into equal parts. The number of groups depends on b alone, never on the captions: under FSDP
+    every process must call each sharded block equally often. One host read (each group's length).
     """
     b, length = mask.shape
     slots = torch.arange(1, length + 1, device=mask.device)
     lengths = (mask * slots).amax(dim=1)  # (b,) one past the last attended slot
     order = torch.argsort(lengths, stable=True)
-    parts = [part for part in torch.tensor_split(order, min(groups, b)) if part.numel()]
+    parts = torch.tensor_split(order, min(groups, b))  # all non-empty
     tops = lengths[torch.stack([part[-1] for part in parts])].tolist()  # each part's longest row
-    merged: list[tuple[Tensor, int]] = []
-    for part, top in zip(parts, tops, strict=True):
-        if merged and merged[-1][1] == top:
-            merged[-1] = (torch.cat([merged[-1][0], part]), top)
-        else:
-            merged.append((part, top))
-    return merged
+    return list(zip(parts, tops, strict=True))

@@ -32,6 +32,7 @@ def main() -> None:
     b, g = 8, torch.Generator().manual_seed(1)  # b rows per rank; every rank draws all world * b rows alike
     n = world * b
     mask = torch.arange(16)[None] < torch.randint(2, 17, (n, 1), generator=g)
+    mask[b:] = True  # the second rank's captions all fill the context: its rows still make as many calls
     batch = dict(text_embed=F.normalize(torch.randn(n, 32, generator=g), dim=-1),
                  text_tokens=torch.randn(n, 16, 32, generator=g), text_mask=mask,
                  cond_drop=torch.arange(n) % 5 == 0)
