@@ -194,9 +194,9 @@ class DecoderTrainTask:
             columns.append(torch.nn.functional.interpolate(out.float().cpu(), size=side, mode="nearest"))
         return rearrange(torch.stack(columns), "c k ch h w -> (k c) ch h w")
 
-    def export(self, model: nn.Module, out_dir: Path) -> None:
-        """Write the trained decoder (the trainer passes the EMA copy when EMA is on)."""
-        save_state(out_dir, self.cfg.model, unwrap_model(model).state_dict(), self.clip_info)
+    def export(self, model: nn.Module, out_dir: Path, state_dict: dict[str, Tensor]) -> None:
+        """Write the trained decoder: `state_dict` is the full weights (the EMA's when EMA is on)."""
+        save_state(out_dir, self.cfg.model, state_dict, self.clip_info)
 
     def config_dict(self) -> dict[str, Any]:
         return config_to_dict(self.cfg)

@@ -131,10 +131,11 @@ class PriorTrainTask:
         fields = batch if self.embeddings else self.encode(batch)
         return prior_loss(model, *(fields[name] for name in EMBEDDING_FIELDS))
 
-    def export(self, model: nn.Module, out_dir: Path) -> None:
-        """Write the trained prior (EMA weights when EMA is on) as a `DiffusionPriorNetwork` directory."""
+    def export(self, model: nn.Module, out_dir: Path, state_dict: dict[str, Tensor]) -> None:
+        """Write the trained prior as a `DiffusionPriorNetwork` directory: `state_dict` is the full weights (the
+        EMA's when EMA is on)."""
         prior: DiffusionPriorNetwork = unwrap_model(model)
-        prior.save_pretrained(out_dir)
+        prior.save_pretrained(out_dir, state_dict=state_dict)
 
     def config_dict(self) -> dict[str, Any]:
         return config_to_dict(self.cfg)

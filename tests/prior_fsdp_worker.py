@@ -2,7 +2,9 @@
 feed-forward block sharded on its own, so the length-group forward calls each sharded block once per group.
 
 Prints one JSON line on rank 0: the largest difference between the FSDP gradients (gathered) and those of a
-single-process, full-length (length_buckets 0) forward over both ranks' rows.
+single-process, full-length (length_buckets 0) forward over both ranks' rows; and of the weights exported the way
+the trainer does under FSDP (the full state dict gathered by every rank, written by rank 0 into the directory given
+as the first argument, read back) from the unsharded model's.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
 from prior import DiffusionPriorNetwork, PriorConfig
@@ -48,8 +52,14 @@ def main() -> None:
         assert (p.grad is None) == (p_ref.grad is None), name
         if p.grad is not None:
             worst = max(worst, (p.grad.full_tensor() - p_ref.grad).abs().max().item())
+    # the trainer's export under FSDP: accelerate's get_state_dict (these options) on every rank, rank 0 writes
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                cpu_offload=True))
     if rank == 0:
-        print(json.dumps({"max_grad_diff": worst}), flush=True)
+        model.save_pretrained(sys.argv[1], state_dict=full)
+        exported = DiffusionPriorNetwork.from_pretrained(sys.argv[1]).state_dict()
+        weights_diff = max((exported[k] - v).abs().max().item() for k, v in reference.state_dict().items())
+        print(json.dumps({"max_grad_diff": worst, "export_max_diff": weights_diff}), flush=True)
     dist.barrier()  # no rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
     # Interpreter shutdown after a gloo + fully_shard run aborts now and then in a C++ destructor ("terminate called

@@ -115,8 +115,8 @@ class ToyTask:
         assert not model.training and not torch.is_grad_enabled()
         return torch.rand(4, 3, 8, 8)  # uses the RNG, which the trainer must isolate from training
 
-    def export(self, model, out_dir):
-        save_pretrained_dir(out_dir, kind="toy", config=self.settings, state_dict=model.state_dict())
+    def export(self, model, out_dir, state_dict):
+        save_pretrained_dir(out_dir, kind="toy", config=self.settings, state_dict=state_dict)
 
     def config_dict(self):
         return dict(self.settings)

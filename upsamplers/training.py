@@ -105,9 +105,9 @@ class UpsamplerTrainTask:
         columns = [upsample_bicubic(low_res, self.cfg.model.scale).clamp(0, 1), out, images]
         return rearrange(torch.stack(columns), "c k ch h w -> (k c) ch h w")
 
-    def export(self, model: nn.Module, out_dir: Path) -> None:
-        """Write the trained upsampler (the trainer passes the EMA copy when EMA is on)."""
-        save_state(out_dir, self.cfg.model, unwrap_model(model).state_dict())
+    def export(self, model: nn.Module, out_dir: Path, state_dict: dict[str, Tensor]) -> None:
+        """Write the trained upsampler: `state_dict` is the full weights (the EMA's when EMA is on)."""
+        save_state(out_dir, self.cfg.model, state_dict)
 
     def config_dict(self) -> dict[str, Any]:
         return config_to_dict(self.cfg)

@@ -84,9 +84,9 @@ class ClipTrainTask:
             acc = (logits.argmax(dim=1) == target).float().mean()  # 0-d tensors: read when the trainer logs
         return loss, {"i2t_acc": acc, "temperature": logit_scale.detach().float().mean()}
 
-    def export(self, model: nn.Module, out_dir: Path) -> None:
-        """Write the trained model in our pretrained format."""
-        save_pretrained_dir(out_dir, kind=KIND, config=self.clip.pretrained_config(), state_dict=model.state_dict())
+    def export(self, model: nn.Module, out_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:
+        """Write the trained model in our pretrained format: `state_dict` is the full weights."""
+        save_pretrained_dir(out_dir, kind=KIND, config=self.clip.pretrained_config(), state_dict=state_dict)
 
     def config_dict(self) -> dict[str, Any]:
         return config_to_dict(self.cfg)

@@ -75,7 +75,9 @@ class TrainTask(Protocol):
             empty (first tensor dimension 0): it is then skipped and the next micro-batch drawn.
         sample_images(model, step) -> (b, 3, h, w) in [0, 1]; called on the main process (on all under FSDP)
             with the EMA model (if any) in eval mode under torch.no_grad; it does not disturb the training RNG.
-        export(model, out_dir: Path): write the final model (EMA weights if EMA is on) in the stage's format.
+        export(model, out_dir: Path, state_dict): write the final model in the stage's format; state_dict holds the
+            full weights to write (the EMA's if EMA is on; gathered under FSDP, where `model` itself is sharded),
+            `model` is there for its config and attributes.
         config_dict() -> dict saved into every training checkpoint.
         find_unused_parameters: bool, passed to DDP for models whose forward skips some parameters.
     """
@@ -402,10 +404,15 @@ class Trainer:
         self._logger.save_samples(images, self.step)
 
     def _export(self) -> None:
-        export = getattr(self.task, "export", None)
-        if export is not None and self.accelerator.is_main_process:
-            export(self.ema_model if self.ema_model is not None else self.unwrapped_model, self.output_dir / "model")
-        self.accelerator.wait_for_everyone()
+        export, acc = getattr(self.task, "export", None), self.accelerator
+        if export is not None:
+            if self.ema_model is not None:
+                model, state = self.ema_model, self.ema_model.state_dict()
+            else:  # every process takes part: under FSDP this gathers the sharded weights
+                model, state = self.unwrapped_model, acc.get_state_dict(self.model)
+            if acc.is_main_process:
+                export(model, self.output_dir / "model", state)
+        acc.wait_for_everyone()
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path | None:
