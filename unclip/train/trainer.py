@@ -122,6 +122,9 @@ class Trainer:
                 f"{cfg.grad_accum_steps} accumulation steps; use a multiple of {self.world_size * cfg.grad_accum_steps}"
             )
         self.micro_batch = per_draw // self.world_size  # samples per forward on each process
+        # the per-batch agreement on skipped samples travels between hosts (gloo), never through the GPU
+        self._host_group = (torch.distributed.new_group(backend="gloo")
+                            if self.world_size > 1 and acc.device.type != "cpu" else None)
         if acc.is_fsdp2 and cfg.ema_decay is not None:
             raise NotImplementedError("EMA is not supported with distributed: fsdp yet; use ddp or ema_decay: null")
         self.defer_sync, fused = step_options(cfg, acc.device.type, acc.mixed_precision)
@@ -366,8 +369,9 @@ class Trainer:
             batch, skipped = split_skipped(batch)
             empty = is_empty_batch(batch)
             if self.world_size > 1:  # every process must agree to skip, or DDP would hang
-                flags = acc.reduce(torch.tensor([float(empty), float(skipped)], device=acc.device), "sum")
-                empty, skipped = bool(flags[0].item() > 0), int(flags[1].item())
+                flags = torch.tensor([float(empty), float(skipped)])  # host values, summed over a host group
+                torch.distributed.all_reduce(flags, group=self._host_group)
+                empty, skipped = bool(flags[0] > 0), int(flags[1])
             self.skipped_samples += skipped
             if empty:
                 self.empty_batches += 1
