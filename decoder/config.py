@@ -77,7 +77,8 @@ class DecoderEvalConfig:
     eta: float = 0.0  # DDIM noise (0: deterministic)
     seed: int = 1234  # data and sampling seed
     batch_size: int = 100  # images decoded per batch
-    sample_grid: int = 16  # images in the periodic training grids (half with their caption, half without)
+    sample_grid: int = 16  # held-out images in the periodic training grids, each beside its decodes (from the
+    #   image embedding alone) at every guidance scale in `guidance_scales`
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@
 
 The embedding keeps what CLIP saw (shape, colours, ...); DDIM with eta > 0 re-randomises the rest. With
 `invert=True` the start noise x_T is not drawn but obtained by DDIM-inverting the source image (resized to the
-decoder's side) under its own embedding: the paper's bipartite latent (z_i, x_T). Then eta = 0 reconstructs the
-source and larger eta strays further from it.
+decoder's side) under its own embedding: the paper's bipartite latent (z_i, x_T). Then eta = 0 gives about the
+source back (closely at guidance_scale 1, as the inversion runs unguided; approximately at the default 3) and
+larger eta strays further from it.
 """
 
 from __future__ import annotations

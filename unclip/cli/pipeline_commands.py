@@ -44,7 +44,7 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("vary", help="variations of an image (DALL-E 2 section 3.1)",
                        description="Encode an image as its CLIP image embedding and DDIM-inverted decoder latent, then "
-                                   "decode it n times with DDIM noise eta (0 reconstructs the image, 1 varies freely).")
+                                   "decode it n times with DDIM noise eta (0: about the image itself; 1: free).")
     p.add_argument("image", type=Path, help="an image file")
     p.add_argument("-n", type=int, default=4, help="variations (default 4)")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM noise of the decoder (default 1.0)")
@@ -69,7 +69,7 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", type=Path)
     p.add_argument("--from", dest="from_text", required=True, help="a caption describing the image now")
     p.add_argument("--to", dest="to_text", required=True, help="a caption describing the wanted change")
-    p.add_argument("-n", type=int, default=5, help="images, the first the reconstruction (default 5)")
+    p.add_argument("-n", type=int, default=5, help="images, the first the (approximate) reconstruction (default 5)")
     p.add_argument("--max-angle", type=float, default=0.5, help="largest slerp fraction (paper: 0.25-0.5)")
     p.add_argument("--out", type=Path, default=Path("text-diff.png"))
     _add_pipeline_arguments(p)

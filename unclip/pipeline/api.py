@@ -36,7 +36,7 @@ def generate(text: str | Sequence[str], num_images: int = 1, *, pipeline: Pipeli
 
 def vary(image: Image.Image, n: int = 4, *, pipeline: PipelineSpec = None, device: str | torch.device | None = None,
          **kwargs: Any) -> list[Image.Image]:
-    """n variations of an image (eta=1.0 by default; eta=0 reconstructs it). See `manipulations.vary`."""
+    """n variations of an image (eta=1.0 by default; eta=0 gives about the image itself). See `manipulations.vary`."""
     return manipulations.vary(load_pipeline(pipeline, device=device), image, n, **kwargs)
 
 

@@ -5,7 +5,8 @@
     frames = text_diff(pipe, image, "a photo of a cat", "a photo of a dog", n=5)   # section 3.3
 
 An image is encoded as z_i, its CLIP image embedding (b, d), and x_T, the decoder latent that DDIM inversion
-under z_i gives (b, 3, s, s): decoding (z_i, x_T) with DDIM eta = 0 reconstructs the image. Every function returns
+under z_i gives (b, 3, s, s): decoding (z_i, x_T) with DDIM eta = 0 gives the image back, closely at guidance 1 (the
+inversion runs unguided), approximately at the decoder's guidance (the default). Every function returns
 PIL images at the pipeline's output side (the decoder's output runs through the upsamplers).
 """
 
@@ -79,7 +80,8 @@ def _decode(pipe: UnclipPipeline, image_embed: Tensor, x_T: Tensor, *, eta: floa
 @torch.no_grad()
 def vary(pipe: UnclipPipeline, image: Image.Image | Tensor, n: int = 4, *, eta: float = 1.0, steps: int | None = None,
          guidance_scale: float | None = None, seed: int | None = 0, progress: bool = False) -> list[Image.Image]:
-    """n variations of one image: its (z_i, x_T) decoded with DDIM `eta` (0 reconstructs; 1 varies freely)."""
+    """n variations of one image: its (z_i, x_T) decoded with DDIM `eta` (0: about the image itself, closest at
+    guidance_scale 1; 1 varies freely)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     steps = steps or pipe.defaults.decoder_steps
@@ -115,7 +117,7 @@ def text_diff(pipe: UnclipPipeline, image: Image.Image | Tensor, from_text: str,
               progress: bool = False) -> list[Image.Image]:
     """Edit an image towards a text change (DALL-E 2 section 3.3): z_d = normalize(z_t(to) - z_t(from)),
     z_theta = slerp(z_i, z_d, theta) for theta from 0 to `max_angle` (the paper: 0.25 to 0.5), decoded from
-    the image's inverted latent x_T with DDIM eta = 0. n images, the first the reconstruction."""
+    the image's inverted latent x_T with DDIM eta = 0. n images, the first the (approximate) reconstruction."""
     if n < 2:
         raise ValueError(f"n must be >= 2, got {n}")
     steps = steps or pipe.defaults.decoder_steps
