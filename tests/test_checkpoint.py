@@ -33,6 +33,19 @@ def test_identical_weights_give_identical_files(tmp_path):
     assert len(blobs) == 1
 
 
+def test_a_directory_of_other_things_is_never_replaced(tmp_path):
+    state = {"w": torch.ones(2)}
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "notes.txt").write_text("precious")
+    with pytest.raises(CheckpointError, match=r"refusing to replace .*run: it holds other things \(checkpoints, notes"):
+        save_pretrained_dir(tmp_path / "run", kind="toy", config={}, state_dict=state)
+    assert (tmp_path / "run" / "notes.txt").read_text() == "precious"
+    (tmp_path / "empty").mkdir()
+    for target in ("empty", "new", "new"):  # empty, absent, then a previous checkpoint: all written
+        save_pretrained_dir(tmp_path / target, kind="toy", config={"v": target}, state_dict=state)
+        assert load_pretrained_dir(tmp_path / target)[0]["config"] == {"v": target}
+
+
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
     save_pretrained_dir(tmp_path / "m", kind="toy", config={"v": 1}, state_dict={"w": torch.ones(2)})
     with pytest.raises(RuntimeError, match="boom"):

@@ -226,6 +226,12 @@ def test_cli_assemble_then_eval(cascade, tmp_path, capsys):
                  str(tmp_path / "decoder"), "--out", str(tmp_path / "pipe2"), "--defaults",
                  str(tmp_path / "bad.yaml")]) == 2
     assert "decoder_stepz" in capsys.readouterr().err and not (tmp_path / "pipe2").exists()
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # a training run, say: never replaced by a pipeline
+    (tmp_path / "run" / "notes.txt").write_text("precious")
+    assert main(["assemble", "--clip", str(tmp_path / "clip"), "--prior", str(tmp_path / "prior"), "--decoder",
+                 str(tmp_path / "decoder"), "--out", str(tmp_path / "run")]) == 2
+    assert "refusing to replace" in capsys.readouterr().err
+    assert (tmp_path / "run" / "notes.txt").read_text() == "precious" and (tmp_path / "run" / "checkpoints").is_dir()
     pipe = UnclipPipeline.from_pretrained(tmp_path / "pipe")
     assert pipe.defaults == GenerationDefaults(prior_steps=2, decoder_steps=2, upsampler_steps=(2, 2))
     rc = main(["eval", "--pipeline", str(tmp_path / "pipe"), "--images-per-caption", "1", "--real-samples", "30",

@@ -27,6 +27,7 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "atomic_directory",
+    "check_replaceable",
     "save_pretrained_dir",
     "load_pretrained_dir",
     "load_state_dict_strict",
@@ -59,14 +60,32 @@ def _fsync_tree(path: Path) -> None:
     _fsync_dir(path)
 
 
+def check_replaceable(final: Path, marker: str) -> None:
+    """Raise CheckpointError unless `final` is absent, an empty directory, or a directory holding `marker` (a
+    previous save of the same sort, which a new save may replace): never delete a directory of something else."""
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise CheckpointError(f"refusing to write to {final}: it is a file")
+    entries = sorted(p.name for p in final.iterdir())
+    if entries and marker not in entries:
+        shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+        raise CheckpointError(f"refusing to replace {final}: it holds other things ({shown}) and no {marker}; "
+                              "choose a new or empty directory")
+
+
 @contextlib.contextmanager
-def atomic_directory(final: str | Path) -> Iterator[Path]:
+def atomic_directory(final: str | Path, *, replaces: str | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside `final`; on success it replaces `final` in one rename.
 
     If the block raises (or the process dies), `final` keeps whatever it held before, and the temporary
     directory (named `.<name>.tmp-*`) is removed or, after a hard kill, left for `clean_stale_temporaries`.
+    replaces: a file name that marks an existing `final` as replaceable (e.g. "config.json"); a non-empty `final`
+    without it raises CheckpointError before anything is written. None: replace whatever is there.
     """
     final = Path(final)
+    if replaces is not None:
+        check_replaceable(final, replaces)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -120,10 +139,12 @@ def save_pretrained_dir(
 ) -> Path:
     """Atomically write `config.json` ({kind, format_version, config}) and `model.safetensors` to `out_dir`.
 
+    An existing `out_dir` is replaced only if it is empty or holds a previous checkpoint (a config.json).
+
     `extra_files` maps further file names to JSON-serialisable data written beside them.
     """
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, replaces=CONFIG_NAME) as tmp:
         # One metadata key: safetensors writes the map in hash order, so several keys would make identical weights
         # give byte-different files (the kind lives in config.json).
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})

@@ -250,8 +250,9 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _assemble(args: argparse.Namespace) -> None:
+    from ..checkpoint import check_replaceable
     from ..config import ConfigError, load_config
-    from ..pipeline.pipeline import GenerationDefaults, UnclipPipeline
+    from ..pipeline.pipeline import PIPELINE_FILE, GenerationDefaults, UnclipPipeline
 
     defaults = None
     if args.defaults is not None:
@@ -260,10 +261,11 @@ def _assemble(args: argparse.Namespace) -> None:
         except (ConfigError, FileNotFoundError) as e:
             raise CliError(f"bad defaults file {args.defaults}: {e}") from None
     try:
+        check_replaceable(args.out, PIPELINE_FILE)  # before any loading: never replace a directory of other things
         pipe = UnclipPipeline.from_stages(args.clip, args.prior, args.decoder, args.upsamplers, defaults)
+        pipe.save_pretrained(args.out, dtype=DTYPES[args.store_dtype] if args.store_dtype != "float32" else None)
     except (CheckpointError, ValueError) as e:
         raise CliError(str(e)) from None
-    pipe.save_pretrained(args.out, dtype=DTYPES[args.store_dtype] if args.store_dtype != "float32" else None)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     print(f"wrote the pipeline ({len(pipe.upsamplers)} upsampler(s), {pipe.image_size}px output, "
           f"{size / 2**20:.1f} MiB) to {args.out}")

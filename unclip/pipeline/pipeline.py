@@ -166,8 +166,9 @@ class UnclipPipeline(nn.Module):
                    [Upsampler.from_pretrained(p) for p in upsamplers], defaults)
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """Write the pipeline directory atomically; `dtype` (e.g. torch.float16) casts the stored float weights."""
-        with atomic_directory(path) as tmp:
+        """Write the pipeline directory atomically; `dtype` (e.g. torch.float16) casts the stored float weights.
+        An existing `path` is replaced only if it is empty or holds a pipeline (pipeline.json)."""
+        with atomic_directory(path, replaces=PIPELINE_FILE) as tmp:
             stages: dict[str, Any] = {"clip": "clip", "prior": "prior", "decoder": "decoder", "upsamplers": []}
             self.clip.save_pretrained(tmp / "clip")
             self.prior.save_pretrained(tmp / "prior")
