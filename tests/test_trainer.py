@@ -243,3 +243,53 @@ def test_tensorboard_gets_scalars_and_images_when_available(tmp_path, monkeypatc
     Trainer(ToyTask(), make_cfg(max_steps=4, log_every=2, sample_every=4), tmp_path).train()
     assert ("scalar", "train/loss", 2) in calls and ("scalar", "train/metrics/mse", 4) in calls
     assert ("image", "samples", 4) in calls and calls[-1] == ("close",)
+
+
+class OtherToyTask(ToyTask):
+    """Another training script's task, as far as the trainer can tell."""
+
+
+class ConfiguredToyTask(ToyTask):
+    def __init__(self, model: dict, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.model_config = model
+
+    def config_dict(self):
+        return {"model": self.model_config, "data": dict(self.settings)}
+
+
+def test_another_scripts_run_is_neither_resumed_nor_deleted(tmp_path):
+    from unclip.checkpoint import CheckpointError
+
+    Trainer(ToyTask(), make_cfg(max_steps=2), tmp_path).train()
+    before = list_checkpoints(tmp_path / "checkpoints")
+    for resume in (True, False):
+        with pytest.raises(CheckpointError, match="holds a training run of ToyTask .* not of OtherToyTask"):
+            Trainer(OtherToyTask(), make_cfg(max_steps=4), tmp_path).train(resume=resume)
+    assert list_checkpoints(tmp_path / "checkpoints") == before and (tmp_path / "model" / "config.json").is_file()
+
+
+def test_a_finished_model_without_checkpoints_is_not_silently_retrained(tmp_path):
+    from unclip.checkpoint import CheckpointError
+
+    Trainer(ToyTask(), make_cfg(max_steps=2, keep_checkpoints=1), tmp_path).train()
+    for _, path in list_checkpoints(tmp_path / "checkpoints"):
+        for f in path.iterdir():
+            f.unlink()
+        path.rmdir()
+    model = (tmp_path / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="holds a finished model but .* no training checkpoint"):
+        Trainer(ToyTask(), make_cfg(max_steps=2), tmp_path).train()
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == model
+    assert Trainer(ToyTask(), make_cfg(max_steps=2), tmp_path).train(resume=False).step == 2  # asked for: replaced
+
+
+def test_resuming_with_another_model_config_is_refused(tmp_path):
+    from unclip.checkpoint import CheckpointError
+
+    Trainer(ConfiguredToyTask({"width": 16}), make_cfg(max_steps=2), tmp_path).train()
+    with pytest.raises(CheckpointError, match="made with another model config"):
+        Trainer(ConfiguredToyTask({"width": 32}), make_cfg(max_steps=4), tmp_path).train()
+    with pytest.warns(UserWarning, match="changed config sections: data"):
+        result = Trainer(ConfiguredToyTask({"width": 16}, noise=0.2), make_cfg(max_steps=4), tmp_path).train()
+    assert result.step == 4

@@ -20,6 +20,7 @@ count, the LR schedule and the EMA warm-up when they are read.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import warnings
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..checkpoint import clean_stale_temporaries, load_state_dict_strict
+from ..checkpoint import CheckpointError, clean_stale_temporaries, load_state_dict_strict
 from ..config import config_to_dict
 from .config import TrainConfig
 from .data import build_train_loader, is_empty_batch, mix_seed, split_skipped
@@ -166,6 +167,7 @@ class Trainer:
         (with a warning) so that they can neither be resumed from nor outrank the new run's in the rotation.
         """
         acc = self.accelerator
+        self._check_output_dir(resume)
         if acc.is_main_process:
             self.checkpoint_root.mkdir(parents=True, exist_ok=True)
             clean_stale_temporaries(self.checkpoint_root)
@@ -195,6 +197,39 @@ class Trainer:
             self._logger.close()
         acc.wait_for_everyone()
         return TrainResult(self.step, losses, self.nonfinite_steps, self.skipped_samples, self.output_dir)
+
+    def _check_output_dir(self, resume: bool) -> None:
+        """Refuse an output_dir whose contents this run would wrongly resume from or destroy: the checkpoints of
+        another training script (even with resume=False), a finished model without the checkpoints to resume it
+        (resume=True would silently train a new one over it), or checkpoints made with another model or CLIP."""
+        task_type = type(self.task).__name__
+        checkpoints = list_checkpoints(self.checkpoint_root)
+        if checkpoints:
+            newest = checkpoints[-1][1]
+            config = _read_config(newest)
+            other = config.get("task_type")
+            if other is not None and other != task_type:
+                raise CheckpointError(f"{self.output_dir} holds a training run of {other} ({newest.name}), not of "
+                                      f"{task_type}; choose another output directory (nothing was deleted)")
+            if resume:
+                self._check_resumed_config(config.get("task") or {}, newest)
+        elif resume and (self.output_dir / "model" / "config.json").is_file():
+            raise CheckpointError(f"{self.output_dir / 'model'} holds a finished model but {self.checkpoint_root} "
+                                  "has no training checkpoint to resume from; choose another output directory, or "
+                                  "pass --no-resume (resume=False) to train from scratch and replace it")
+
+    def _check_resumed_config(self, saved: dict[str, Any], path: Path) -> None:
+        """The model and CLIP sections of the task config must be those the checkpoint was made with; other
+        changes (more steps, another log interval, ...) are what resuming is for, and are listed."""
+        task_config = getattr(self.task, "config_dict", None)
+        current = task_config() if task_config else {}
+        changed = sorted(k for k in set(saved) & set(current) if saved[k] != current[k])
+        fixed = [k for k in changed if k in ("model", "clip")]
+        if fixed:
+            raise CheckpointError(f"{path} was made with another {' and '.join(fixed)} config than this run's; resume "
+                                  "it with the config it was made with, or choose another output directory")
+        if [k for k in changed if k != "train"]:
+            warnings.warn(f"resuming {path} with changed config sections: {', '.join(changed)}", stacklevel=3)
 
     def _loop(self, losses: list[float]) -> None:
         cfg = self.cfg
@@ -443,7 +478,8 @@ class Trainer:
                 scheduler_state=self.scheduler.state_dict(),
                 rng_states=rng_states,
                 trainer_state=trainer_state,
-                config={"train": config_to_dict(self.cfg), "task": task_config() if task_config else None},
+                config={"train": config_to_dict(self.cfg), "task": task_config() if task_config else None,
+                        "task_type": type(self.task).__name__},
                 ema_state=self.ema.state_dict() if self.ema is not None else None,
             )
             rotate_checkpoints(self.checkpoint_root, self.cfg.keep_checkpoints)
@@ -499,3 +535,12 @@ class Trainer:
     def _seed_training_rng(self, *extra: int) -> None:
         """Seed the global RNGs of this process from (seed, rank): each process draws different noise."""
         seed_everything(mix_seed(self.cfg.seed, self.rank, *extra))
+
+
+def _read_config(checkpoint: Path) -> dict[str, Any]:
+    """A training checkpoint's config.json ({} when unreadable: the resume itself then says what is wrong)."""
+    try:
+        data = json.loads((checkpoint / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
