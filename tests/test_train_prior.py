@@ -1,6 +1,7 @@
 """`train-prior` end to end with a tiny CLIP: from `unclip embed` shards and from SHAPES on the fly."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +78,16 @@ def test_a_prior_that_does_not_fit_its_clip_is_refused(clip_dir, tmp_path, capsy
     path.write_text(yaml.safe_dump({"clip": str(clip_dir), "model": {**MODEL, "text_length": 77}}))
     assert main([str(path), "--output-dir", str(tmp_path / "run")]) == 2
     assert "model.text_length = 77" in capsys.readouterr().err
+
+
+def test_malformed_yaml_and_missing_data_are_one_line_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [0.1\n")
+    assert main([str(bad), "--output-dir", str(tmp_path / "a")]) == 2
+    assert "bad.yaml is not valid YAML" in capsys.readouterr().err
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "prior" / "shapes-tiny.yaml")
+    assert main([config, "--set", "train.betas=[0.9", "--output-dir", str(tmp_path / "b")]) == 2
+    assert "the value is not valid YAML" in capsys.readouterr().err
+    assert main([config, "--set", f"data.source={tmp_path / 'nowhere'}", "--set", "train.progress=false",
+                 "--output-dir", str(tmp_path / "c")]) == 2
+    assert "dataset path not found" in capsys.readouterr().err

@@ -42,8 +42,11 @@ def load_config(cls: type[T], source: str | Path | Mapping[str, Any] | T) -> T:
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        with path.open() as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            with path.open() as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}")
         try:

@@ -19,7 +19,9 @@ from typing import Any
 
 import yaml
 
+from ..checkpoint import CheckpointError
 from ..config import ConfigError, load_config, replace_config
+from ..data.image_text import DataError
 from .common import CliError
 
 __all__ = ["training_main", "parse_overrides", "build_training_parser"]
@@ -32,7 +34,10 @@ def parse_overrides(items: Sequence[str]) -> dict[str, object]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise CliError(f"--set expects KEY=VALUE (e.g. train.lr=1e-3), got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise CliError(f"--set {item!r}: the value is not valid YAML ({e.problem})") from None
     return out
 
 
@@ -68,7 +73,7 @@ def training_main(prog: str, description: str | None, config_cls: type, make_tas
             print(f"nothing to train: already at step {result.step}; model in {out / 'model'}")
         if after is not None:
             after(cfg, out)
-    except (CliError, ConfigError) as e:
+    except (CliError, ConfigError, CheckpointError, DataError) as e:  # bad input: its message says it all
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     return 0
