@@ -240,3 +240,40 @@ def test_cli_assemble_then_eval(cascade, tmp_path, capsys):
     report = json.loads((tmp_path / "eval.json").read_text())
     assert set(report["accuracy"]) == {"shape", "fg", "bg", "all"} and len(report["per_caption"]) == 25
     assert report["fid"] > 0 and "compositional accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"decoder_guidance": float("nan")}, "decoder_guidance must be a finite number >= 0"),
+        ({"prior_guidance": -2.0}, "prior_guidance must be a finite number >= 0"),
+        ({"decoder_eta": 5.0}, r"decoder_eta \(DDIM noise\) must lie in \[0, 1\]"),
+        ({"decoder_steps": 0}, "decoder_steps must be a whole number >= 1"),
+        ({"decoder_steps": 2.5}, "decoder_steps must be a whole number >= 1"),
+        ({"best_of": 0}, "best_of must be a whole number >= 1"),
+        ({"upsampler_steps": 0}, r"upsampler_steps\[0\] must be a whole number >= 1"),
+        ({"upsampler_steps": [3]}, "upsampler_steps has 1 entries for 2 upsampler"),
+        ({"sampler": "euler"}, "sampler must be one of"),
+    ],
+)
+def test_bad_generation_settings_fail_before_sampling(cascade, setting, message, monkeypatch):
+    import unclip.pipeline.pipeline as pipeline_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(pipeline_module, "sample_image_embeds", never)
+    with pytest.raises(ValueError, match=message):
+        cascade.generate_tensors("a red circle", **setting)
+
+
+def test_manipulations_check_their_settings(cascade):
+    from unclip.pipeline.manipulations import text_diff, vary
+
+    image = torch.rand(3, 32, 32)
+    with pytest.raises(ValueError, match="decoder_eta"):
+        vary(cascade, image, 2, eta=50.0)
+    with pytest.raises(ValueError, match="have the same CLIP text embedding"):
+        text_diff(cascade, image, "a red circle", "a red circle")
+    with pytest.raises(ValueError, match="max_angle"):
+        text_diff(cascade, image, "a red circle", "a blue square", max_angle=-3)

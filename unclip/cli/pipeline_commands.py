@@ -191,7 +191,10 @@ def _vary(args: argparse.Namespace) -> None:
     from ..pipeline.manipulations import vary
 
     image = _open_image(args.image)
-    images = vary(_pipeline(args), image, args.n, eta=args.eta, seed=args.seed, progress=True)
+    try:
+        images = vary(_pipeline(args), image, args.n, eta=args.eta, seed=args.seed, progress=True)
+    except ValueError as e:
+        raise CliError(str(e)) from None
     _write_grid(images, args.out, args.n)
 
 

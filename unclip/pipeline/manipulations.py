@@ -84,12 +84,12 @@ def vary(pipe: UnclipPipeline, image: Image.Image | Tensor, n: int = 4, *, eta: 
     guidance_scale 1; 1 varies freely)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    steps = steps or pipe.defaults.decoder_steps
-    latent = encode_image(pipe, image, steps=steps, progress=progress)
+    s = pipe.settings(decoder_steps=steps, decoder_guidance=guidance_scale, decoder_eta=eta)  # checked here
+    latent = encode_image(pipe, image, steps=s.decoder_steps, progress=progress)
     embed = repeat(latent.image_embed[:1], "1 d -> n d", n=n)
     x_T = repeat(latent.x_T[:1], "1 c h w -> n c h w", n=n)
-    return _decode(pipe, embed, x_T, eta=eta, steps=steps, progress=progress, seed=seed,
-                   guidance_scale=pipe.defaults.decoder_guidance if guidance_scale is None else guidance_scale)
+    return _decode(pipe, embed, x_T, eta=s.decoder_eta, steps=s.decoder_steps, progress=progress, seed=seed,
+                   guidance_scale=s.decoder_guidance)
 
 
 @torch.no_grad()
@@ -100,7 +100,8 @@ def interpolate(pipe: UnclipPipeline, image_a: Image.Image | Tensor, image_b: Im
     latents, decoded with DDIM eta = 0 (DALL-E 2 section 3.2)."""
     if n < 2:
         raise ValueError(f"n must be >= 2 to include both ends, got {n}")
-    steps = steps or pipe.defaults.decoder_steps
+    s = pipe.settings(decoder_steps=steps, decoder_guidance=guidance_scale)  # checked here
+    steps = s.decoder_steps
     a = encode_image(pipe, image_a, steps=steps, progress=progress)
     b = encode_image(pipe, image_b, steps=steps, progress=progress)
     t = torch.linspace(0, 1, n, device=pipe.device, dtype=pipe.dtype)[:, None]  # (n, 1)
@@ -108,7 +109,7 @@ def interpolate(pipe: UnclipPipeline, image_a: Image.Image | Tensor, image_b: Im
     x_a, x_b = a.x_T[:1].flatten(1), b.x_T[:1].flatten(1)  # (1, 3 s s)
     x_T = slerp(x_a, x_b, t).reshape(n, *a.x_T.shape[1:])
     return _decode(pipe, embed, x_T, eta=0.0, steps=steps, progress=progress, seed=None,
-                   guidance_scale=pipe.defaults.decoder_guidance if guidance_scale is None else guidance_scale)
+                   guidance_scale=s.decoder_guidance)
 
 
 @torch.no_grad()
@@ -120,12 +121,17 @@ def text_diff(pipe: UnclipPipeline, image: Image.Image | Tensor, from_text: str,
     the image's inverted latent x_T with DDIM eta = 0. n images, the first the (approximate) reconstruction."""
     if n < 2:
         raise ValueError(f"n must be >= 2, got {n}")
-    steps = steps or pipe.defaults.decoder_steps
-    latent = encode_image(pipe, image, steps=steps, progress=progress)
+    if not 0 < max_angle <= 1:
+        raise ValueError(f"max_angle is a slerp fraction in (0, 1] (the paper: 0.25 to 0.5), got {max_angle}")
+    s = pipe.settings(decoder_steps=steps, decoder_guidance=guidance_scale)  # checked here
+    steps = s.decoder_steps
     text = pipe.clip.encode_text([from_text, to_text]).text_embed.to(pipe.device, pipe.dtype)  # (2, d)
+    if (text[1] - text[0]).float().norm() < 1e-6:
+        raise ValueError(f"{from_text!r} and {to_text!r} have the same CLIP text embedding: no direction to edit in")
+    latent = encode_image(pipe, image, steps=steps, progress=progress)
     z_d = F.normalize(text[1] - text[0], dim=-1)[None]  # (1, d)
     theta = torch.linspace(0, max_angle, n, device=pipe.device, dtype=pipe.dtype)[:, None]  # (n, 1)
     embed = F.normalize(slerp(latent.image_embed[:1], z_d, theta), dim=-1)  # (n, d)
     x_T = repeat(latent.x_T[:1], "1 c h w -> n c h w", n=n)
     return _decode(pipe, embed, x_T, eta=0.0, steps=steps, progress=progress, seed=None,
-                   guidance_scale=pipe.defaults.decoder_guidance if guidance_scale is None else guidance_scale)
+                   guidance_scale=s.decoder_guidance)

@@ -13,6 +13,7 @@ they are loaded into the modules' own dtype (float32 unless `dtype` says otherwi
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,7 +32,7 @@ from upsamplers import Upsampler
 from ..checkpoint import CheckpointError, atomic_directory, write_json_atomic
 from ..clip import CaptionError, Clip
 from ..data.embeddings import clip_fingerprint
-from ..diffusion import SamplerName
+from ..diffusion import SAMPLER_NAMES, SamplerName
 from ..images import tensor_to_pil
 from .cascade import run_cascade
 
@@ -53,6 +54,22 @@ class GenerationDefaults:
     decoder_guidance: float = 3.0
     decoder_eta: float = 0.0  # DDIM noise of the decoder (0: deterministic given x_T)
     upsampler_steps: tuple[int, ...] = ()  # per upsampler; () : each upsampler's own default (paper: 27 and 15)
+
+    def __post_init__(self) -> None:
+        """Every value in range, so that a bad setting fails before any sampling, naming the setting."""
+        if self.sampler not in SAMPLER_NAMES:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLER_NAMES)}, got {self.sampler!r}")
+        counts = {"prior_steps": self.prior_steps, "decoder_steps": self.decoder_steps, "best_of": self.best_of,
+                  **{f"upsampler_steps[{i}]": n for i, n in enumerate(self.upsampler_steps)}}
+        for name, n in counts.items():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {n!r}")
+        for name in ("prior_guidance", "decoder_guidance"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (1: no guidance), got {value!r}")
+        if not (isinstance(self.decoder_eta, (int, float)) and 0 <= self.decoder_eta <= 1):
+            raise ValueError(f"decoder_eta (DDIM noise) must lie in [0, 1], got {self.decoder_eta!r}")
 
 
 class UnclipPipeline(nn.Module):
@@ -199,6 +216,9 @@ class UnclipPipeline(nn.Module):
             given["upsampler_steps"] = (given["upsampler_steps"],) * len(self.upsamplers)
         if "upsampler_steps" in given:
             given["upsampler_steps"] = tuple(given["upsampler_steps"])
+            if given["upsampler_steps"] and len(given["upsampler_steps"]) != len(self.upsamplers):
+                raise ValueError(f"upsampler_steps has {len(given['upsampler_steps'])} entries for "
+                                 f"{len(self.upsamplers)} upsampler(s)")
         return replace(self.defaults, **given)
 
     def encode_text(self, captions: Sequence[str]):
