@@ -27,7 +27,8 @@ def clip_dir(tiny_clip, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tiny_clip, clip_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("train-prior")
-    embeddings = embed_dataset(tiny_clip, make_shapes(64, seed=1), root / "emb", source="shapes", progress=False)
+    # what `unclip embed --data shapes --shapes-samples 64` writes as its source
+    embeddings = embed_dataset(tiny_clip, make_shapes(64, seed=1), root / "emb", source="shapes:64", progress=False)
     config = {"clip": str(clip_dir), "model": MODEL, "data": {"source": str(embeddings)}, "train": TRAIN,
               "eval": {"images_per_triple": 1, "steps": 4, "guidance_scales": [1.0, 2.0]}}
     path = root / "tiny.yaml"

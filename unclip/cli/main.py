@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..checkpoint import CheckpointError
 from .common import CliError, add_device_argument, print_table, resolve_device
 from .pipeline_commands import add_pipeline_parsers
 from .serve import add_serve_parser
@@ -88,7 +89,7 @@ def _load_clip(spec: str, pretrained: str | None, device: str):
 
     try:
         return load_clip(spec, pretrained=pretrained).to(device)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         raise CliError(str(e)) from None
 
 

@@ -33,7 +33,8 @@ __all__ = ["main"]
 def _trained_on_shapes(cfg: TrainPriorConfig) -> bool:
     source = Path(cfg.data.source)
     if (source / "manifest.json").is_file():
-        return json.loads((source / "manifest.json").read_text()).get("source") == "shapes"
+        made_from = str(json.loads((source / "manifest.json").read_text()).get("source"))
+        return made_from == "shapes" or made_from.startswith("shapes:")  # `unclip embed --data shapes`: shapes:N
     return cfg.data.source == "shapes"
 
 

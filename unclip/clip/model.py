@@ -254,9 +254,10 @@ def load_clip(spec: str | Path, pretrained: str | None = None) -> Clip:
         return Clip.from_pretrained(path)
     if str(spec) in open_clip.list_models() or str(spec).startswith(("hf-hub:", "local-dir:")):
         return Clip.from_open_clip(str(spec), pretrained=pretrained)
-    raise ValueError(
+    raise CheckpointError(
         f"no CLIP at {str(spec)!r}: it is neither a directory written by train-clip / save_pretrained "
-        "nor an open_clip model name (see open_clip.list_models())"
+        "nor an open_clip model name (see open_clip.list_models()); train one first (train-clip "
+        "configs/clip/shapes-tiny.yaml writes runs/clip-shapes-tiny/model) or point to another"
     )
 
 
