@@ -81,6 +81,22 @@ def test_embed_command(clip_dir, tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_embed_counts_the_rows_it_kept(clip_dir, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (16, 16), (200, 30, 30)).save(folder / name)
+    (folder / "c.png").write_bytes(b"not an image")
+    (folder / "metadata.jsonl").write_text("".join(
+        f'{{"file_name": "{n}", "caption": "a red square"}}\n' for n in ("a.png", "b.png", "c.png")))
+    with pytest.warns(UserWarning):
+        assert main(["embed", "--clip", str(clip_dir), "--data", str(folder), "--out", str(tmp_path / "e")]) == 0
+    out = capsys.readouterr().out
+    assert "embeddings of 2 rows" in out and "(1 unusable rows skipped)" in out
+
+
 def test_console_scripts_are_installed_and_teach():
     for script in ("unclip", "train-clip"):
         out = subprocess.run([str(BIN / script), "--help"], capture_output=True, text=True, check=True).stdout

@@ -126,7 +126,7 @@ def _zero_shot(args: argparse.Namespace) -> None:
 
 
 def _embed(args: argparse.Namespace) -> None:
-    from ..data.embeddings import embed_dataset
+    from ..data.embeddings import EmbeddingShards, embed_dataset
     from ..data.image_text import DataError, load_image_text_dataset
     from ..data.shapes import make_shapes
 
@@ -143,7 +143,9 @@ def _embed(args: argparse.Namespace) -> None:
                             caption_column=args.caption_column, num_workers=args.num_workers)
     except (DataError, ValueError) as e:
         raise CliError(str(e)) from None
-    print(f"embeddings of {len(data)} rows in {out}")
+    kept = len(EmbeddingShards(out))
+    dropped = f" ({len(data) - kept} unusable rows skipped)" if kept < len(data) else ""
+    print(f"embeddings of {kept} rows in {out}{dropped}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
