@@ -270,10 +270,22 @@ def test_bad_generation_settings_fail_before_sampling(cascade, setting, message,
 def test_manipulations_check_their_settings(cascade):
     from unclip.pipeline.manipulations import text_diff, vary
 
-    image = torch.rand(3, 32, 32)
+    image = torch.rand(1, 3, 32, 32)
     with pytest.raises(ValueError, match="decoder_eta"):
         vary(cascade, image, 2, eta=50.0)
     with pytest.raises(ValueError, match="have the same CLIP text embedding"):
         text_diff(cascade, image, "a red circle", "a red circle")
     with pytest.raises(ValueError, match="max_angle"):
         text_diff(cascade, image, "a red circle", "a blue square", max_angle=-3)
+
+
+def test_manipulations_take_image_paths(cascade, tmp_path):
+    from unclip.pipeline.manipulations import vary
+
+    Image.new("RGB", (32, 32), (220, 30, 30)).save(tmp_path / "red.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    assert len(vary(cascade, tmp_path / "red.png", 2)) == 2 and len(vary(cascade, str(tmp_path / "red.png"), 1)) == 1
+    with pytest.raises(ValueError, match="cannot read image .*bad.png"):
+        vary(cascade, tmp_path / "bad.png", 1)
+    with pytest.raises(TypeError, match="PIL images, image file paths or a"):
+        vary(cascade, 42, 1)

@@ -11,6 +11,7 @@ small = resize_images(batch, 32)           # (b, 3, h, w) -> (b, 3, 32, 32): are
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -141,14 +142,31 @@ def _fit(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: i
     return body + suffix
 
 
-def as_image_batch(images: Image.Image | Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
-    """PIL image(s) or a (b, 3, h, w) tensor in [0, 1] -> a float (b, 3, s, s) batch in [0, 1]; PIL images of
-    different sizes are resized (`resize_images`) to the largest side s among them."""
+ImageLike = Image.Image | str | Path
+
+
+def _open_image(image: ImageLike) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if not isinstance(image, (str, Path)):
+        raise TypeError(f"images must be PIL images, image file paths or a (b, 3, h, w) tensor, got "
+                        f"{type(image).__name__}")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:  # missing, unreadable or not an image
+        raise ValueError(f"cannot read image {image}: {e}") from None
+
+
+def as_image_batch(images: ImageLike | Sequence[ImageLike] | torch.Tensor) -> torch.Tensor:
+    """PIL image(s), image file path(s) or a (b, 3, h, w) tensor in [0, 1] -> a float (b, 3, s, s) batch in [0, 1];
+    images of different sizes are resized (`resize_images`) to the largest side s among them."""
     if isinstance(images, torch.Tensor):
-        assert images.ndim == 4 and images.shape[1] == 3, f"images must be (b, 3, h, w), got {tuple(images.shape)}"
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"an image tensor must be (b, 3, h, w) in [0, 1], got {tuple(images.shape)}")
         return images.float()
-    if isinstance(images, Image.Image):
-        images = [images]
-    tensors = [pil_to_tensor(im) for im in images]
+    if isinstance(images, (Image.Image, str, Path)) or not isinstance(images, Sequence):
+        images = [images]  # one image (anything else is refused by _open_image, naming its type)
+    tensors = [pil_to_tensor(_open_image(im)) for im in images]
     side = max(max(t.shape[-2:]) for t in tensors)
     return torch.stack([resize_images(t[None], side)[0] for t in tensors])

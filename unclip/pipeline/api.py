@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..images import ImageLike
 from . import manipulations
 from .default import load_pipeline
 from .pipeline import UnclipPipeline
@@ -34,19 +35,20 @@ def generate(text: str | Sequence[str], num_images: int = 1, *, pipeline: Pipeli
     return load_pipeline(pipeline, device=device).generate(text, num_images, seed=seed, **settings)
 
 
-def vary(image: Image.Image, n: int = 4, *, pipeline: PipelineSpec = None, device: str | torch.device | None = None,
+def vary(image: ImageLike, n: int = 4, *, pipeline: PipelineSpec = None, device: str | torch.device | None = None,
          **kwargs: Any) -> list[Image.Image]:
-    """n variations of an image (eta=1.0 by default; eta=0 gives about the image itself). See `manipulations.vary`."""
+    """n variations of an image (a PIL image or a file path; eta=1.0 by default, eta=0 gives about the image
+    itself). See `manipulations.vary`."""
     return manipulations.vary(load_pipeline(pipeline, device=device), image, n, **kwargs)
 
 
-def interpolate(image_a: Image.Image, image_b: Image.Image, n: int = 5, *, pipeline: PipelineSpec = None,
+def interpolate(image_a: ImageLike, image_b: ImageLike, n: int = 5, *, pipeline: PipelineSpec = None,
                 device: str | torch.device | None = None, **kwargs: Any) -> list[Image.Image]:
     """n images from image_a to image_b (both included). See `manipulations.interpolate`."""
     return manipulations.interpolate(load_pipeline(pipeline, device=device), image_a, image_b, n, **kwargs)
 
 
-def text_diff(image: Image.Image, from_text: str, to_text: str, n: int = 5, *, pipeline: PipelineSpec = None,
+def text_diff(image: ImageLike, from_text: str, to_text: str, n: int = 5, *, pipeline: PipelineSpec = None,
               device: str | torch.device | None = None, **kwargs: Any) -> list[Image.Image]:
     """n edits of an image along the text change from_text -> to_text. See `manipulations.text_diff`."""
     return manipulations.text_diff(load_pipeline(pipeline, device=device), image, from_text, to_text, n, **kwargs)

@@ -23,12 +23,12 @@ from torch import Tensor
 from decoder import decode
 from decoder.variations import invert_images
 
-from ..images import as_image_batch, tensor_to_pil
+from ..images import ImageLike, as_image_batch, tensor_to_pil
 from .pipeline import UnclipPipeline
 
 __all__ = ["BipartiteLatent", "encode_image", "vary", "interpolate", "text_diff", "slerp"]
 
-ImageInput = Image.Image | Sequence[Image.Image] | Tensor
+ImageInput = ImageLike | Sequence[ImageLike] | Tensor  # PIL images, file paths, or (b, 3, h, w) in [0, 1]
 
 
 def slerp(a: Tensor, b: Tensor, t: Tensor | float) -> Tensor:
@@ -78,7 +78,7 @@ def _decode(pipe: UnclipPipeline, image_embed: Tensor, x_T: Tensor, *, eta: floa
 
 
 @torch.no_grad()
-def vary(pipe: UnclipPipeline, image: Image.Image | Tensor, n: int = 4, *, eta: float = 1.0, steps: int | None = None,
+def vary(pipe: UnclipPipeline, image: ImageLike | Tensor, n: int = 4, *, eta: float = 1.0, steps: int | None = None,
          guidance_scale: float | None = None, seed: int | None = 0, progress: bool = False) -> list[Image.Image]:
     """n variations of one image: its (z_i, x_T) decoded with DDIM `eta` (0: about the image itself, closest at
     guidance_scale 1; 1 varies freely)."""
@@ -93,7 +93,7 @@ def vary(pipe: UnclipPipeline, image: Image.Image | Tensor, n: int = 4, *, eta: 
 
 
 @torch.no_grad()
-def interpolate(pipe: UnclipPipeline, image_a: Image.Image | Tensor, image_b: Image.Image | Tensor, n: int = 5, *,
+def interpolate(pipe: UnclipPipeline, image_a: ImageLike | Tensor, image_b: ImageLike | Tensor, n: int = 5, *,
                 steps: int | None = None, guidance_scale: float | None = None, progress: bool = False,
                 ) -> list[Image.Image]:
     """n images between two (both ends included): slerp of the CLIP image embeddings and of the inverted decoder
@@ -113,7 +113,7 @@ def interpolate(pipe: UnclipPipeline, image_a: Image.Image | Tensor, image_b: Im
 
 
 @torch.no_grad()
-def text_diff(pipe: UnclipPipeline, image: Image.Image | Tensor, from_text: str, to_text: str, n: int = 5, *,
+def text_diff(pipe: UnclipPipeline, image: ImageLike | Tensor, from_text: str, to_text: str, n: int = 5, *,
               max_angle: float = 0.5, steps: int | None = None, guidance_scale: float | None = None,
               progress: bool = False) -> list[Image.Image]:
     """Edit an image towards a text change (DALL-E 2 section 3.3): z_d = normalize(z_t(to) - z_t(from)),
