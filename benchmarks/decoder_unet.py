@@ -226,6 +226,22 @@ def run_worker(side: str, size: int, args: argparse.Namespace, precision: str = 
     return result
 
 
+def rounds(size: int, args: argparse.Namespace, precision: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both sides' workers, `args.rounds` times, alternating which goes first; the times of every round pooled
+    (a slow drift of the machine then weighs on both sides alike)."""
+    pooled: dict[str, dict[str, Any]] = {}
+    for r in range(args.rounds):
+        for side in ("ours", "peer") if r % 2 == 0 else ("peer", "ours"):
+            result = run_worker(side, size, args, precision)
+            if side not in pooled:
+                pooled[side] = result
+                continue
+            for key in ("train", "sample", "guided", "loop"):
+                if key in result:
+                    pooled[side][key] = pooled[side][key] + result[key]
+    return pooled["ours"], pooled["peer"]
+
+
 def row_key(size: int, precision: str) -> str:
     """The results key of one (size, precision) row: "32", "64" for float32 (as before), "32-bf16", ..."""
     return str(size) if precision == "fp32" else f"{size}-{precision}"
@@ -240,6 +256,19 @@ def summarise(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
         o, p = statistics.median(ours[key]), statistics.median(peer[key])
         out[key] = {"ours_s": o, "peer_s": p, "time_ratio": o / p, "speedup": p / o}
     return out
+
+
+def guided_note(data: dict[str, Any]) -> str:
+    """How our one guided forward of 2B compares with two forwards of B, from the table's own fp32 numbers."""
+    notes = []
+    for key, r in data["sizes"].items():
+        if r.get("precision", "fp32") != "fp32":
+            continue
+        s = r["summary"]
+        notes.append(f"{r.get('size', key)}x{r.get('size', key)}: {s['guided']['ours_s']:.2f} s against 2 x "
+                     f"{s['sample']['ours_s']:.2f} s")
+    return ("Our guided call (one forward of 2B) against two forwards of B on this CPU, fp32: " + "; ".join(notes)
+            + ". On a GPU the single batched forward is the faster form, so it stays.")
 
 
 def render(data: dict[str, Any]) -> str:
@@ -267,14 +296,15 @@ def render(data: dict[str, Any]) -> str:
         "Our decoder (`decoder.Decoder`: `unclip.nn.UNet` + CLIP conditioning) against lucidrains' dalle2-pytorch "
         "`Unet` (1.15.6) at equal parameter count. Each side runs in its own process launched by the same script "
         f"run, {a['threads']} threads each; medians of {a['reps']} repetitions after {a['warmup']} warm-up call(s) "
+        f"in each of {a.get('rounds', 1)} round(s), the sides alternating which runs first, times pooled "
         f"({a['clock']} clock). "
         "Speed-up = peer time / our time (target: >= 1.5x). train = forward (training-time condition dropout) + "
         f"MSE + backward + AdamW; sampler step = one conditional eval forward under no_grad; guided = one "
         f"classifier-free-guided call (scale {GUIDANCE}) as each side's sampler makes it: ours one forward of 2B, "
         "the peer's two forwards of B. sampling loop = one batch of B images from noise with each side's own sampler "
         f"(`decoder.decode` / the peer's `Decoder.sample`): {loop_steps} DDIM steps (eta 0), guidance {GUIDANCE}, "
-        f"dynamic thresholding at the 99.5th percentile; median of {a.get('loop_reps', 0)} batches after the timed "
-        "steps. Captions: 8 to 24 real tokens of 24, CLIP width 128.",
+        f"dynamic thresholding at the 99.5th percentile; median of {a.get('loop_reps', 0)} batches per round after "
+        "the timed steps. Captions: 8 to 24 real tokens of 24, CLIP width 128.",
         "",
         f"Command: `{data['command']}`. Machine: {data['machine']}.",
         "",
@@ -289,9 +319,10 @@ def render(data: dict[str, Any]) -> str:
         "1.5x at 32x32 is not overhead that the implementation can remove without changing the numbers. Under "
         "bf16 autocast both sides gain (oneDNN's bf16 convolutions) and the ratios shrink at 32x32 and in "
         "training: the convolutions, ~equal work on both sides, then dominate even more. torch.compile (inductor, "
-        "CPU) left our 32x32 training step unchanged (6.82 s against 6.81 s eager, 1 thread). At 64x64 our guided "
-        "call (one forward of 2B) takes longer than two forwards of B would on this CPU (4.13 s against 2 x 1.81 "
-        "s); on a GPU the single batched forward is the faster form, so it stays.",
+        "CPU) left our 32x32 training step unchanged (6.82 s against 6.81 s eager, 1 thread, measured apart from "
+        "this table). " + guided_note(data) + " Run-to-run spread: the same command on another day gave the peer "
+        "12-18% faster or slower while our times moved by a few percent, so single-run ratios are only good to "
+        "about +-0.15; `--rounds` pools alternating runs of both sides against that drift.",
         "",
         "Configs (same levels, 2 residual blocks per level, self-attention at the two lowest resolutions and in the "
         "middle, 32-channel heads; the peer also cross-attends inside its residual blocks, so its width is lower "
@@ -310,6 +341,8 @@ def main() -> None:
     p.add_argument("--clock", choices=list(CLOCKS), default="wall", help="wall seconds, or process CPU seconds")
     p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
                    help="bf16: forwards under CPU bfloat16 autocast on both sides (weights, AdamW in float32)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run both sides' workers this many times, alternating which goes first; times pooled")
     p.add_argument("--loop-steps", type=int, default=10,
                    help="DDIM steps of the whole-batch sampling loop timed after the steps (0: skip it)")
     p.add_argument("--loop-reps", type=int, default=2, help="repetitions of the sampling loop")
@@ -324,7 +357,7 @@ def main() -> None:
     results = {}
     for precision in args.precisions:
         for size in sizes:
-            ours, peer = run_worker("ours", size, args, precision), run_worker("peer", size, args, precision)
+            ours, peer = rounds(size, args, precision)
             results[row_key(size, precision)] = {"size": size, "precision": precision, "ours": ours, "peer": peer,
                                                  "summary": summarise(ours, peer)}
     sys.path.insert(0, str(Path(__file__).resolve().parent))

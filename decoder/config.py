@@ -80,6 +80,12 @@ class DecoderEvalConfig:
     sample_grid: int = 16  # held-out images in the periodic training grids, each beside its decodes (from the
     #   image embedding alone) at every guidance scale in `guidance_scales`
 
+    def __post_init__(self) -> None:  # checked when the config is read, not after a whole training run
+        if self.samples < 0 or self.steps < 1 or self.batch_size < 1 or self.sample_grid < 0:
+            raise ValueError("eval.samples and eval.sample_grid must be >= 0, eval.steps and eval.batch_size >= 1")
+        if not self.guidance_scales or not 0 <= self.eta <= 1:
+            raise ValueError("eval.guidance_scales needs at least one scale and eval.eta must lie in [0, 1]")
+
 
 @dataclass(frozen=True)
 class TrainDecoderConfig:

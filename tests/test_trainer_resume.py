@@ -106,6 +106,27 @@ def test_resume_ignores_incomplete_checkpoints(tmp_path):
     assert_same_state(reference, resumed)
 
 
+def test_resume_passes_over_a_corrupt_checkpoint(tmp_path):
+    """A complete-looking newest checkpoint whose weights were truncated (a full disk, say): the run resumes from
+    the one before it, with a warning, and still ends where an uninterrupted run does."""
+    cfg = make_cfg(max_steps=9, checkpoint_every=3, keep_checkpoints=3)
+    reference = Trainer(ToyTask(), cfg, tmp_path / "full")
+    reference.train()
+
+    out = tmp_path / "split"
+    with pytest.raises(SimulatedCrash):
+        Trainer(ToyTask(crash_call=8), cfg, out).train()
+    newest = list_checkpoints(out / "checkpoints")[-1][1]
+    assert newest.name == "step-00000006"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    resumed = Trainer(ToyTask(), cfg, out)
+    with pytest.warns(UserWarning, match="cannot resume from .*step-00000006 .*trying the checkpoint before it"):
+        result = resumed.train()
+    assert result.step == 9 and len(result.losses) == 6  # from step 3
+    assert_same_state(reference, resumed)
+
+
 # ---------------------------------------------------------------- SIGKILL, in a subprocess
 def launch(out: Path, cfg: dict, task: dict, env: dict | None = None) -> subprocess.Popen:
     command = [sys.executable, str(TOY_SCRIPT), str(out), "--config", json.dumps(cfg), "--task", json.dumps(task)]

@@ -95,6 +95,13 @@ class UpsamplerEvalConfig:
     batch_size: int = 50  # images upsampled per batch
     sample_grid: int = 8  # images in the periodic training grids (bicubic | model | original)
 
+    def __post_init__(self) -> None:  # checked when the config is read, not after a whole training run
+        bad_steps = self.steps is not None and self.steps < 1
+        if self.samples < 0 or self.batch_size < 1 or self.sample_grid < 0 or bad_steps:
+            raise ValueError("eval.samples and eval.sample_grid must be >= 0, eval.steps and eval.batch_size >= 1")
+        if not self.aug_levels:
+            raise ValueError("eval.aug_levels needs at least one level")
+
 
 @dataclass(frozen=True)
 class TrainUpsamplerConfig:

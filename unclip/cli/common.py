@@ -4,14 +4,39 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
-__all__ = ["CliError", "add_device_argument", "resolve_device", "print_table"]
+__all__ = ["CliError", "add_device_argument", "resolve_device", "print_table", "positive_int", "image_path"]
 
 
 class CliError(Exception):
     """An error to show the user as one clear line (no traceback), with exit status 2."""
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse then names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def image_path(text: str) -> Path:
+    """An argparse type: an output image file whose extension PIL can write (checked before any work is done)."""
+    path = Path(text)
+    from PIL import Image
+
+    Image.init()
+    if path.suffix.lower() not in Image.EXTENSION:
+        raise argparse.ArgumentTypeError(f"{text!r} has no image file extension PIL can write (e.g. .png, .jpg)")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give an image file name")
+    return path
 
 
 def add_device_argument(p: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..checkpoint import CheckpointError
-from .common import CliError, add_device_argument, print_table, resolve_device
+from .common import CliError, add_device_argument, positive_int, print_table, resolve_device
 from .pipeline_commands import add_pipeline_parsers
 from .serve import add_serve_parser
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local file, for a model name")
     p.add_argument("--split", choices=("heldout", "train", "all"), default="heldout",
                    help="which SHAPES triples to draw from (default: heldout, never seen in training)")
-    p.add_argument("--samples", type=int, default=500, help="images to draw (default 500)")
+    p.add_argument("--samples", type=positive_int, default=500, help="images to draw (default 500)")
     p.add_argument("--seed", type=int, default=1234, help="SHAPES seed of the drawn images")
     add_device_argument(p)
     p.set_defaults(func=_zero_shot)
@@ -68,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-column", default="image")
     p.add_argument("--caption-column", default="caption")
     p.add_argument("--split", default="train", help="split of a hub dataset")
-    p.add_argument("--shapes-samples", type=int, default=20000, help="rows to generate when --data shapes")
-    p.add_argument("--shard-size", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--shapes-samples", type=positive_int, default=20000, help="rows to generate when --data shapes")
+    p.add_argument("--shard-size", type=positive_int, default=4096)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--num-workers", type=int, default=0)
     add_device_argument(p)
     p.set_defaults(func=_embed)

@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint import CheckpointError, write_json_atomic
 from ..diffusion import SAMPLER_NAMES
-from .common import CliError, add_device_argument, print_table, resolve_device
+from .common import CliError, add_device_argument, image_path, positive_int, print_table, resolve_device
 
 __all__ = ["add_pipeline_parsers"]
 
@@ -36,7 +36,8 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("captions", nargs="+", help="captions, each in quotes")
     p.add_argument("-n", "--num-images", type=int, default=4, help="images per caption (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the whole run (default 0)")
-    p.add_argument("--out", type=Path, default=Path("generated.png"), help="grid PNG to write (default generated.png)")
+    p.add_argument("--out", type=image_path, default=Path("generated.png"),
+                   help="grid PNG to write (default generated.png)")
     p.add_argument("--out-dir", type=Path, default=None, help="also write every image as its own PNG here")
     _add_pipeline_arguments(p)
     _add_sampling_arguments(p)
@@ -49,7 +50,7 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", type=int, default=4, help="variations (default 4)")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM noise of the decoder (default 1.0)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("variations.png"))
+    p.add_argument("--out", type=image_path, default=Path("variations.png"))
     _add_pipeline_arguments(p)
     p.set_defaults(func=_vary)
 
@@ -59,7 +60,7 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image_a", type=Path)
     p.add_argument("image_b", type=Path)
     p.add_argument("-n", type=int, default=5, help="images including both ends (default 5)")
-    p.add_argument("--out", type=Path, default=Path("interpolation.png"))
+    p.add_argument("--out", type=image_path, default=Path("interpolation.png"))
     _add_pipeline_arguments(p)
     p.set_defaults(func=_interpolate)
 
@@ -71,7 +72,7 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", dest="to_text", required=True, help="a caption describing the wanted change")
     p.add_argument("-n", type=int, default=5, help="images, the first the (approximate) reconstruction (default 5)")
     p.add_argument("--max-angle", type=float, default=0.5, help="largest slerp fraction (paper: 0.25-0.5)")
-    p.add_argument("--out", type=Path, default=Path("text-diff.png"))
+    p.add_argument("--out", type=image_path, default=Path("text-diff.png"))
     _add_pipeline_arguments(p)
     p.set_defaults(func=_text_diff)
 
@@ -79,12 +80,14 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
                        description="Generate images for the 25 held-out SHAPES captions and report the fraction whose "
                                    "shape, foreground and background colour the SHAPES CLIP judges right, the CLIP "
                                    "score, and FID / KID against real held-out images.")
-    p.add_argument("--images-per-caption", type=int, default=4, help="images per held-out caption (default 4)")
+    p.add_argument("--images-per-caption", type=positive_int, default=4,
+                   help="images per held-out caption (default 4)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--real-samples", type=int, default=500, help="real held-out images for FID / KID (default 500)")
+    p.add_argument("--real-samples", type=positive_int, default=500,
+                   help="real held-out images for FID / KID (default 500)")
     p.add_argument("--features", choices=("clip", "inception"), default="clip",
                    help="FID / KID features: the pipeline's CLIP (default) or Inception-v3 via torch-fidelity")
-    p.add_argument("--batch-size", type=int, default=25)
+    p.add_argument("--batch-size", type=positive_int, default=25)
     p.add_argument("--out", type=Path, default=None, help="write the full report as JSON here")
     _add_pipeline_arguments(p)
     _add_sampling_arguments(p)

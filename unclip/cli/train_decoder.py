@@ -59,9 +59,11 @@ def _evaluate_base(cfg: TrainDecoderConfig, out: Path) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     clip = load_clip(cfg.clip, cfg.clip_pretrained).to(device)
     decoder = Decoder.from_pretrained(out / "model", map_location=device)
+    print(f"evaluating on {e.samples} held-out SHAPES images at guidance {', '.join(map(str, e.guidance_scales))} "
+          "(a progress bar per batch; eval.samples: 0 skips this)", flush=True)
     acc = reconstruction_accuracy(decoder, clip, samples=e.samples, guidance_scales=e.guidance_scales, steps=e.steps,
                                   sampler=e.sampler, eta=e.eta, seed=e.seed, batch_size=e.batch_size,
-                                  resolution=cfg.data.shapes_resolution)
+                                  resolution=cfg.data.shapes_resolution, progress=cfg.train.progress)
     write_json_atomic(out / "eval.json", {"split": "heldout", "clip": cfg.clip, "sampler": e.sampler,
                                           "steps": e.steps, "eta": e.eta, **acc})
     print(f"SHAPES held-out reconstruction ({acc['samples']} images decoded at {acc['image_size']}px from their CLIP "
@@ -82,8 +84,10 @@ def _evaluate_upsampler(cfg: TrainUpsamplerConfig, out: Path) -> None:
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     upsampler = Upsampler.from_pretrained(out / "model", map_location=device)
+    print(f"evaluating on {e.samples} held-out SHAPES images at aug level {', '.join(map(str, e.aug_levels))} "
+          "(a progress bar per batch; eval.samples: 0 skips this)", flush=True)
     report = psnr_vs_bicubic(upsampler, samples=e.samples, seed=e.seed, aug_levels=e.aug_levels, steps=e.steps,
-                             sampler=e.sampler, batch_size=e.batch_size)
+                             sampler=e.sampler, batch_size=e.batch_size, progress=cfg.train.progress)
     write_json_atomic(out / "eval.json", {"split": "heldout", **report})
     print(f"SHAPES held-out super-resolution ({report['samples']} images, {report['low_res_size']} -> "
           f"{report['image_size']} px, {report['sampler']} {report['steps']} steps): mean PSNR against the originals")
@@ -101,7 +105,7 @@ STAGES: dict[str, Stage] = {
 
 def _stage_name(argv: Sequence[str] | None) -> str:
     """The `stage` the config file (or a --set stage=...) names; "base" when it names none."""
-    args, _ = build_training_parser("train-decoder", None).parse_known_args(argv)
+    args, _ = build_training_parser("train-decoder", __doc__).parse_known_args(argv)  # also answers --help
     overrides = parse_overrides(args.overrides)
     if "stage" in overrides:
         return str(overrides["stage"])

@@ -51,7 +51,8 @@ def _evaluate(cfg: TrainPriorConfig, out: Path) -> None:
     image_embeds = triple_image_embeds(clip, e.images_per_triple, seed=e.seed)
     results = [
         evaluate_prior_shapes(prior, clip, guidance_scale=s, best_of=e.best_of, steps=e.steps, sampler=e.sampler,
-                              images_per_triple=e.images_per_triple, seed=e.seed, image_embeds=image_embeds)
+                              images_per_triple=e.images_per_triple, seed=e.seed, image_embeds=image_embeds,
+                              progress=cfg.train.progress)
         for s in e.guidance_scales
     ]
     write_json_atomic(out / "eval.json", {"split": "heldout", "clip": cfg.clip, "results": results})

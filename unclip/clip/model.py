@@ -245,6 +245,11 @@ class Clip(nn.Module):
         return len(encode(caption)) + 2 if callable(encode) else 0  # + start and end tokens
 
 
+class ClipNotFoundError(CheckpointError, ValueError):
+    """`load_clip` found neither a checkpoint directory nor an open_clip model of that name (a ValueError, as
+    before, and a CheckpointError, which the command-line tools report as one line)."""
+
+
 def load_clip(spec: str | Path, pretrained: str | None = None) -> Clip:
     """A Clip from what a user types: our directory, or an open_clip name (+ tag or local file)."""
     path = Path(spec)
@@ -254,7 +259,7 @@ def load_clip(spec: str | Path, pretrained: str | None = None) -> Clip:
         return Clip.from_pretrained(path)
     if str(spec) in open_clip.list_models() or str(spec).startswith(("hf-hub:", "local-dir:")):
         return Clip.from_open_clip(str(spec), pretrained=pretrained)
-    raise CheckpointError(
+    raise ClipNotFoundError(
         f"no CLIP at {str(spec)!r}: it is neither a directory written by train-clip / save_pretrained "
         "nor an open_clip model name (see open_clip.list_models()); train one first (train-clip "
         "configs/clip/shapes-tiny.yaml writes runs/clip-shapes-tiny/model) or point to another"

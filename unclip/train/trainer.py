@@ -43,10 +43,11 @@ from .ema import EMA
 from .logging import MetricWindow, RunLogger
 from .lr import build_lr_scheduler, build_optimizer
 from .state import (
+    TrainingCheckpoint,
     capture_rng_state,
-    find_latest_checkpoint,
     list_checkpoints,
     load_training_checkpoint,
+    missing_files,
     preserved_rng,
     restore_rng_state,
     rotate_checkpoints,
@@ -177,7 +178,7 @@ class Trainer:
                 message = f"resume=False: deleted {len(removed)} old checkpoints in {self.checkpoint_root}"
                 warnings.warn(message, stacklevel=2)
         acc.wait_for_everyone()
-        latest = find_latest_checkpoint(self.checkpoint_root) if resume else None
+        latest = self._newest_readable_checkpoint() if resume else None
         if latest is not None:
             self._restore(latest)
         else:
@@ -186,7 +187,7 @@ class Trainer:
         resume_step = self.step if latest is not None else -1
         self._logger = RunLogger(self.output_dir, enabled=acc.is_main_process, resume_step=resume_step)
         if latest is not None:
-            self._logger.log({"step": self.step, "event": "resume", "checkpoint": latest.name})
+            self._logger.log({"step": self.step, "event": "resume", "checkpoint": latest.path.name})
         losses: list[float] = []
         try:
             self._loop(losses)
@@ -495,8 +496,23 @@ class Trainer:
             return get_optimizer_state_dict(self.model, self.optimizer.optimizer, options=options)
         return self.optimizer.optimizer.state_dict()
 
-    def _restore(self, path: Path) -> None:
-        acc, ckpt = self.accelerator, load_training_checkpoint(path)
+    def _newest_readable_checkpoint(self) -> TrainingCheckpoint | None:
+        """The newest training checkpoint that reads back whole; a corrupt newer one (a truncated file, say) is
+        passed over with a warning, and is replaced when the run saves that step again."""
+        for _, path in reversed(list_checkpoints(self.checkpoint_root)):
+            missing = missing_files(path)
+            if missing:
+                warnings.warn(f"skipping incomplete training checkpoint {path} (missing {', '.join(missing)})",
+                              stacklevel=3)
+                continue
+            try:
+                return load_training_checkpoint(path)
+            except CheckpointError as e:
+                warnings.warn(f"cannot resume from {path} ({e}); trying the checkpoint before it", stacklevel=3)
+        return None
+
+    def _restore(self, ckpt: TrainingCheckpoint) -> None:
+        acc, path = self.accelerator, ckpt.path
         if acc.is_fsdp2:
             from torch.distributed.checkpoint import state_dict as dcp
 
