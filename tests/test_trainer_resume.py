@@ -81,14 +81,19 @@ def cfg_with(cfg: TrainConfig, **changes) -> TrainConfig:
     return replace(cfg, **changes)
 
 
-def test_resume_ignores_incomplete_checkpoints(tmp_path):
-    cfg = make_cfg(max_steps=9, checkpoint_every=3, ema_decay=0.9)
+def crashed_run(tmp_path: Path, cfg: TrainConfig) -> tuple[Trainer, Path]:
+    """An uninterrupted 9-step reference run, and the output directory of the same run crashed after step 7."""
     reference = Trainer(ToyTask(), cfg, tmp_path / "full")
     reference.train()
-
     out = tmp_path / "split"
     with pytest.raises(SimulatedCrash):
         Trainer(ToyTask(crash_call=8), cfg, out).train()
+    return reference, out
+
+
+def test_resume_ignores_incomplete_checkpoints(tmp_path):
+    cfg = make_cfg(max_steps=9, checkpoint_every=3, ema_decay=0.9)
+    reference, out = crashed_run(tmp_path, cfg)
     root = out / "checkpoints"
     # what a writer killed mid-write leaves: a temporary directory with some of the files
     stale = root / ".step-00000009.tmp-deadbeef"
@@ -110,12 +115,7 @@ def test_resume_passes_over_a_corrupt_checkpoint(tmp_path):
     """A complete-looking newest checkpoint whose weights were truncated (a full disk, say): the run resumes from
     the one before it, with a warning, and still ends where an uninterrupted run does."""
     cfg = make_cfg(max_steps=9, checkpoint_every=3, keep_checkpoints=3)
-    reference = Trainer(ToyTask(), cfg, tmp_path / "full")
-    reference.train()
-
-    out = tmp_path / "split"
-    with pytest.raises(SimulatedCrash):
-        Trainer(ToyTask(crash_call=8), cfg, out).train()
+    reference, out = crashed_run(tmp_path, cfg)
     newest = list_checkpoints(out / "checkpoints")[-1][1]
     assert newest.name == "step-00000006"
     weights = newest / "model.safetensors"
