@@ -50,13 +50,15 @@ NUM_EXTRA_SLOTS = 4  # text_embed, timestep, x_t, query
 class DiffusionPriorNetwork(nn.Module):
     """Predicts the clean (scaled) CLIP image embedding, or eps / v, from x_t (b, d), t (b,) and the caption.
 
-    `clip` records which CLIP the prior was trained against (a directory or open_clip name; informational,
-    saved in config.json). `schedule` is the noise schedule of `config.schedule`, float64 on the CPU.
+    `clip` records which CLIP the prior was trained against (a directory or open_clip name; informational) and
+    `clip_fingerprint` that CLIP's weights (`unclip.data.embeddings.clip_fingerprint`), which assembling a
+    pipeline checks; both are saved in config.json. `schedule` is the noise schedule of `config.schedule`, float64
+    on the CPU.
     """
 
-    def __init__(self, config: PriorConfig, clip: str | None = None) -> None:
+    def __init__(self, config: PriorConfig, clip: str | None = None, clip_fingerprint: str | None = None) -> None:
         super().__init__()
-        self.config, self.clip = config, clip
+        self.config, self.clip, self.clip_fingerprint = config, clip, clip_fingerprint
         self.schedule: NoiseSchedule = make_schedule(config.schedule.kind, config.schedule.num_timesteps)
         c, w = config, config.width
         self.text_tokens_proj = nn.Linear(c.text_width, w)
@@ -179,7 +181,7 @@ class DiffusionPriorNetwork(nn.Module):
     # ----- checkpoints --------------------------------------------------------------------------------
     def pretrained_config(self) -> dict[str, Any]:
         """What config.json stores: the full PriorConfig and the CLIP it was trained against."""
-        return {"model": config_to_dict(self.config), "clip": self.clip}
+        return {"model": config_to_dict(self.config), "clip": self.clip, "clip_fingerprint": self.clip_fingerprint}
 
     def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Write config.json (kind "prior") + model.safetensors atomically; `state_dict` overrides the weights."""
@@ -191,7 +193,8 @@ class DiffusionPriorNetwork(nn.Module):
         """Load a directory written by `save_pretrained` (in eval mode); needs nothing but the directory."""
         meta, state = load_pretrained_dir(path, kind=KIND)
         cfg = meta["config"]
-        prior = cls(load_config(PriorConfig, cfg["model"]), clip=cfg.get("clip"))
+        prior = cls(load_config(PriorConfig, cfg["model"]), clip=cfg.get("clip"),
+                    clip_fingerprint=cfg.get("clip_fingerprint"))
         load_state_dict_strict(prior, state, source=path)
         return prior.to(device).eval()
 

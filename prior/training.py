@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from unclip.clip import Clip, load_clip
 from unclip.config import ConfigError, config_to_dict
 from unclip.data import ImageTextDataset, collate_image_text
-from unclip.data.embeddings import EmbeddingShards
+from unclip.data.embeddings import EmbeddingShards, clip_fingerprint
 from unclip.data.sources import training_rows
 from unclip.diffusion import denoised_from_output, diffusion_loss, q_sample, sample_timesteps
 from unclip.train import unwrap_model
@@ -91,9 +91,12 @@ class PriorTrainTask:
             manifest = EmbeddingShards(cfg.data.source).manifest
             check_dims(cfg.model, manifest["embed_dim"], manifest["text_width"], manifest["context_length"],
                        f"the embeddings in {cfg.data.source}")
+            fingerprint = manifest.get("clip")  # the CLIP the shards were made with
         else:
             c = self.clip
             check_dims(cfg.model, c.embed_dim, c.text_width, c.context_length, f"the CLIP {cfg.clip}")
+            fingerprint = clip_fingerprint(c)
+        self.model.clip_fingerprint = fingerprint  # saved with the prior; assembling a pipeline checks it
 
     @property
     def clip(self) -> Clip:

@@ -116,6 +116,7 @@ def test_loading_refuses_broken_or_mismatched_directories(cascade, cascade_dir, 
 
 
 def test_from_stages_refuses_a_decoder_trained_on_another_clip(cascade, tmp_path, tiny_arch):
+    from prior import DiffusionPriorNetwork
     from unclip.clip import Clip
     from unclip.data.embeddings import clip_fingerprint
 
@@ -127,8 +128,13 @@ def test_from_stages_refuses_a_decoder_trained_on_another_clip(cascade, tmp_path
     assert len(pipe.upsamplers) == 0 and pipe.image_size == 8
     torch.manual_seed(1)
     Clip.from_architecture(tiny_arch, model_name="other").save_pretrained(tmp_path / "other-clip")
-    with pytest.raises(CheckpointError, match="another CLIP"):
+    with pytest.raises(CheckpointError, match="decoder .* another CLIP"):
         UnclipPipeline.from_stages(tmp_path / "other-clip", tmp_path / "prior", tmp_path / "decoder")
+    prior_on_other = DiffusionPriorNetwork.from_pretrained(tmp_path / "prior")
+    prior_on_other.clip_fingerprint = clip_fingerprint(Clip.from_pretrained(tmp_path / "other-clip"))
+    prior_on_other.save_pretrained(tmp_path / "prior-on-other")
+    with pytest.raises(CheckpointError, match="the prior .*prior-on-other was trained on the embeddings of another"):
+        UnclipPipeline.from_stages(tmp_path / "clip", tmp_path / "prior-on-other", tmp_path / "decoder")
 
 
 def test_slerp_keeps_norms_and_hits_both_ends():

@@ -43,6 +43,8 @@ def test_loss_falls_and_the_prior_exports(trained):
     assert len(losses) == 8 and sum(losses[-2:]) < 0.5 * sum(losses[:2]), losses
     prior = DiffusionPriorNetwork.from_pretrained(run / "model")
     assert prior.config == load_config(TrainPriorConfig, trained[0]).model
+    source = load_config(TrainPriorConfig, trained[0]).data.source
+    assert prior.clip_fingerprint == json.loads((Path(source) / "manifest.json").read_text())["clip"]
 
 
 def test_shapes_evaluation_is_written_for_each_guidance_scale(trained, capsys):

@@ -171,16 +171,17 @@ class UnclipPipeline(nn.Module):
                     defaults: GenerationDefaults | None = None) -> UnclipPipeline:
         """Assemble a pipeline from stage directories written by the train-* scripts (each OUTPUT_DIR/model).
 
-        Refuses a decoder trained on another CLIP's embeddings (the weights' fingerprint differs)."""
+        Refuses a prior or a decoder trained on another CLIP's embeddings (the weights' fingerprint differs; stages
+        saved before fingerprints were recorded are not checked)."""
         clip_model = Clip.from_pretrained(clip)
-        dec = Decoder.from_pretrained(decoder)
-        want = (dec.clip_info or {}).get("fingerprint")
+        prior_model, dec = DiffusionPriorNetwork.from_pretrained(prior), Decoder.from_pretrained(decoder)
         have = clip_fingerprint(clip_model)
-        if want is not None and want != have:
-            raise CheckpointError(f"the decoder {decoder} was trained on the embeddings of another CLIP (fingerprint "
-                                  f"{want}) than {clip} ({have})")
-        return cls(clip_model, DiffusionPriorNetwork.from_pretrained(prior), dec,
-                   [Upsampler.from_pretrained(p) for p in upsamplers], defaults)
+        for name, where, want in (("prior", prior, prior_model.clip_fingerprint),
+                                  ("decoder", decoder, (dec.clip_info or {}).get("fingerprint"))):
+            if want is not None and want != have:
+                raise CheckpointError(f"the {name} {where} was trained on the embeddings of another CLIP "
+                                      f"(fingerprint {want}) than {clip} ({have})")
+        return cls(clip_model, prior_model, dec, [Upsampler.from_pretrained(p) for p in upsamplers], defaults)
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write the pipeline directory atomically; `dtype` (e.g. torch.float16) casts the stored float weights.
