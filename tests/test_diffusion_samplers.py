@@ -277,6 +277,23 @@ def test_cfg_one_batched_forward_and_formula():
     torch.testing.assert_close(guided[0], uncond[0])
 
 
+@pytest.mark.parametrize("learned_variance", [False, True])
+def test_cfg_split_makes_two_calls_with_the_same_result(learned_variance):
+    schedule = cosine_schedule(100)
+    x_t, embed, t = start(1), start(2)[:, :1], torch.tensor([5, 9])
+    drop = torch.tensor([True, False])
+    joint, split = CountingModel(learned_variance), CountingModel(learned_variance)
+    a = cfg(joint, 2.5, learned_variance=learned_variance)(x_t, t, cond_drop=drop, embed=embed)
+    b = cfg(split, 2.5, learned_variance=learned_variance, split=True)(x_t, t, cond_drop=drop, embed=embed)
+    assert joint.batches == [4] and split.batches == [2, 2]
+    torch.testing.assert_close(a, b)
+    if learned_variance:  # and around a denoiser
+        den = make_denoiser(CountingModel(True), schedule, "eps", variance="learned_range")
+        a, b = (cfg(den, 2.5, split=s)(x_t, t, embed=embed) for s in (False, True))
+        for field in ("x0", "eps", "var_interp"):
+            torch.testing.assert_close(getattr(a, field), getattr(b, field))
+
+
 def test_cfg_keeps_the_conditional_variance_and_wraps_denoisers():
     schedule = cosine_schedule(100)
     model = CountingModel(learned_variance=True)

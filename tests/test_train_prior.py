@@ -83,7 +83,7 @@ def test_a_prior_that_does_not_fit_its_clip_is_refused(clip_dir, tmp_path, capsy
     assert "model.text_length = 77" in capsys.readouterr().err
 
 
-def test_malformed_yaml_and_missing_data_are_one_line_errors(tmp_path, capsys):
+def test_malformed_yaml_and_missing_data_are_one_line_errors(clip_dir, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: [0.1\n")
     assert main([str(bad), "--output-dir", str(tmp_path / "a")]) == 2
@@ -91,6 +91,9 @@ def test_malformed_yaml_and_missing_data_are_one_line_errors(tmp_path, capsys):
     config = str(Path(__file__).resolve().parents[1] / "configs" / "prior" / "shapes-tiny.yaml")
     assert main([config, "--set", "train.betas=[0.9", "--output-dir", str(tmp_path / "b")]) == 2
     assert "the value is not valid YAML" in capsys.readouterr().err
+    assert main([config, "--set", f"clip={tmp_path / 'no-clip'}", "--output-dir", str(tmp_path / "c")]) == 2
+    assert "no CLIP at" in capsys.readouterr().err
     assert main([config, "--set", f"data.source={tmp_path / 'nowhere'}", "--set", "train.progress=false",
-                 "--output-dir", str(tmp_path / "c")]) == 2
+                 "--set", f"clip={clip_dir}", "--set", "model.embed_dim=32", "--set", "model.text_width=48",
+                 "--set", "model.text_length=16", "--output-dir", str(tmp_path / "d")]) == 2
     assert "dataset path not found" in capsys.readouterr().err

@@ -9,6 +9,7 @@ where x_t is (b, *), t is (b,), every conditioning tensor in `cond` has the batc
 instead of their own. `cfg` calls the wrapped function once on a batch of 2b rows: rows 0..b-1 are the
 conditional branch (the caller's own `cond_drop`, if any, kept), rows b..2b-1 the unconditional one
 (`cond_drop` all True), every tensor in `cond` repeated along the batch; non-tensor values are passed as they are.
+With `split=True` it makes the two calls of b rows instead.
 
 Guidance is applied to the raw network output, before a denoiser splits off a learned-variance channel:
 
@@ -37,13 +38,14 @@ __all__ = ["cfg"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def cfg(fn: F, guidance_scale: float, *, learned_variance: bool = False) -> F:
+def cfg(fn: F, guidance_scale: float, *, learned_variance: bool = False, split: bool = False) -> F:
     """Classifier-free guidance around `fn(x_t, t, *, cond_drop=None, **cond)` (a network or a `Denoiser`).
 
     Returns `fn` itself at guidance_scale == 1. Otherwise a function with the same signature that makes one
     call of batch 2b and returns uncond + guidance_scale * (cond - uncond): a tensor (b, *) for a network, a
     `Denoised` for a denoiser. learned_variance: the network's output carries a variance channel as the second
-    half of dim 1, which is taken from the conditional branch unguided.
+    half of dim 1, which is taken from the conditional branch unguided. split: two calls of batch b instead (the
+    same numbers; half the peak activation memory, and faster for large UNet batches on a CPU, see the decoder).
     """
     if guidance_scale == 1.0:
         return fn
@@ -52,12 +54,19 @@ def cfg(fn: F, guidance_scale: float, *, learned_variance: bool = False) -> F:
         b = x_t.shape[0]
         assert t.shape == (b,), f"t must be (b,) = ({b},), got {tuple(t.shape)}"
         own_drop = torch.zeros(b, dtype=torch.bool, device=x_t.device) if cond_drop is None else cond_drop.bool()
-        drop = torch.cat([own_drop, torch.ones(b, dtype=torch.bool, device=x_t.device)])  # (2b,)
-        out = fn(torch.cat([x_t, x_t]), torch.cat([t, t]), cond_drop=drop, **_repeat_cond(cond, b))
-        if isinstance(out, Denoised):
-            return _guide_denoised(out, b, guidance_scale)
-        assert out.shape[0] == 2 * b, f"the wrapped function returned batch {out.shape[0]}, expected {2 * b}"
-        cond_out, uncond_out = out.chunk(2, dim=0)  # (2b, *) -> 2 x (b, *)
+        all_drop = torch.ones(b, dtype=torch.bool, device=x_t.device)
+        if split:
+            cond_out, uncond_out = fn(x_t, t, cond_drop=own_drop, **cond), fn(x_t, t, cond_drop=all_drop, **cond)
+        else:
+            out = fn(torch.cat([x_t, x_t]), torch.cat([t, t]), cond_drop=torch.cat([own_drop, all_drop]),
+                     **_repeat_cond(cond, b))
+            if isinstance(out, Denoised):
+                cond_out, uncond_out = _halves(out, b)
+            else:
+                assert out.shape[0] == 2 * b, f"the wrapped function returned batch {out.shape[0]}, expected {2 * b}"
+                cond_out, uncond_out = out.chunk(2, dim=0)  # (2b, *) -> 2 x (b, *)
+        if isinstance(cond_out, Denoised):
+            return _guide_denoised(cond_out, uncond_out, guidance_scale)
         if not learned_variance:
             return _combine(cond_out, uncond_out, guidance_scale)
         cond_mean, cond_var = cond_out.chunk(2, dim=1)  # (b, 2c, ...) -> 2 x (b, c, ...)
@@ -71,11 +80,17 @@ def _combine(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
     return uncond + scale * (cond - uncond)
 
 
-def _guide_denoised(out: Denoised, b: int, scale: float) -> Denoised:
-    x0_c, x0_u = out.x0.chunk(2, dim=0)
-    eps_c, eps_u = out.eps.chunk(2, dim=0)
-    var = out.var_interp[:b] if out.var_interp is not None else None
-    return Denoised(x0=_combine(x0_c, x0_u, scale), eps=_combine(eps_c, eps_u, scale), var_interp=var)
+def _halves(out: Denoised, b: int) -> tuple[Denoised, Denoised]:
+    """A Denoised of 2b rows -> (the first b rows, the last b rows)."""
+    var = out.var_interp
+    return (Denoised(x0=out.x0[:b], eps=out.eps[:b], var_interp=var[:b] if var is not None else None),
+            Denoised(x0=out.x0[b:], eps=out.eps[b:], var_interp=var[b:] if var is not None else None))
+
+
+def _guide_denoised(cond: Denoised, uncond: Denoised, scale: float) -> Denoised:
+    """x0 and eps guided by the formula; the conditional branch's var_interp kept."""
+    return Denoised(x0=_combine(cond.x0, uncond.x0, scale), eps=_combine(cond.eps, uncond.eps, scale),
+                    var_interp=cond.var_interp)
 
 
 def _repeat_cond(cond: dict[str, Any], b: int) -> dict[str, Any]:
