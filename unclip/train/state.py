@@ -49,6 +49,7 @@ __all__ = [
     "rotate_checkpoints",
     "save_training_checkpoint",
     "load_training_checkpoint",
+    "read_checkpoint_config",
     "flatten_optimizer_state",
     "unflatten_optimizer_state",
     "capture_rng_state",
@@ -256,6 +257,16 @@ class TrainingCheckpoint:
     rng_states: list[dict[str, Any]]
     trainer_state: dict[str, Any]
     config: dict[str, Any]
+
+
+def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint's config.json without loading the rest ({} when it is missing or unreadable: loading
+    the checkpoint then says what is wrong)."""
+    try:
+        data = _read_json(Path(path) / "config.json")
+    except (OSError, CheckpointError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _read_json(path: Path) -> Any:

@@ -20,7 +20,6 @@ count, the LR schedule and the EMA warm-up when they are read.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import warnings
 from collections.abc import Iterator
@@ -49,6 +48,7 @@ from .state import (
     load_training_checkpoint,
     missing_files,
     preserved_rng,
+    read_checkpoint_config,
     restore_rng_state,
     rotate_checkpoints,
     save_training_checkpoint,
@@ -207,7 +207,7 @@ class Trainer:
         checkpoints = list_checkpoints(self.checkpoint_root)
         if checkpoints:
             newest = checkpoints[-1][1]
-            config = _read_config(newest)
+            config = read_checkpoint_config(newest)
             other = config.get("task_type")
             if other is not None and other != task_type:
                 raise CheckpointError(f"{self.output_dir} holds a training run of {other} ({newest.name}), not of "
@@ -551,12 +551,3 @@ class Trainer:
     def _seed_training_rng(self, *extra: int) -> None:
         """Seed the global RNGs of this process from (seed, rank): each process draws different noise."""
         seed_everything(mix_seed(self.cfg.seed, self.rank, *extra))
-
-
-def _read_config(checkpoint: Path) -> dict[str, Any]:
-    """A training checkpoint's config.json ({} when unreadable: the resume itself then says what is wrong)."""
-    try:
-        data = json.loads((checkpoint / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
