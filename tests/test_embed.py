@@ -8,6 +8,7 @@ import torch
 
 from unclip.data import make_shapes
 from unclip.data.embeddings import EmbeddingShards, embed_dataset
+from unclip.data.image_text import DataError
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +63,32 @@ def test_bad_images_are_skipped_and_counted(tiny_clip, tmp_path):
         out = embed_dataset(tiny_clip, data, tmp_path / "emb", source="bad", progress=False)
     shards = EmbeddingShards(out)
     assert len(shards) == 1 and shards[0]["index"] == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "foreign"])
+def test_a_damaged_shard_is_set_aside_and_embedded_again(tiny_clip, rows, tmp_path, damage):
+    out = embed_dataset(tiny_clip, rows, tmp_path / "emb", source="t", shard_size=8, progress=False)
+    shard = out / "shard-000001.safetensors"
+    reference = shard.read_bytes()
+    if damage == "truncate":  # as a copy that ran out of disk would leave it
+        shard.write_bytes(reference[: len(reference) // 2])
+    else:  # a sound safetensors file that holds another shard's rows (a copy to the wrong name)
+        shard.write_bytes((out / "shard-000000.safetensors").read_bytes())
+    damaged = shard.read_bytes()
+    with pytest.raises(DataError, match="shard-000001"):
+        EmbeddingShards(out)  # reading names the bad file instead of failing somewhere in a training run
+    with pytest.warns(UserWarning, match="shard-000001.*embedding it again"):
+        embed_dataset(tiny_clip, rows, out, source="t", shard_size=8, progress=False)
+    assert shard.read_bytes() == reference
+    (aside,) = out.glob("shard-000001.safetensors.corrupt-*")
+    assert aside.read_bytes() == damaged  # nothing the user had is thrown away
+    assert len(EmbeddingShards(out)) == 20
+
+
+def test_an_unreadable_manifest_is_named(tiny_clip, rows, tmp_path):
+    out = embed_dataset(tiny_clip, rows, tmp_path / "emb", source="t", shard_size=8, progress=False)
+    (out / "manifest.json").write_text('{"rows": 20,')
+    with pytest.raises(DataError, match="manifest.json"):
+        EmbeddingShards(out)
+    with pytest.raises(DataError, match="manifest.json"):
+        embed_dataset(tiny_clip, rows, out, source="t", shard_size=8, progress=False)

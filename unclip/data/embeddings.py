@@ -8,8 +8,10 @@ Layout of an embeddings directory:
     ...
 
 Each shard is written to a temporary file and renamed into place, so an interrupted run leaves only
-complete shards; running the same command again skips them and carries on. Rows whose image cannot be
-decoded are left out of their shard (its `index` says which source rows it holds) and counted.
+complete shards; running the same command again checks them, skips the sound ones and carries on. A shard
+that cannot be read back (truncated or overwritten by a copy gone wrong) is renamed aside (`*.corrupt`, kept
+for inspection) and embedded again. Rows whose image cannot be decoded are left out of their shard (its
+`index` says which source rows it holds) and counted.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..checkpoint import write_json_atomic
-from .image_text import ImageTextDataset, collate_image_text
+from .image_text import DataError, ImageTextDataset, collate_image_text
 
 __all__ = ["embed_dataset", "EmbeddingShards", "clip_fingerprint"]
 
@@ -52,10 +54,60 @@ def _shard_path(out_dir: Path, k: int) -> Path:
     return out_dir / f"shard-{k:06d}.safetensors"
 
 
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} cannot be read as an embeddings manifest: {e}") from e
+    missing = [k for k in ("rows", "shard_size") if not isinstance(manifest.get(k) if isinstance(manifest, dict)
+                                                                    else None, int)]
+    if missing:
+        raise DataError(f"{path} is not an embeddings manifest: no integer {', '.join(missing)}")
+    return manifest
+
+
+def _shard_rows(path: Path, rows: range) -> int:
+    """Rows in the shard at `path`, which must hold source rows within `rows`; DataError if it cannot be read."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            index = f.get_tensor("index")
+            names, captions = set(f.keys()), json.loads((f.metadata() or {}).get("captions", "null"))
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise DataError(f"embedding shard {path} cannot be read ({type(e).__name__}: {e}); "
+                        "delete it and run `unclip embed` again to remake it") from e
+    n = index.shape[0]
+    problem = None
+    if not isinstance(captions, list) or len(captions) != n:
+        problem = "its captions do not match its rows"
+    elif n and not set(TENSORS) <= names:
+        problem = f"it lacks {sorted(set(TENSORS) - names)}"
+    elif n and not (rows.start <= int(index.min()) and int(index.max()) < rows.stop):
+        problem = f"it holds source rows outside {rows.start}..{rows.stop - 1}"
+    if problem:
+        raise DataError(f"embedding shard {path} is damaged: {problem}")
+    return n
+
+
+def _set_aside_damaged(out_dir: Path, k: int, rows: range) -> bool:
+    """True if shard k is present and sound. A damaged one is renamed to *.corrupt (kept, with a warning)."""
+    path = _shard_path(out_dir, k)
+    if not path.exists():
+        return False
+    try:
+        _shard_rows(path, rows)
+        return True
+    except DataError as e:
+        aside = path.with_name(f"{path.name}.corrupt-{uuid.uuid4().hex[:8]}")
+        os.replace(path, aside)
+        warnings.warn(f"{e}; moved it to {aside.name} and embedding it again", stacklevel=3)
+        return False
+
+
 def _check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     path = out_dir / MANIFEST
     if path.exists():
-        old = json.loads(path.read_text())
+        old = _read_manifest(out_dir)
         differs = [k for k in manifest if old.get(k) != manifest[k]]
         if differs:
             raise ValueError(
@@ -102,7 +154,7 @@ def embed_dataset(
     }
     _check_manifest(out_dir, manifest)
     num_shards = (rows + shard_size - 1) // shard_size
-    todo = [k for k in range(num_shards) if not _shard_path(out_dir, k).exists()]
+    todo = [k for k in range(num_shards) if not _set_aside_damaged(out_dir, k, _shard_range(k, shard_size, rows))]
     wrapped = ImageTextDataset(dataset, clip.image_transform, image_column=image_column, caption_column=caption_column)
     skipped = 0
     bar = tqdm(
@@ -113,7 +165,7 @@ def embed_dataset(
         disable=not progress,
     )
     for k in todo:
-        part = torch.utils.data.Subset(wrapped, range(k * shard_size, min((k + 1) * shard_size, rows)))
+        part = torch.utils.data.Subset(wrapped, _shard_range(k, shard_size, rows))
         loader = DataLoader(part, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_image_text)
         chunks: dict[str, list[torch.Tensor]] = {name: [] for name in TENSORS}
         captions: list[str] = []
@@ -134,6 +186,10 @@ def embed_dataset(
     if skipped:
         warnings.warn(f"embed: {skipped} row(s) skipped because their image or caption was unusable", stacklevel=2)
     return out_dir
+
+
+def _shard_range(k: int, shard_size: int, rows: int) -> range:
+    return range(k * shard_size, min((k + 1) * shard_size, rows))
 
 
 def _write_shard(path: Path, chunks: dict[str, list[torch.Tensor]], captions: list[str]) -> None:
@@ -158,18 +214,22 @@ class EmbeddingShards(Dataset):
         self.directory = Path(directory)
         if not (self.directory / MANIFEST).is_file():
             raise FileNotFoundError(f"{self.directory} is not an embeddings directory (no {MANIFEST})")
-        self.manifest = json.loads((self.directory / MANIFEST).read_text())
+        self.manifest = _read_manifest(self.directory)
         self.shards = sorted(self.directory.glob("shard-*.safetensors"))
-        expected = -(-self.manifest["rows"] // self.manifest["shard_size"])
+        rows, shard_size = self.manifest["rows"], self.manifest["shard_size"]
+        expected = -(-rows // shard_size)
         if len(self.shards) != expected:
             warnings.warn(
                 f"{self.directory}: {len(self.shards)} of {expected} shards present (embedding unfinished?)",
                 stacklevel=2,
             )
         self.offsets = [0]
-        for shard in self.shards:
-            with safe_open(str(shard), framework="pt") as f:
-                self.offsets.append(self.offsets[-1] + f.get_slice("index").get_shape()[0])
+        for shard in self.shards:  # every shard is read back once: a damaged one fails here, naming it
+            k = shard.name.removeprefix("shard-").removesuffix(".safetensors")
+            if not k.isdigit():
+                raise DataError(f"{shard} is not a shard this library wrote (expected shard-NNNNNN.safetensors)")
+            k = int(k)
+            self.offsets.append(self.offsets[-1] + _shard_rows(shard, _shard_range(k, shard_size, rows)))
 
     def __len__(self) -> int:
         return self.offsets[-1]
