@@ -137,6 +137,33 @@ def test_from_stages_refuses_a_decoder_trained_on_another_clip(cascade, tmp_path
         UnclipPipeline.from_stages(tmp_path / "clip", tmp_path / "prior-on-other", tmp_path / "decoder")
 
 
+def test_a_pipeline_stored_in_half_precision_reassembles_from_its_own_stages(cascade, tmp_path):
+    from safetensors import safe_open
+
+    from unclip.clip import Clip
+
+    fingerprint = cascade.clip.fingerprint()
+    cascade.prior.clip_fingerprint = fingerprint
+    cascade.decoder.clip_info = {"source": "x", "fingerprint": fingerprint}
+    pipe = UnclipPipeline(cascade.clip, cascade.prior, cascade.decoder, cascade.upsamplers)
+    out = pipe.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
+    with safe_open(str(out / "clip" / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    stored = Clip.from_pretrained(out / "clip")
+    assert stored.fingerprint() == fingerprint  # the weights differ from the float32 ones; the identity does not
+    UnclipPipeline.from_stages(out / "clip", out / "prior", out / "decoder", [out / "upsampler-1"])
+    with torch.no_grad():
+        next(stored.model.parameters()).add_(1e-2)  # changed after loading (fine-tuned): no longer that CLIP
+    assert stored.fingerprint() != fingerprint
+
+
+def test_the_shipped_pipeline_reassembles_from_its_stages():
+    from unclip.pipeline.default import DEFAULT_PIPELINE as d
+
+    pipe = UnclipPipeline.from_stages(d / "clip", d / "prior", d / "decoder", [d / "upsampler-1", d / "upsampler-2"])
+    assert pipe.clip.fingerprint() == json.loads((d / "pipeline.json").read_text())["clip_fingerprint"]
+
+
 def test_slerp_keeps_norms_and_hits_both_ends():
     g = torch.Generator().manual_seed(0)
     a, b = F.normalize(torch.randn(2, 16, generator=g), dim=-1)

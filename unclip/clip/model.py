@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import pickle
 import warnings
 from collections.abc import Sequence
@@ -33,9 +34,19 @@ from ..checkpoint import CheckpointError, load_pretrained_dir, load_state_dict_s
 from ..config import config_to_dict, load_config
 from .config import ClipConfig
 
-__all__ = ["Clip", "TextEncoding", "CaptionError", "contrastive_loss", "load_clip", "read_open_clip_state_dict"]
+__all__ = ["Clip", "TextEncoding", "CaptionError", "contrastive_loss", "load_clip", "read_open_clip_state_dict",
+           "weights_fingerprint"]
 
 KIND = "clip"
+
+
+def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """A short hash (16 hex digits) of a state dict: every name and the exact bytes of every tensor."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(state_dict.items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 class CaptionError(ValueError):
@@ -77,6 +88,9 @@ class Clip(nn.Module):
         self.model_name = model_name
         self.tokenizer = _make_tokenizer(model_name, architecture)
         self.image_transform = image_transform_v2(self.preprocess_cfg, is_train=False)
+        # Set when loaded from a copy stored at lower precision: {"fingerprint": of the weights it was cast from,
+        # "weights": of the weights as loaded}; see `fingerprint`.
+        self.cast_from: dict[str, str] | None = None
         self.freeze()
 
     # ----- construction -------------------------------------------------------------------------------
@@ -132,16 +146,39 @@ class Clip(nn.Module):
         cfg = meta["config"]
         clip = cls.from_architecture(cfg["architecture"], preprocess=cfg["preprocess"], model_name=cfg["model_name"])
         load_state_dict_strict(clip.model, state, source=path)
+        clip.cast_from = _read_cast_from(cfg.get("cast_from"), path)
         return clip
 
     def pretrained_config(self) -> dict[str, Any]:
-        """What our `config.json` stores: the name, the full architecture and the preprocessing."""
-        return {"model_name": self.model_name, "architecture": self.architecture,
-                "preprocess": config_to_dict(self.preprocess_cfg)}
+        """What our `config.json` stores: the name, the full architecture and the preprocessing (and `cast_from`
+        for a copy stored at lower precision)."""
+        config = {"model_name": self.model_name, "architecture": self.architecture,
+                  "preprocess": config_to_dict(self.preprocess_cfg)}
+        return config | ({"cast_from": self.cast_from} if self.cast_from else {})
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write our format: `config.json` (see `pretrained_config`) + `model.safetensors`, atomically."""
-        return save_pretrained_dir(path, kind=KIND, config=self.pretrained_config(), state_dict=self.model.state_dict())
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write our format: `config.json` (see `pretrained_config`) + `model.safetensors`, atomically.
+
+        `dtype` (e.g. torch.float16) stores the floating-point weights cast to it; the copy keeps the fingerprint
+        of the weights it was cast from, so stages trained on this CLIP's embeddings still match it."""
+        state = self.model.state_dict()
+        if dtype is None:
+            return save_pretrained_dir(path, kind=KIND, config=self.pretrained_config(), state_dict=state)
+        stored = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        as_loaded = {k: stored[k].to(v.dtype) for k, v in state.items()}  # what loading into this model gives back
+        config = self.pretrained_config() | {"cast_from": {"fingerprint": self.fingerprint(),
+                                                            "weights": weights_fingerprint(as_loaded)}}
+        return save_pretrained_dir(path, kind=KIND, config=config, state_dict=stored)
+
+    def fingerprint(self) -> str:
+        """The identity of this CLIP's weights (16 hex digits), recorded by everything trained on its embeddings.
+
+        A hash of the weights; for a copy stored at lower precision and not changed since it was loaded, the hash
+        of the weights it was cast from (`cast_from`)."""
+        current = weights_fingerprint(self.model.state_dict())
+        if self.cast_from is not None and self.cast_from["weights"] == current:
+            return self.cast_from["fingerprint"]
+        return current
 
     def freeze(self) -> Clip:
         """Eval mode and no gradients: CLIP as a fixed conditioner."""
@@ -248,6 +285,16 @@ class Clip(nn.Module):
 class ClipNotFoundError(CheckpointError, ValueError):
     """`load_clip` found neither a checkpoint directory nor an open_clip model of that name (a ValueError, as
     before, and a CheckpointError, which the command-line tools report as one line)."""
+
+
+def _read_cast_from(record: Any, path: str | Path) -> dict[str, str] | None:
+    if record is None:
+        return None
+    if not (isinstance(record, dict) and set(record) == {"fingerprint", "weights"}
+            and all(isinstance(v, str) for v in record.values())):
+        raise CheckpointError(f"{path}: config.json's cast_from must be {{'fingerprint': str, 'weights': str}}, "
+                              f"got {record!r}")
+    return dict(record)
 
 
 def load_clip(spec: str | Path, pretrained: str | None = None) -> Clip:

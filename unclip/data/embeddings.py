@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import hashlib
 import json
 import os
 import uuid
@@ -42,12 +41,8 @@ TENSORS = ("image_embed", "text_embed", "text_tokens", "text_mask", "index")
 
 
 def clip_fingerprint(clip: Any) -> str:
-    """A short hash of a CLIP's weights: embeddings from different CLIPs must never be mixed."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(clip.model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    """The identity of a CLIP's weights (`Clip.fingerprint`): embeddings from different CLIPs must never be mixed."""
+    return clip.fingerprint()
 
 
 def _shard_path(out_dir: Path, k: int) -> Path:

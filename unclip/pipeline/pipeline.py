@@ -188,7 +188,7 @@ class UnclipPipeline(nn.Module):
         An existing `path` is replaced only if it is empty or holds a pipeline (pipeline.json)."""
         with atomic_directory(path, replaces=PIPELINE_FILE) as tmp:
             stages: dict[str, Any] = {"clip": "clip", "prior": "prior", "decoder": "decoder", "upsamplers": []}
-            self.clip.save_pretrained(tmp / "clip")
+            self.clip.save_pretrained(tmp / "clip", dtype=dtype)  # a cast copy keeps the CLIP's fingerprint
             self.prior.save_pretrained(tmp / "prior")
             self.decoder.save_pretrained(tmp / "decoder")
             for i, up in enumerate(self.upsamplers, start=1):
@@ -196,7 +196,8 @@ class UnclipPipeline(nn.Module):
                 stages["upsamplers"].append(f"upsampler-{i}")
             if dtype is not None:
                 for weights in tmp.glob("*/model.safetensors"):
-                    _cast_safetensors(weights, dtype)
+                    if weights.parent.name != "clip":
+                        _cast_safetensors(weights, dtype)
             defaults = asdict(self.defaults)
             defaults["upsampler_steps"] = list(defaults["upsampler_steps"])
             write_json_atomic(tmp / PIPELINE_FILE, {
