@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["as_image_batch", "pil_to_tensor", "tensor_to_pil", "to_unit_range", "to_signed_range", "image_grid",
-           "resize_images", "SquareImage"]
+__all__ = ["as_image_batch", "open_image", "pil_to_tensor", "tensor_to_pil", "to_unit_range", "to_signed_range",
+           "image_grid", "resize_images", "SquareImage"]
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -145,7 +145,8 @@ def _fit(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: i
 ImageLike = Image.Image | str | Path
 
 
-def _open_image(image: ImageLike) -> Image.Image:
+def open_image(image: ImageLike) -> Image.Image:
+    """A PIL image as is, or an image file read as RGB; ValueError naming the file if it is missing or unreadable."""
     if isinstance(image, Image.Image):
         return image
     if not isinstance(image, (str, Path)):
@@ -154,7 +155,9 @@ def _open_image(image: ImageLike) -> Image.Image:
     try:
         with Image.open(image) as im:
             return im.convert("RGB")
-    except (OSError, ValueError) as e:  # missing, unreadable or not an image
+    except FileNotFoundError:
+        raise ValueError(f"image not found: {image}") from None
+    except (OSError, ValueError) as e:  # unreadable or not an image
         raise ValueError(f"cannot read image {image}: {e}") from None
 
 
@@ -166,7 +169,7 @@ def as_image_batch(images: ImageLike | Sequence[ImageLike] | torch.Tensor) -> to
             raise ValueError(f"an image tensor must be (b, 3, h, w) in [0, 1], got {tuple(images.shape)}")
         return images.float()
     if isinstance(images, (Image.Image, str, Path)) or not isinstance(images, Sequence):
-        images = [images]  # one image (anything else is refused by _open_image, naming its type)
-    tensors = [pil_to_tensor(_open_image(im)) for im in images]
+        images = [images]  # one image (anything else is refused by open_image, naming its type)
+    tensors = [pil_to_tensor(open_image(im)) for im in images]
     side = max(max(t.shape[-2:]) for t in tensors)
     return torch.stack([resize_images(t[None], side)[0] for t in tensors])

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CliError", "add_device_argument", "resolve_device", "print_table", "positive_int", "image_path"]
+__all__ = ["CliError", "add_device_argument", "resolve_device", "print_table", "positive_int", "image_path",
+           "read_image"]
 
 
 class CliError(Exception):
@@ -37,6 +38,16 @@ def image_path(text: str) -> Path:
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a directory; give an image file name")
     return path
+
+
+def read_image(path: Path):
+    """An input image file as an RGB PIL image; a missing or unreadable file is a CliError naming it."""
+    from ..images import open_image
+
+    try:
+        return open_image(path)
+    except ValueError as e:
+        raise CliError(str(e)) from None
 
 
 def add_device_argument(p: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..checkpoint import CheckpointError
-from .common import CliError, add_device_argument, positive_int, print_table, resolve_device
+from .common import CliError, add_device_argument, positive_int, print_table, read_image, resolve_device
 from .pipeline_commands import add_pipeline_parsers
 from .serve import add_serve_parser
 
@@ -94,22 +94,12 @@ def _load_clip(spec: str, pretrained: str | None, device: str):
 
 
 def _classify(args: argparse.Namespace) -> None:
-    from PIL import Image, UnidentifiedImageError
-
     from ..clip import DEFAULT_TEMPLATES, classify
 
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     if len(labels) < 2:
         raise CliError(f"--labels needs at least two comma-separated class names, got {args.labels!r}")
-    images = []
-    for path in args.images:
-        try:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
-        except FileNotFoundError:
-            raise CliError(f"image not found: {path}") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise CliError(f"cannot read image {path}: {e}") from None
+    images = [read_image(path) for path in args.images]
     clip = _load_clip(args.clip, args.pretrained, resolve_device(args.device))
     probs = classify(clip, images, labels, templates=args.template or DEFAULT_TEMPLATES)
     rows = [[str(p), labels[int(pr.argmax())], *(f"{float(v):.3f}" for v in pr)] for p, pr in zip(args.images, probs)]

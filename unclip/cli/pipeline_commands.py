@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint import CheckpointError, write_json_atomic
 from ..diffusion import SAMPLER_NAMES
-from .common import CliError, add_device_argument, image_path, positive_int, print_table, resolve_device
+from .common import CliError, add_device_argument, image_path, positive_int, print_table, read_image, resolve_device
 
 __all__ = ["add_pipeline_parsers"]
 
@@ -149,18 +149,6 @@ def _pipeline(args: argparse.Namespace):
         raise CliError(str(e)) from None
 
 
-def _open_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise CliError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise CliError(f"cannot read image {path}: {e}") from None
-
-
 def _write_grid(images, path: Path, nrow: int, labels=None) -> None:
     from ..images import image_grid
 
@@ -193,7 +181,7 @@ def _generate(args: argparse.Namespace) -> None:
 def _vary(args: argparse.Namespace) -> None:
     from ..pipeline.manipulations import vary
 
-    image = _open_image(args.image)
+    image = read_image(args.image)
     try:
         images = vary(_pipeline(args), image, args.n, eta=args.eta, seed=args.seed, progress=True)
     except ValueError as e:
@@ -204,7 +192,7 @@ def _vary(args: argparse.Namespace) -> None:
 def _interpolate(args: argparse.Namespace) -> None:
     from ..pipeline.manipulations import interpolate
 
-    a, b = _open_image(args.image_a), _open_image(args.image_b)
+    a, b = read_image(args.image_a), read_image(args.image_b)
     try:
         images = interpolate(_pipeline(args), a, b, args.n, progress=True)
     except ValueError as e:
@@ -216,7 +204,7 @@ def _text_diff(args: argparse.Namespace) -> None:
     from ..clip import CaptionError
     from ..pipeline.manipulations import text_diff
 
-    image = _open_image(args.image)
+    image = read_image(args.image)
     try:
         images = text_diff(_pipeline(args), image, args.from_text, args.to_text, args.n, max_angle=args.max_angle,
                            progress=True)
