@@ -86,7 +86,12 @@ def randn(
     """Standard normal noise of `shape` drawn on the generator's device (reproducible) and moved to `device`."""
     draw_device = generator.device if generator is not None else device
     noise = torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype)
-    return noise if device is None else noise.to(device)
+    if device is None or noise.device == torch.device(device):
+        return noise
+    if noise.device.type == "cpu" and torch.device(device).type == "cuda":
+        # From pinned memory the copy is queued on the stream and the host runs on: no sync at every step.
+        return noise.pin_memory().to(device, non_blocking=True)
+    return noise.to(device)
 
 
 def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
