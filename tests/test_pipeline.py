@@ -57,6 +57,15 @@ def test_settings_override_defaults_and_unknown_ones_are_refused(cascade):
         cascade.settings(decoder_stepz=3)
 
 
+def test_progress_bars_name_their_stage(cascade, capsys):
+    cascade.generate_tensors(CAPTIONS[0], 1, seed=0, sampler="ddpm", progress=True)
+    err = capsys.readouterr().err
+    labels = ("prior (ddpm)", "decoder (ddpm)", "upsampler 8->16 (ddpm)", "upsampler 16->32 (ddpm)")
+    for label in labels:
+        assert f"\r{label}:" in err, f"no bar labelled {label!r} in {err!r}"
+    assert [err.index(f"\r{label}:") for label in labels] == sorted(err.index(f"\r{label}:") for label in labels)
+
+
 @pytest.mark.parametrize("sampler", SAMPLER_NAMES)
 def test_every_sampler_runs_every_stage(cascade, sampler):
     out = cascade.generate_tensors(CAPTIONS[:1], 2, seed=0, sampler=sampler)
