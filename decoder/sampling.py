@@ -85,7 +85,8 @@ def decode(
         assert x_T.shape == (b, 3, s, s), f"x_T must be (b, 3, {s}, {s}), got {tuple(x_T.shape)}"
         denoiser = decoder_denoiser(decoder, guidance_scale, threshold=threshold)
         x0 = sample(sampler, denoiser, x_T, decoder.schedule, steps, eta=eta,
-                    variance=decoder.config.diffusion.variance, generator=generator, cond=cond, progress=progress)
+                    variance=decoder.config.diffusion.variance, generator=generator, cond=cond, progress=progress,
+                    label="decoder")
         return to_unit_range(x0.float()).clamp(0, 1)
     finally:
         decoder.train(was_training)

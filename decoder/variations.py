@@ -38,7 +38,7 @@ def invert_images(decoder: Decoder, pixels: Tensor, image_embed: Tensor, *, step
     x0 = to_signed_range(resize_images(pixels.to(device), decoder.config.image_size)).clamp(-1, 1)
     denoiser = decoder_denoiser(decoder, 1.0, threshold=None)
     return ddim_invert(denoiser, x0, decoder.schedule, steps, cond={"image_embed": image_embed.to(device)},
-                       progress=progress)
+                       progress=progress, label="decoder")
 
 
 @torch.no_grad()

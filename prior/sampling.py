@@ -97,7 +97,7 @@ def sample_candidates(
             }
         denoiser = make_denoiser(model_fn, prior.schedule, prior.config.objective)
         x0 = sample(sampler, denoiser, x_T, prior.schedule, steps, generator=generator, cond=cond,
-                    progress=progress)
+                    progress=progress, label="prior")
     return rearrange(F.normalize(x0.float(), dim=-1), "(b n) d -> b n d", n=num_samples)
 
 

@@ -57,6 +57,15 @@ def test_settings_override_defaults_and_unknown_ones_are_refused(cascade):
         cascade.settings(decoder_stepz=3)
 
 
+def test_progress_bars_name_their_stage(cascade, capsys):
+    cascade.generate_tensors(CAPTIONS[0], 1, seed=0, sampler="ddpm", progress=True)
+    err = capsys.readouterr().err
+    labels = ("prior (ddpm)", "decoder (ddpm)", "upsampler 8->16 (ddpm)", "upsampler 16->32 (ddpm)")
+    for label in labels:
+        assert f"\r{label}:" in err, f"no bar labelled {label!r} in {err!r}"
+    assert [err.index(f"\r{label}:") for label in labels] == sorted(err.index(f"\r{label}:") for label in labels)
+
+
 @pytest.mark.parametrize("sampler", SAMPLER_NAMES)
 def test_every_sampler_runs_every_stage(cascade, sampler):
     out = cascade.generate_tensors(CAPTIONS[:1], 2, seed=0, sampler=sampler)
@@ -113,6 +122,63 @@ def test_loading_refuses_broken_or_mismatched_directories(cascade, cascade_dir, 
         UnclipPipeline.from_pretrained(tmp_path / "empty")
     with pytest.raises(ValueError, match="upsampler 1 takes 16px"):
         UnclipPipeline(tiny_clip, cascade.prior, cascade.decoder, [cascade.upsamplers[1]])
+
+
+def _set(meta, dotted, value):
+    """`meta` with the entry at a dotted key replaced (DELETE: removed); the empty key replaces the whole."""
+    if not dotted:
+        return value
+    *parents, leaf = dotted.split(".")
+    node = meta
+    for p in parents:
+        node = node[p]
+    if value is DELETE:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return meta
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("stages.decoder", DELETE, "missing required config key 'stages.decoder'"),
+        ("stages", DELETE, "missing required config key 'stages'"),
+        ("stages.prior", 3, "stages.prior: expected a string, got 3"),
+        ("stages.upsamplers", "upsampler-1", "stages.upsamplers: expected a list"),
+        ("defaults", [], "defaults: expected a mapping"),
+        ("defaults.decoder_steps", "ten", "defaults.decoder_steps: expected an integer, got 'ten'"),
+        ("defaults.decoder_stpes", 5, "unknown config key 'defaults.decoder_stpes'.*Did you mean 'decoder_steps'"),
+        ("defaults.sampler", "euler", "defaults.sampler: 'euler' is not one of 'ddim'"),
+        ("defaults.decoder_steps", 0, "defaults: decoder_steps must be a whole number >= 1, got 0"),
+        ("defaults.upsampler_steps", [3], r"defaults.upsampler_steps gives 1 step count\(s\) for 2 upsampler"),
+        ("format_version", "1", "format_version: expected an integer"),
+        ("stagse", {}, "unknown config key 'stagse'.*Did you mean 'stages'"),
+        ("", [], "the top level must be a mapping"),
+    ],
+)
+def test_a_malformed_pipeline_json_is_one_line_naming_the_file_and_key(cascade_dir, tmp_path, key, value, message):
+    for stage in ("clip", "prior", "decoder", "upsampler-1", "upsampler-2"):
+        (tmp_path / stage).symlink_to(cascade_dir / stage)
+    meta = _set(json.loads((cascade_dir / "pipeline.json").read_text()), key, value)
+    (tmp_path / "pipeline.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=message) as e:
+        UnclipPipeline.from_pretrained(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 'pipeline.json'}: ") and "\n" not in str(e.value)
+
+
+def test_cli_reports_a_malformed_pipeline_json_in_one_line(cascade_dir, tmp_path, capsys):
+    for stage in ("clip", "prior", "decoder", "upsampler-1", "upsampler-2"):
+        (tmp_path / stage).symlink_to(cascade_dir / stage)
+    meta = json.loads((cascade_dir / "pipeline.json").read_text())
+    meta["defaults"]["decoder_steps"] = "ten"
+    (tmp_path / "pipeline.json").write_text(json.dumps(meta))
+    assert main(["generate", "x", "--pipeline", str(tmp_path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pipeline.json" in err and "defaults.decoder_steps: expected an integer" in err
 
 
 def test_from_stages_refuses_a_decoder_trained_on_another_clip(cascade, tmp_path, tiny_arch):

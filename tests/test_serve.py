@@ -3,6 +3,7 @@
 
 import argparse
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,27 @@ def test_caption_to_images_in_a_browser(served, browser):
                                                                                                       "body").text)
     assert all(w == h == 8 for _, w, h in sizes), sizes  # the tiny pipeline makes 8 px images
     assert CAPTION in browser.find_element(By.CSS_SELECTOR, "#unclip-gallery").get_attribute("innerHTML")
+
+
+def test_each_upsampler_has_its_own_steps_slider_and_its_value_reaches_generation(tiny_clip, monkeypatch):
+    """The page's generate function, called through Gradio (no server, no browser) on an 8 -> 16 -> 32 px pipeline."""
+    import gradio as gr
+    from conftest import build_tiny_pipeline
+
+    from unclip.pipeline.serve import build_demo
+
+    pipe = build_tiny_pipeline(tiny_clip, upsampler_sides=(16, 32))
+    pipe.defaults = replace(pipe.defaults, upsampler_steps=(2, 3))
+    demo = build_demo(pipe)
+    sliders = {b.label: b for b in demo.blocks.values() if isinstance(b, gr.Slider)}
+    assert sliders["upsampler 8->16 steps"].value == 2 and sliders["upsampler 16->32 steps"].value == 3
+    assert not any("upsampler steps" in label for label in sliders), "the single shared slider should be gone"
+
+    calls = []
+    generate = pipe.generate
+    monkeypatch.setattr(pipe, "generate", lambda *a, **kw: calls.append(kw) or generate(*a, **kw))
+    gallery = demo(CAPTION, 1, 0, "ddim", 2, 2, 3.0, 4, 1, api_name="generate")
+    assert calls[0]["upsampler_steps"] == (4, 1) and len(gallery) == 1
 
 
 def test_example_captions_include_heldout_triples():

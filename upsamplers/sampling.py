@@ -72,7 +72,12 @@ def upsample(
         x_T = randn((b, 3, H, W), generator=generator, device=device, dtype=dtype)
         x0 = sample(sampler, upsampler_denoiser(upsampler, threshold=threshold), x_T, upsampler.schedule,
                     steps or cfg.sample_steps, eta=eta, variance=cfg.diffusion.variance, generator=generator,
-                    cond=cond, progress=progress)
+                    cond=cond, progress=progress, label=f"upsampler {_side(h, w)}->{_side(H, W)}")
         return to_unit_range(x0.float()).clamp(0, 1)
     finally:
         upsampler.train(was_training)
+
+
+def _side(h: int, w: int) -> str:
+    """An image size for the progress bar: "64" when square, "64x96" otherwise."""
+    return str(h) if h == w else f"{h}x{w}"

@@ -19,8 +19,9 @@ the quality test's mixture).
 
 Conditioning reaches the denoiser as `cond` (a dict of keyword arguments). All randomness comes from
 `generator` (drawn on the generator's device and moved to x's): the same seed gives the same samples. The
-`callback(step_index, t, x_t, denoised)` hook sees each step's input x_t and its `Denoised`. Samplers run
-under `torch.no_grad()`.
+`callback(step_index, t, x_t, denoised)` hook sees each step's input x_t and its `Denoised`. `progress` shows a
+tqdm bar named for the sampler, or "label (sampler)" when the caller passes `label` (its stage, e.g. "decoder").
+Samplers run under `torch.no_grad()`.
 """
 
 from __future__ import annotations
@@ -165,9 +166,12 @@ def _run(
     progress: bool,
     callback: Callback | None,
     desc: str,
+    label: str | None,
 ) -> Tensor:
-    """The loop every sampler shares: call the denoiser at model_ts[i] (a (b,) batch of it), then `step(i, x, d)`."""
+    """The loop every sampler shares: call the denoiser at model_ts[i] (a (b,) batch of it), then `step(i, x, d)`.
+    The progress bar reads `desc` (the sampler's name), or "label (desc)" when the caller names its stage."""
     cond = dict(cond or {})
+    desc = f"{label} ({desc})" if label else desc
     for i, t in enumerate(tqdm(model_ts, desc=desc, disable=not progress, leave=False)):
         d = denoiser(x, _t_batch(t, x), **cond)
         if callback is not None:
@@ -195,6 +199,7 @@ def sample_ddpm(
     cond: Mapping[str, Any] | None = None,
     progress: bool = True,
     callback: Callback | None = None,
+    label: str | None = None,
 ) -> Tensor:
     """Ancestral DDPM sampling (Ho et al. 2020) from x_T (b, *) to x0 (b, *).
 
@@ -210,7 +215,7 @@ def sample_ddpm(
         a, a_prev = alphas_cumprod_at(schedule, ts[i]), alphas_cumprod_at(schedule, prev[i])
         return ddpm_step(x, d, a, a_prev, variance, noise)
 
-    return _run(denoiser, x_T, ts, step, cond=cond, progress=progress, callback=callback, desc="ddpm")
+    return _run(denoiser, x_T, ts, step, cond=cond, progress=progress, callback=callback, label=label, desc="ddpm")
 
 
 @torch.no_grad()
@@ -226,6 +231,7 @@ def sample_ddim(
     cond: Mapping[str, Any] | None = None,
     progress: bool = True,
     callback: Callback | None = None,
+    label: str | None = None,
 ) -> Tensor:
     """DDIM sampling (Song et al. 2021) in `steps` steps from x_T (b, *) to x0 (b, *); eta=0 is deterministic."""
     ts = timestep_subset(schedule.num_timesteps, steps, spacing).tolist()
@@ -236,7 +242,7 @@ def sample_ddim(
         noise = _noise_like(x, generator) if eta > 0 and prev[i] >= 0 else None
         return ddim_step(d, a, a_prev, eta, noise)
 
-    return _run(denoiser, x_T, ts, step, cond=cond, progress=progress, callback=callback, desc="ddim")
+    return _run(denoiser, x_T, ts, step, cond=cond, progress=progress, callback=callback, label=label, desc="ddim")
 
 
 def _log_snr(alpha_bar: float) -> float:
@@ -255,6 +261,7 @@ def sample_dpmpp_2m(
     cond: Mapping[str, Any] | None = None,
     progress: bool = True,
     callback: Callback | None = None,
+    label: str | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), deterministic, in `steps` denoiser calls: x_T (b, *) -> x0 (b, *).
 
@@ -264,7 +271,7 @@ def sample_dpmpp_2m(
     to sigma = 0, is first order and returns the final x0 itself (diffusers' lower_order_final).
     """
     return _dpmpp_2m(denoiser, x_T, schedule, steps, spacing=spacing, sde=False, generator=None, cond=cond,
-                     progress=progress, callback=callback)
+                     progress=progress, callback=callback, label=label)
 
 
 @torch.no_grad()
@@ -279,6 +286,7 @@ def sample_dpmpp_2m_sde(
     cond: Mapping[str, Any] | None = None,
     progress: bool = True,
     callback: Callback | None = None,
+    label: str | None = None,
 ) -> Tensor:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022; diffusers' "sde-dpmsolver++", midpoint), stochastic: x_T -> x0 (b, *).
 
@@ -288,7 +296,7 @@ def sample_dpmpp_2m_sde(
     so that, like ancestral DDPM, every step forgets part of the earlier steps' errors. The last step returns x0.
     """
     return _dpmpp_2m(denoiser, x_T, schedule, steps, spacing=spacing, sde=True, generator=generator, cond=cond,
-                     progress=progress, callback=callback)
+                     progress=progress, callback=callback, label=label)
 
 
 def _dpmpp_2m(
@@ -303,6 +311,7 @@ def _dpmpp_2m(
     cond: Mapping[str, Any] | None,
     progress: bool,
     callback: Callback | None,
+    label: str | None,
 ) -> Tensor:
     """DPM-Solver++(2M), ODE (`sde` False) or SDE form; see `sample_dpmpp_2m` and `sample_dpmpp_2m_sde`."""
     ts = timestep_subset(schedule.num_timesteps, steps, spacing).tolist()
@@ -325,7 +334,7 @@ def _dpmpp_2m(
         return (sigma_ratio * math.exp(-h)) * x + (math.sqrt(a_next) * kept) * D + noise_scale * noise
 
     desc = "dpm++2m-sde" if sde else "dpm++2m"
-    return _run(denoiser, x_T, ts, step, cond=cond, progress=progress, callback=callback, desc=desc)
+    return _run(denoiser, x_T, ts, step, cond=cond, progress=progress, callback=callback, label=label, desc=desc)
 
 
 @torch.no_grad()
@@ -340,6 +349,7 @@ def ddim_invert(
     cond: Mapping[str, Any] | None = None,
     progress: bool = True,
     callback: Callback | None = None,
+    label: str | None = None,
 ) -> Tensor:
     """Deterministic DDIM run forward, clean x0 (b, *) -> x_T (b, *), over the timesteps `sample_ddim` uses.
 
@@ -365,7 +375,8 @@ def ddim_invert(
             x_next = up(denoiser(x_next, _t_batch(ts[i], x), **cond).eps)
         return x_next
 
-    return _run(denoiser, x0, ts, step, cond=cond, progress=progress, callback=callback, desc="ddim-invert")
+    return _run(denoiser, x0, ts, step, cond=cond, progress=progress, callback=callback, label=label,
+                desc="ddim-invert")
 
 
 def sample(
@@ -380,21 +391,24 @@ def sample(
     generator: torch.Generator | None = None,
     cond: Mapping[str, Any] | None = None,
     progress: bool = True,
+    label: str | None = None,
 ) -> Tensor:
     """Run the sampler named `sampler` for `steps` denoiser calls from x_T (b, *) to x0 (b, *).
 
     "ddim" (eta: its noise, 0 deterministic), "ddpm" (ancestral, on `steps` trailing-respaced timesteps, with the
     reverse `variance`), "dpmpp_2m" (deterministic) or "dpmpp_2m_sde" (stochastic). For a stage that lets its
-    caller pick the sampler by name.
+    caller pick the sampler by name. label: the stage, shown on the progress bar as "label (sampler)".
     """
     if sampler == "ddim":
-        return sample_ddim(denoiser, x_T, schedule, steps, eta=eta, generator=generator, cond=cond, progress=progress)
+        return sample_ddim(denoiser, x_T, schedule, steps, eta=eta, generator=generator, cond=cond, progress=progress,
+                           label=label)
     if sampler == "ddpm":
         timesteps = timestep_subset(schedule.num_timesteps, steps)
         return sample_ddpm(denoiser, x_T, schedule, timesteps=timesteps, variance=variance, generator=generator,
-                           cond=cond, progress=progress)
+                           cond=cond, progress=progress, label=label)
     if sampler == "dpmpp_2m":
-        return sample_dpmpp_2m(denoiser, x_T, schedule, steps, cond=cond, progress=progress)
+        return sample_dpmpp_2m(denoiser, x_T, schedule, steps, cond=cond, progress=progress, label=label)
     if sampler == "dpmpp_2m_sde":
-        return sample_dpmpp_2m_sde(denoiser, x_T, schedule, steps, generator=generator, cond=cond, progress=progress)
+        return sample_dpmpp_2m_sde(denoiser, x_T, schedule, steps, generator=generator, cond=cond, progress=progress,
+                                   label=label)
     raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")

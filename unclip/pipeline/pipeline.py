@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from upsamplers import Upsampler
 
 from ..checkpoint import CheckpointError, atomic_directory, write_json_atomic
 from ..clip import CaptionError, Clip
+from ..config import ConfigError, config_from_dict, config_to_dict
 from ..data.embeddings import clip_fingerprint
 from ..diffusion import SAMPLER_NAMES, SamplerName
 from ..images import tensor_to_pil
@@ -70,6 +71,50 @@ class GenerationDefaults:
                 raise ValueError(f"{name} must be a finite number >= 0 (1: no guidance), got {value!r}")
         if not (isinstance(self.decoder_eta, (int, float)) and 0 <= self.decoder_eta <= 1):
             raise ValueError(f"decoder_eta (DDIM noise) must lie in [0, 1], got {self.decoder_eta!r}")
+
+
+@dataclass(frozen=True)
+class PipelineStages:
+    """Where each stage lives in a pipeline directory (paths relative to it)."""
+
+    clip: str
+    prior: str
+    decoder: str
+    upsamplers: tuple[str, ...] = ()  # lowest resolution first
+
+
+@dataclass(frozen=True)
+class PipelineFile:
+    """The contents of `pipeline.json`, read as strictly as a config file (unknown keys and wrong types are errors)."""
+
+    format_version: int
+    stages: PipelineStages
+    defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
+    clip_fingerprint: str | None = None  # of the CLIP the stages were assembled with (informational)
+    image_sizes: tuple[int, ...] = ()  # side of the decoder's images, then of each upsampler's (informational)
+
+
+def _read_pipeline_file(path: Path) -> PipelineFile:
+    """Read and check `pipeline.json`; anything malformed is a one-line CheckpointError naming the file and key."""
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: the top level must be a mapping of keys to values, got {type(meta).__name__}")
+    version = meta.get("format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer unclip (format {version} > {FORMAT_VERSION}); "
+                              "upgrade unclip")
+    try:
+        parsed = config_from_dict(PipelineFile, meta)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    steps, ups = parsed.defaults.upsampler_steps, parsed.stages.upsamplers
+    if steps and len(steps) != len(ups):
+        raise CheckpointError(f"{path}: defaults.upsampler_steps gives {len(steps)} step count(s) for "
+                              f"{len(ups)} upsampler(s) in stages.upsamplers")
+    return parsed
 
 
 class UnclipPipeline(nn.Module):
@@ -140,28 +185,14 @@ class UnclipPipeline(nn.Module):
             if not path.exists():
                 raise CheckpointError(f"pipeline directory not found: {path}")
             raise CheckpointError(f"{path} is not a pipeline directory: {PIPELINE_FILE} is missing")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{meta_path} is not valid JSON: {e}") from None
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise CheckpointError(f"{path} was written by a newer unclip; upgrade unclip")
-        stages = meta.get("stages", {})
-        missing = [k for k in ("clip", "prior", "decoder") if k not in stages]
-        if missing:
-            raise CheckpointError(f"{meta_path} names no {', '.join(missing)} stage")
-        defaults = meta.get("defaults", {})
-        unknown = sorted(set(defaults) - set(GenerationDefaults.__dataclass_fields__))
-        if unknown:
-            raise CheckpointError(f"{meta_path}: unknown generation defaults {unknown}")
-        if "upsampler_steps" in defaults:
-            defaults["upsampler_steps"] = tuple(defaults["upsampler_steps"])
+        meta = _read_pipeline_file(meta_path)
+        stages = meta.stages
         pipe = cls(
-            Clip.from_pretrained(path / stages["clip"]),
-            DiffusionPriorNetwork.from_pretrained(path / stages["prior"]),
-            Decoder.from_pretrained(path / stages["decoder"]),
-            [Upsampler.from_pretrained(path / p) for p in stages.get("upsamplers", [])],
-            GenerationDefaults(**defaults),
+            Clip.from_pretrained(path / stages.clip),
+            DiffusionPriorNetwork.from_pretrained(path / stages.prior),
+            Decoder.from_pretrained(path / stages.decoder),
+            [Upsampler.from_pretrained(path / p) for p in stages.upsamplers],
+            meta.defaults,
         )
         return pipe.to(device, dtype)
 
@@ -187,24 +218,19 @@ class UnclipPipeline(nn.Module):
         """Write the pipeline directory atomically; `dtype` (e.g. torch.float16) casts the stored float weights.
         An existing `path` is replaced only if it is empty or holds a pipeline (pipeline.json)."""
         with atomic_directory(path, replaces=PIPELINE_FILE) as tmp:
-            stages: dict[str, Any] = {"clip": "clip", "prior": "prior", "decoder": "decoder", "upsamplers": []}
-            self.clip.save_pretrained(tmp / "clip", dtype=dtype)  # a cast copy keeps the CLIP's fingerprint
-            self.prior.save_pretrained(tmp / "prior")
-            self.decoder.save_pretrained(tmp / "decoder")
-            for i, up in enumerate(self.upsamplers, start=1):
-                up.save_pretrained(tmp / f"upsampler-{i}")
-                stages["upsamplers"].append(f"upsampler-{i}")
+            stages = PipelineStages("clip", "prior", "decoder",
+                                    tuple(f"upsampler-{i}" for i in range(1, len(self.upsamplers) + 1)))
+            self.clip.save_pretrained(tmp / stages.clip, dtype=dtype)  # a cast copy keeps its fingerprint
+            self.prior.save_pretrained(tmp / stages.prior)
+            self.decoder.save_pretrained(tmp / stages.decoder)
+            for name, up in zip(stages.upsamplers, self.upsamplers):
+                up.save_pretrained(tmp / name)
             if dtype is not None:
-                for weights in tmp.glob("*/model.safetensors"):
-                    if weights.parent.name != "clip":
-                        _cast_safetensors(weights, dtype)
-            defaults = asdict(self.defaults)
-            defaults["upsampler_steps"] = list(defaults["upsampler_steps"])
-            write_json_atomic(tmp / PIPELINE_FILE, {
-                "format_version": FORMAT_VERSION, "stages": stages, "defaults": defaults,
-                "clip_fingerprint": clip_fingerprint(self.clip),
-                "image_sizes": [self.decoder.config.image_size, *(u.config.image_size for u in self.upsamplers)],
-            })
+                for name in (stages.prior, stages.decoder, *stages.upsamplers):
+                    _cast_safetensors(tmp / name / "model.safetensors", dtype)
+            write_json_atomic(tmp / PIPELINE_FILE, config_to_dict(PipelineFile(
+                FORMAT_VERSION, stages, self.defaults, clip_fingerprint(self.clip),
+                (self.decoder.config.image_size, *(u.config.image_size for u in self.upsamplers)))))
         return Path(path)
 
     # ----- generation ---------------------------------------------------------------------------------------

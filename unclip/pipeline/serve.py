@@ -52,25 +52,24 @@ def example_captions() -> list[str]:
 
 
 def build_demo(pipeline: UnclipPipeline) -> gradio.Blocks:
-    """The demo page for `pipeline`: a caption, the number of images, seed, sampler, prior / decoder / upsampler
-    steps and decoder guidance; a Generate button; a gallery of the results. Every knob starts at the pipeline's
-    own default. Generation shows a progress bar per diffusion stage."""
+    """The demo page for `pipeline`: a caption, the number of images, seed, sampler, prior / decoder steps, decoder
+    guidance and one steps slider per upsampler; a Generate button; a gallery of the results. Every knob starts at
+    the pipeline's own default. Generation shows a progress bar per diffusion stage."""
     gr = import_gradio()
     d = pipeline.defaults
-    has_upsamplers = len(pipeline.upsamplers) > 0
     track_tqdm = gr.Progress(track_tqdm=True)  # Gradio injects a live progress bar for a parameter defaulting to this
 
+    # `progress` sits before the per-upsampler step counts: Gradio injects it only into a positional parameter.
     def generate(caption: str, num_images: float, seed: float | None, sampler: str, prior_steps: float,
-                 decoder_steps: float, decoder_guidance: float, upsampler_steps: float,
-                 progress: Any = track_tqdm) -> list:
+                 decoder_steps: float, decoder_guidance: float, progress: Any = track_tqdm,
+                 *upsampler_steps: float) -> list:
         if not caption or not caption.strip():
             raise gr.Error("type a caption first, e.g. 'a red circle on a blue background'")
         try:
             images = pipeline.generate(
                 [caption.strip()], int(num_images), seed=None if seed is None or seed < 0 else int(seed),
                 sampler=sampler, prior_steps=int(prior_steps), decoder_steps=int(decoder_steps),
-                decoder_guidance=float(decoder_guidance),
-                upsampler_steps=int(upsampler_steps) if has_upsamplers and upsampler_steps > 0 else None,
+                decoder_guidance=float(decoder_guidance), upsampler_steps=tuple(int(n) for n in upsampler_steps),
                 progress=True,  # tqdm bars, which gr.Progress(track_tqdm=True) mirrors on the page
             )
         except (CaptionError, ValueError) as e:
@@ -94,18 +93,25 @@ def build_demo(pipeline: UnclipPipeline) -> gradio.Blocks:
                     decoder_steps = gr.Slider(1, 250, value=d.decoder_steps, step=1, label="decoder steps")
                     decoder_guidance = gr.Slider(1.0, 10.0, value=d.decoder_guidance, step=0.5,
                                                  label="decoder guidance scale")
-                    upsampler_steps = gr.Slider(0, 100, value=d.upsampler_steps[0] if d.upsampler_steps else 0,
-                                                step=1, visible=has_upsamplers,
-                                                label="upsampler steps (0: each upsampler's default)")
+                    upsampler_steps = [
+                        gr.Slider(1, max(100, n), value=n, step=1,
+                                  label=f"upsampler {up.config.low_res_size}->{up.config.image_size} steps")
+                        for up, n in zip(pipeline.upsamplers, _upsampler_steps(pipeline))
+                    ]
             with gr.Column(scale=2):
                 gallery = gr.Gallery(label="images", columns=4, object_fit="contain", height="auto",
                                      format="png", elem_id="unclip-gallery")
-        inputs = [caption, num_images, seed, sampler, prior_steps, decoder_steps, decoder_guidance, upsampler_steps]
+        inputs = [caption, num_images, seed, sampler, prior_steps, decoder_steps, decoder_guidance, *upsampler_steps]
         gr.Examples([[c] for c in example_captions()], inputs=[caption], label="SHAPES captions (the last three "
                     "are held out of training)")
         button.click(generate, inputs=inputs, outputs=gallery)
         caption.submit(generate, inputs=inputs, outputs=gallery)
     return demo
+
+
+def _upsampler_steps(pipeline: UnclipPipeline) -> tuple[int, ...]:
+    """Each upsampler's default step count: the pipeline's generation default, else the upsampler's own."""
+    return pipeline.defaults.upsampler_steps or tuple(up.config.sample_steps for up in pipeline.upsamplers)
 
 
 def serve(pipeline_dir: str | Path | None, host: str = "127.0.0.1", port: int = 7860, share: bool = False, *,
