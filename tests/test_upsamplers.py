@@ -173,7 +173,9 @@ def test_save_load_round_trip(tmp_path):
 @pytest.mark.parametrize("augmentation", ["blur", "bsr"])
 def test_tiny_upsampler_loss_falls_and_exports(tmp_path, augmentation):
     torch.manual_seed(0)
-    cfg = small_train_config(**{"model.augmentation": augmentation, "train.sample_every": 50})
+    workers = 1 if augmentation == "bsr" else 0  # the conditioning made in a DataLoader worker process
+    cfg = small_train_config(**{"model.augmentation": augmentation, "train.sample_every": 50,
+                                "train.num_workers": workers})
     task = UpsamplerTrainTask(cfg)
     result = Trainer(task, cfg.train, tmp_path / "run").train()
     first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
@@ -185,8 +187,63 @@ def test_tiny_upsampler_loss_falls_and_exports(tmp_path, augmentation):
     assert upsample(up, images(2, 16), steps=2).shape == (2, 3, 32, 32)
 
 
-def test_training_batches_are_crops_with_levels_in_range():
-    cfg = small_train_config(**{"model.max_aug_level": 0.4})
+@pytest.mark.parametrize("augmentation", ["blur", "bsr"])
+def test_collate_makes_the_models_conditioning_and_crops(augmentation):
+    """The collate gives what Upsampler.conditioning + aligned crops give, from a generator seeded by the items'
+    aug_seeds; only small crops travel to the step."""
+    from unclip.train.data import mix_seed
+
+    cfg = small_train_config(**{"model.augmentation": augmentation, "model.max_aug_level": 0.4})
+    task, scale, crop = UpsamplerTrainTask(cfg), cfg.model.scale, cfg.crop_size
+    torch.manual_seed(0)
+    dataset = task.train_dataset()
+    items = [dataset[i] for i in range(6)]
+    rng = torch.get_rng_state()
+    batch = task.collate_fn(items)
+    assert torch.equal(torch.get_rng_state(), rng), "the collate draws from its own generator only"
+    assert set(batch) == {"x0", "low_res_up", "aug_level", "index", "num_skipped"}, "no full-size images"
+    assert batch["x0"].shape == batch["low_res_up"].shape == (6, 3, crop, crop) == (6, 3, 4, 4)
+    assert batch["x0"].dtype == batch["low_res_up"].dtype == batch["aug_level"].dtype == torch.float32
+    assert batch["aug_level"].shape == (6,) and ((batch["aug_level"] >= 0) & (batch["aug_level"] < 0.4)).all()
+    assert batch["x0"].min() >= -1 and batch["x0"].max() <= 1 and batch["num_skipped"] == 0
+
+    g = torch.Generator().manual_seed(mix_seed(*(item["aug_seed"] for item in items)))
+    images = torch.stack([item["image"] for item in items])  # (6, 3, 16, 16) in [0, 1]
+    level = torch.rand(6, generator=g) * 0.4
+    cond = Upsampler(cfg.model).conditioning(torch.nn.functional.avg_pool2d(images, scale), level, g)
+    x0, cond = random_crops([images * 2 - 1, cond], crop, align=scale, generator=g)
+    assert torch.equal(batch["aug_level"], level)
+    assert torch.equal(batch["low_res_up"], cond) and torch.equal(batch["x0"], x0)
+    empty = task.collate_fn([{**items[0], "image": None}])
+    assert empty["x0"].shape == (0, 3, crop, crop) and empty["aug_level"].shape == (0,) and empty["num_skipped"] == 1
+
+
+def test_augmentation_follows_the_stream_position_with_or_without_workers():
+    """A fixed seed gives the same batches with 0 or 1 workers, and a loader restarted part-way (a resume) gives
+    the batches of the unbroken stream from there on."""
+    from unclip.train.data import build_train_loader
+
+    task = UpsamplerTrainTask(small_train_config(**{"model.augmentation": "bsr"}))
+    dataset = task.train_dataset()
+
+    def batches(workers: int, start: int = 0, n: int = 3) -> list[dict]:
+        loader = build_train_loader(dataset, task.collate_fn, seed=7, micro_batch=4, world_size=1, rank=0,
+                                    start=start, num_workers=workers)
+        it = iter(loader)
+        return [next(it) for _ in range(n)]
+
+    reference, workers, resumed = batches(0), batches(1), batches(1, start=4, n=2)
+    for a, b in zip(reference, workers):
+        assert all(torch.equal(a[k], b[k]) for k in ("x0", "low_res_up", "aug_level", "index"))
+    for a, b in zip(reference[1:], resumed):
+        assert all(torch.equal(a[k], b[k]) for k in ("x0", "low_res_up", "aug_level", "index"))
+    assert not torch.equal(reference[0]["aug_level"], reference[1]["aug_level"])
+
+
+def test_training_step_takes_the_collated_crops_and_degrades_nothing(monkeypatch):
+    import upsamplers.model
+
+    cfg = small_train_config(**{"model.augmentation": "bsr"})
     task = UpsamplerTrainTask(cfg)
     seen = {}
 
@@ -196,12 +253,48 @@ def test_training_batches_are_crops_with_levels_in_range():
     task.model.register_forward_pre_hook(spy, with_kwargs=True)
     dataset = task.train_dataset()
     batch = task.collate_fn([dataset[i] for i in range(8)])
-    assert batch["images"].shape == (8, 3, 16, 16)
+
+    def no_degradation(*args, **kwargs):
+        raise AssertionError("the training step must not degrade images: the collate does")
+
+    monkeypatch.setattr(upsamplers.model, "corrupt", no_degradation)
     torch.manual_seed(0)
     loss, metrics = task.loss(task.model, batch)
     assert torch.isfinite(loss) and "mse" in metrics
-    assert seen["x_t"].shape == seen["low_res_up"].shape == (8, 3, 4, 4)  # crop_size 16 // 4
-    assert ((seen["aug_level"] >= 0) & (seen["aug_level"] <= 0.4)).all()
+    assert torch.equal(metrics["aug_level"], batch["aug_level"].mean())
+    assert seen["x_t"].shape == (8, 3, 4, 4)  # crop_size 16 // 4
+    assert torch.equal(seen["low_res_up"], batch["low_res_up"]) and torch.equal(seen["aug_level"], batch["aug_level"])
+
+
+def test_resume_with_workers_is_bit_identical(tmp_path):
+    """A run crashed after its checkpoint and resumed with a data worker ends where an unbroken in-process run does."""
+    cfg = small_train_config(**{"model.augmentation": "bsr", "train.max_steps": 4, "train.checkpoint_every": 2,
+                                "train.batch_size": 4, "train.sample_every": 0})
+
+    def run(out: Path, workers: int, crash_at: int | None = None) -> Trainer:
+        torch.manual_seed(0)  # the same initial weights
+        task = UpsamplerTrainTask(cfg)
+        if crash_at is not None:
+            loss, calls = task.loss, []
+
+            def crashing(model, batch):
+                calls.append(1)
+                if len(calls) == crash_at:
+                    raise RuntimeError("simulated crash")
+                return loss(model, batch)
+
+            task.loss = crashing
+        trainer = Trainer(task, replace_config(cfg, {"train.num_workers": workers}).train, out)
+        trainer.train()
+        return trainer
+
+    reference = run(tmp_path / "full", workers=0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "split", workers=1, crash_at=4)
+    resumed = run(tmp_path / "split", workers=1)
+    assert resumed.step == 4 and resumed.samples_seen == reference.samples_seen
+    for name, value in reference.unwrapped_model.state_dict().items():
+        assert torch.equal(resumed.unwrapped_model.state_dict()[name], value), name
 
 
 # ----- evaluation, configs, CLI --------------------------------------------------------------------------------

@@ -20,9 +20,9 @@ from .config import (
 )
 from .degradations import bsr_degrade, corrupt, gaussian_blur
 from .evaluation import psnr, psnr_vs_bicubic
-from .model import KIND, Upsampler, upsample_bicubic
+from .model import KIND, Upsampler, corrupt_and_upsample, upsample_bicubic
 from .sampling import upsample, upsampler_denoiser
-from .training import UpsamplerTrainTask, random_crops
+from .training import UpsamplerTrainTask, random_crops, training_crops
 
 __all__ = [
     "KIND",
@@ -35,10 +35,12 @@ __all__ = [
     "UpsamplerTrainTask",
     "bsr_degrade",
     "corrupt",
+    "corrupt_and_upsample",
     "gaussian_blur",
     "psnr",
     "psnr_vs_bicubic",
     "random_crops",
+    "training_crops",
     "upsample",
     "upsample_bicubic",
     "upsampler_denoiser",

@@ -30,7 +30,7 @@ from unclip.nn import UNet, timestep_embedding
 from .config import UpsamplerConfig
 from .degradations import corrupt
 
-__all__ = ["KIND", "Upsampler", "save_state", "upsample_bicubic"]
+__all__ = ["KIND", "Upsampler", "corrupt_and_upsample", "save_state", "upsample_bicubic"]
 
 KIND = "upsampler"
 
@@ -38,6 +38,15 @@ KIND = "upsampler"
 def upsample_bicubic(images: Tensor, scale: int) -> Tensor:
     """images (b, c, h, w) -> (b, c, h * scale, w * scale) by bicubic interpolation (not clamped)."""
     return F.interpolate(images, scale_factor=scale, mode="bicubic", align_corners=False)
+
+
+def corrupt_and_upsample(config: UpsamplerConfig, low_res: Tensor, aug_level: float | Tensor,
+                         generator: torch.Generator | None = None) -> Tensor:
+    """The network's image input, from the config alone: low_res (b, 3, h, w) in [0, 1], corrupted at aug_level
+    (float or (b,)) and upsampled by `config.scale`: (b, 3, h * scale, w * scale) in about [-1, 1]."""
+    assert low_res.ndim == 4 and low_res.shape[1] == 3, f"low_res must be (b, 3, h, w), got {tuple(low_res.shape)}"
+    corrupted = corrupt(low_res, aug_level, config.augmentation, blur_sigma=config.blur_sigma, generator=generator)
+    return upsample_bicubic(to_signed_range(corrupted), config.scale)
 
 
 class Upsampler(nn.Module):
@@ -56,12 +65,8 @@ class Upsampler(nn.Module):
 
     def conditioning(self, low_res: Tensor, aug_level: float | Tensor,
                      generator: torch.Generator | None = None) -> Tensor:
-        """The network's image input: low_res (b, 3, h, w) in [0, 1], corrupted at aug_level (float or (b,)) and
-        upsampled by `config.scale`: (b, 3, h * scale, w * scale) in about [-1, 1]."""
-        cfg = self.config
-        assert low_res.ndim == 4 and low_res.shape[1] == 3, f"low_res must be (b, 3, h, w), got {tuple(low_res.shape)}"
-        corrupted = corrupt(low_res, aug_level, cfg.augmentation, blur_sigma=cfg.blur_sigma, generator=generator)
-        return upsample_bicubic(to_signed_range(corrupted), cfg.scale)
+        """`corrupt_and_upsample` with this upsampler's config (no weights are involved)."""
+        return corrupt_and_upsample(self.config, low_res, aug_level, generator)
 
     def forward(self, x_t: Tensor, t: Tensor, *, low_res_up: Tensor, aug_level: Tensor) -> Tensor:
         """The raw UNet output (b, 3 or 6, H, W) for x_t (b, 3, H, W) at timesteps t (b,).

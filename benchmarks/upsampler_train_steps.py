@@ -1,0 +1,65 @@
+"""Time upsampler training steps as the Trainer runs them (data loading, conditioning, forward, backward, AdamW).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/upsampler_train_steps.py configs/upsamplers/shapes-64-128.yaml \
+        --workers 0 1 --steps 20
+
+For each worker count: one warm-up step, then `steps` timed steps, from the start of the second loss call to the
+start of call steps + 2 (so worker start-up, the first batch, the final checkpoint and export are left out). Reports
+wall seconds and the main process's CPU seconds (`time.process_time`; worker processes not included), one JSON
+line per worker count. The SHAPES set is cut to `--samples` images (rendering them is not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from unclip.config import load_config, replace_config  # noqa: E402
+from unclip.train import Trainer  # noqa: E402
+from upsamplers import TrainUpsamplerConfig, UpsamplerTrainTask  # noqa: E402
+
+
+def time_steps(config: Path, workers: int, steps: int, samples: int) -> dict:
+    cfg = replace_config(load_config(TrainUpsamplerConfig, config), {
+        "data.shapes_samples": samples, "train.max_steps": steps + 2, "train.num_workers": workers,
+        "train.checkpoint_every": 0, "train.sample_every": 0, "train.progress": False, "eval.samples": 0})
+    task = UpsamplerTrainTask(cfg)
+    dataset = task.train_dataset()
+    task.train_dataset = lambda: dataset  # rendered once, outside the timing
+    stamps: list[tuple[float, float]] = []
+    loss = task.loss
+
+    def timed_loss(model, batch):
+        stamps.append((time.perf_counter(), time.process_time()))
+        return loss(model, batch)
+
+    task.loss = timed_loss
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as out:
+        Trainer(task, cfg.train, out).train(resume=False)
+    (w0, c0), (w1, c1) = stamps[1], stamps[steps + 1]
+    return {"config": str(config), "augmentation": cfg.model.augmentation, "batch_size": cfg.train.batch_size,
+            "num_workers": workers, "steps": steps, "wall_s": round(w1 - w0, 3), "main_cpu_s": round(c1 - c0, 3),
+            "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--samples", type=int, default=1024)
+    args = parser.parse_args()
+    for workers in args.workers:
+        print(json.dumps(time_steps(args.config, workers, args.steps, args.samples)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
