@@ -1,12 +1,15 @@
 """Time upsampler training steps as the Trainer runs them (data loading, conditioning, forward, backward, AdamW).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/upsampler_train_steps.py configs/upsamplers/shapes-64-128.yaml \
-        --workers 0 1 --steps 20
+        configs/upsamplers/shapes-32-64.yaml --workers 0 1 --steps 20
 
 For each worker count: one warm-up step, then `steps` timed steps, from the start of the second loss call to the
 start of call steps + 2 (so worker start-up, the first batch, the final checkpoint and export are left out). Reports
 wall seconds and the main process's CPU seconds (`time.process_time`; worker processes not included), one JSON
-line per worker count. The SHAPES set is cut to `--samples` images (rendering them is not timed).
+line per config and worker count, and (unless --no-write) benchmarks/results/upsampler_train_steps.json and the
+"## Upsampler training steps" section of BENCHMARKS.md. The SHAPES set is cut to `--samples` images (rendering
+them is not timed). The conditioning (corruption, upsampling, crops) is made in the DataLoader's collate, so with
+workers it leaves the main process; the main-process CPU seconds show what the training step itself costs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from report import command, machine, write_result, write_section  # noqa: E402  (benchmarks/ is sys.path[0])
+
 from unclip.config import load_config, replace_config  # noqa: E402
 from unclip.train import Trainer  # noqa: E402
 from upsamplers import TrainUpsamplerConfig, UpsamplerTrainTask  # noqa: E402
@@ -50,15 +55,33 @@ def time_steps(config: Path, workers: int, steps: int, samples: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def render(rows: list[dict]) -> str:
+    lines = [f"Command: `{command()}`. Machine: {machine()}. Each row: {rows[0]['steps']} training steps as the "
+             "`Trainer` runs them (data loading, conditioning, forward, backward, AdamW) after one warm-up step; "
+             "main CPU = the main process's CPU seconds (DataLoader workers not counted).", "",
+             "| config | augmentation | batch | workers | wall s | main-process CPU s | s per step |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| `{r['config']}` | {r['augmentation']} | {r['batch_size']} | {r['num_workers']} | {r['wall_s']:.2f} | "
+              f"{r['main_cpu_s']:.2f} | {r['wall_s'] / r['steps']:.3f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", type=Path)
+    parser.add_argument("configs", type=Path, nargs="+")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--samples", type=int, default=1024)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave the JSON and BENCHMARKS.md alone")
     args = parser.parse_args()
-    for workers in args.workers:
-        print(json.dumps(time_steps(args.config, workers, args.steps, args.samples)), flush=True)
+    rows = []
+    for config in args.configs:
+        for workers in args.workers:
+            rows.append(time_steps(config, workers, args.steps, args.samples))
+            print(json.dumps(rows[-1]), flush=True)
+    if not args.no_write:
+        write_result("upsampler_train_steps", {"rows": rows})
+        write_section("Upsampler training steps", render(rows))
 
 
 if __name__ == "__main__":
