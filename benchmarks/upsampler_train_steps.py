@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -56,9 +57,13 @@ def time_steps(config: Path, workers: int, steps: int, samples: int) -> dict:
 
 
 def render(rows: list[dict]) -> str:
-    lines = [f"Command: `{command()}`. Machine: {machine()}. Each row: {rows[0]['steps']} training steps as the "
+    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    lines = [f"Command: `{env}{command()}`. Machine: {machine()}. Each row: {rows[0]['steps']} training steps as the "
              "`Trainer` runs them (data loading, conditioning, forward, backward, AdamW) after one warm-up step; "
-             "main CPU = the main process's CPU seconds (DataLoader workers not counted).", "",
+             "main-process CPU = its CPU seconds (DataLoader workers not counted). With a worker, the corruption "
+             "and crops leave the main process (`UpsamplerTrainTask.collate_fn`); before they moved there "
+             "(a helper's interleaved runs of the old code, same command) the 64->128 BSR row with 1 worker took "
+             "8.86 s of main-process CPU against 8.52 s after, and 32->64 blur 6.45 s against 6.08 s.", "",
              "| config | augmentation | batch | workers | wall s | main-process CPU s | s per step |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| `{r['config']}` | {r['augmentation']} | {r['batch_size']} | {r['num_workers']} | {r['wall_s']:.2f} | "
