@@ -403,3 +403,22 @@ def test_samplers_on_cuda_match_cpu():
         torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-4)
     got = sample_dpmpp_2m(denoiser, start(1).cuda(), schedule, 10, progress=False)
     assert got.is_cuda
+
+
+@pytest.mark.parametrize("eta", [-0.1, 1.5, float("nan")])
+def test_ddim_refuses_eta_outside_0_1(eta):
+    """Above 1 the marginal of x_prev would be silently wrong (its eps coefficient clamped at 0)."""
+    schedule = cosine_schedule(100)
+    calls = []
+
+    def counting(x, t):
+        calls.append(t)
+        return dummy_model(x, t)
+
+    denoiser = make_denoiser(counting, schedule, "eps")
+    with pytest.raises(ValueError, match="eta must lie in"):
+        sample_ddim(denoiser, start(1), schedule, steps=5, eta=eta, progress=False)
+    assert not calls  # refused before any network call
+    d = denoiser(start(1), torch.full((SHAPE[0],), 50))
+    with pytest.raises(ValueError, match="eta must lie in"):
+        ddim_step(d, 0.5, 0.6, eta=eta, noise=torch.zeros_like(d.x0))

@@ -129,6 +129,11 @@ def ddpm_step(
     raise ValueError(f"unknown variance {variance!r}; expected 'fixed_small', 'fixed_large' or 'learned_range'")
 
 
+def _check_eta(eta: float) -> None:
+    if not 0.0 <= eta <= 1.0:  # above 1 the eps coefficient would be the root of a negative number
+        raise ValueError(f"DDIM's eta must lie in [0, 1] (0: deterministic, 1: DDPM's noise), got {eta!r}")
+
+
 def _ddim_sigma(eta: float, alpha_bar: float, alpha_bar_prev: float) -> float:
     """DDIM's sigma (Song et al. eq. 16): eta * sqrt(beta-tilde of the step)."""
     return eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
@@ -142,6 +147,7 @@ def ddim_step(
     x_prev = sqrt(alpha_bar_prev) x0 + sqrt(1 - alpha_bar_prev - sigma^2) eps + sigma noise, with sigma from eta
     (0: deterministic; 1: the DDPM posterior variance). `noise` (b, *) is needed whenever sigma > 0.
     """
+    _check_eta(eta)
     sigma = _ddim_sigma(eta, alpha_bar, alpha_bar_prev) if eta > 0 else 0.0
     x = math.sqrt(alpha_bar_prev) * denoised.x0 + math.sqrt(max(1 - alpha_bar_prev - sigma**2, 0.0)) * denoised.eps
     if sigma > 0:
@@ -234,6 +240,7 @@ def sample_ddim(
     label: str | None = None,
 ) -> Tensor:
     """DDIM sampling (Song et al. 2021) in `steps` steps from x_T (b, *) to x0 (b, *); eta=0 is deterministic."""
+    _check_eta(eta)  # before the first denoiser call
     ts = timestep_subset(schedule.num_timesteps, steps, spacing).tolist()
     prev = ts[1:] + [-1]
 
