@@ -74,7 +74,7 @@ def evaluate_prior_shapes(
     image_embeds: a precomputed `triple_image_embeds(clip, ...)` (224, k, d) to share between calls.
     Returns {"captions", "guidance_scale", "best_of", "steps", "sampler", "prior_cosine", "text_cosine",
     "prior_beats_text" (the fraction of captions whose sampled embedding is closer to their images than their
-    text embedding is), "image_cosine_ceiling", "prior_retrieval", "text_retrieval"}.
+    text embedding is), "image_cosine_ceiling" (None with one image per triple), "prior_retrieval", "text_retrieval"}.
     """
     if image_embeds is None:
         image_embeds = triple_image_embeds(clip, images_per_triple, seed=seed)
@@ -99,7 +99,8 @@ def evaluate_prior_shapes(
 
     k = image_embeds.shape[1]
     pairs = torch.einsum("ckd,cjd->ckj", true, true)  # (c, k, k)
-    ceiling = ((pairs.sum(dim=(1, 2)) - pairs.diagonal(dim1=1, dim2=2).sum(dim=1)) / max(k * (k - 1), 1)).mean()
+    off_diagonal = pairs.sum(dim=(1, 2)) - pairs.diagonal(dim1=1, dim2=2).sum(dim=1)  # (c,) pairs of distinct images
+    ceiling = (off_diagonal / (k * (k - 1))).mean().item() if k > 1 else None  # one image per triple: no pair
     return {
         "captions": len(captions),
         "guidance_scale": guidance_scale,
@@ -109,7 +110,7 @@ def evaluate_prior_shapes(
         "prior_cosine": cosines(sampled_embed).mean().item(),
         "text_cosine": cosines(text_embed).mean().item(),
         "prior_beats_text": (cosines(sampled_embed) > cosines(text_embed)).float().mean().item(),
-        "image_cosine_ceiling": ceiling.item(),
+        "image_cosine_ceiling": ceiling,
         "prior_retrieval": retrieval(sampled_embed),
         "text_retrieval": retrieval(text_embed),
     }

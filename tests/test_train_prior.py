@@ -53,13 +53,25 @@ def test_shapes_evaluation_is_written_for_each_guidance_scale(trained, capsys):
     assert [r["guidance_scale"] for r in result["results"]] == [1.0, 2.0]
     for r in result["results"]:
         assert r["captions"] == 150 and r["best_of"] == 2
-        for key in ("prior_cosine", "text_cosine", "image_cosine_ceiling"):
+        for key in ("prior_cosine", "text_cosine"):
             assert -1.0 <= r[key] <= 1.0
+        assert r["image_cosine_ceiling"] is None  # one image per triple in this config: no ceiling
         for key in ("prior_retrieval", "text_retrieval", "prior_beats_text"):
             assert 0.0 <= r[key] <= 1.0
     assert main([str(path), "--output-dir", str(run), "--set", "eval.guidance_scales=[3]"]) == 0
-    assert "nothing to train: already at step 40" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "nothing to train: already at step 40" in out and "image-to-image ceiling: n/a" in out
     assert [r["guidance_scale"] for r in json.loads((run / "eval.json").read_text())["results"]] == [3.0]
+
+
+def test_the_image_ceiling_needs_two_images_per_triple(trained, tiny_clip, capsys):
+    from prior.evaluation import evaluate_prior_shapes
+
+    prior = DiffusionPriorNetwork.from_pretrained(trained[1] / "model")
+    one = evaluate_prior_shapes(prior, tiny_clip, best_of=1, steps=2, images_per_triple=1)
+    assert one["image_cosine_ceiling"] is None  # no pair of distinct images: not a cosine of 0
+    two = evaluate_prior_shapes(prior, tiny_clip, best_of=1, steps=2, images_per_triple=2)
+    assert -1.0 <= two["image_cosine_ceiling"] <= 1.0
 
 
 def test_on_the_fly_encoding_of_shapes(tiny_clip, clip_dir):

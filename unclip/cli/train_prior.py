@@ -30,6 +30,10 @@ from .training import training_main
 __all__ = ["main"]
 
 
+def _ceiling(value: float | None) -> str:
+    return f"cosine {value:.3f}" if value is not None else "n/a (needs eval.images_per_triple >= 2)"
+
+
 def _trained_on_shapes(cfg: TrainPriorConfig) -> bool:
     source = Path(cfg.data.source)
     if (source / "manifest.json").is_file():
@@ -59,7 +63,7 @@ def _evaluate(cfg: TrainPriorConfig, out: Path) -> None:
     r0 = results[0]
     print(f"SHAPES held-out captions ({r0['captions']}), {e.sampler} {e.steps} steps, best of {e.best_of}; "
           f"text-embedding baseline: cosine {r0['text_cosine']:.3f}, retrieval {r0['text_retrieval']:.1%}; "
-          f"image-to-image ceiling: cosine {r0['image_cosine_ceiling']:.3f}")
+          f"image-to-image ceiling: {_ceiling(r0['image_cosine_ceiling'])}")
     print_table(["guidance", "cosine", "captions where cosine > text's", "retrieval"],
                 [[f"{r['guidance_scale']:g}", f"{r['prior_cosine']:.3f}", f"{r['prior_beats_text']:.1%}",
                   f"{r['prior_retrieval']:.1%}"] for r in results])
