@@ -304,7 +304,9 @@ def render(data: dict[str, Any]) -> str:
         "",
         CLOCK_NOTES[a["clock"]] + " Where the time goes (torch.profiler, ours at 32x32): convolutions forward and "
         "backward are ~60% of the training step and ~55% of the sampler step, already on channels_last activations "
-        "(oneDNN's fast path: -10 to -15% per step) at close to one core's fp32 peak; SDPA (CPU flash kernel, "
+        "(oneDNN's fast path: -10 to -15% per step) and at the cores' float32 FMA peak (## Convolution kernels: "
+        "`benchmarks/conv_kernels.py` times each shape's forward and backward halves; channels_last weights gain "
+        "nothing more); SDPA (CPU flash kernel, "
         "faster here than the math path or a hand-written softmax), the attention/embedding linears, GroupNorm and "
         "SiLU share the rest. Both networks do about the same work per image (FlopCounterMode at 32x32: ours 5.1 "
         "GFLOP of convolutions and linears, the peer 4.8 GFLOP), so at equal parameter count the remaining gap to "
@@ -339,9 +341,17 @@ def main() -> None:
                    help="DDIM steps of the whole-batch sampling loop timed after the steps (0: skip it)")
     p.add_argument("--loop-reps", type=int, default=2, help="repetitions of the sampling loop")
     p.add_argument("--no-write", action="store_true", help="print only; leave the JSON and BENCHMARKS.md alone")
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite the BENCHMARKS.md section from benchmarks/results/decoder_unet.json (no timing)")
     p.add_argument("--worker", choices=["ours", "peer"], help=argparse.SUPPRESS)
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.render:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from report import RESULTS, write_section
+
+        write_section("Decoder UNet", render(json.loads((RESULTS / "decoder_unet.json").read_text())))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, sizes[0], args.warmup, args.reps, args.threads, args.clock,
                                 args.precisions[0], args.loop_steps, args.loop_reps)))
