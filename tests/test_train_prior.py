@@ -109,3 +109,22 @@ def test_malformed_yaml_and_missing_data_are_one_line_errors(clip_dir, tmp_path,
                  "--set", f"clip={clip_dir}", "--set", "model.embed_dim=32", "--set", "model.text_width=48",
                  "--set", "model.text_length=16", "--output-dir", str(tmp_path / "d")]) == 2
     assert "dataset path not found" in capsys.readouterr().err
+
+
+def test_an_intermediate_checkpoint_exports_as_a_model(trained, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    path, run = trained
+    dest = tmp_path / "prior-20"
+    assert main([str(path), "--output-dir", str(run), "--export-step", "20", "--export-to", str(dest)]) == 0
+    assert f"exported step 20 of {run} to {dest}" in capsys.readouterr().out
+    exported = DiffusionPriorNetwork.from_pretrained(dest)
+    ema = load_file(str(run / "checkpoints" / "step-00000020" / "ema.safetensors"))
+    for name, value in exported.state_dict().items():  # the step-20 EMA weights, not the final model's
+        if name in ema:
+            torch.testing.assert_close(value, ema[name], rtol=0, atol=0)
+    final = DiffusionPriorNetwork.from_pretrained(run / "model").state_dict()
+    assert any(not torch.equal(final[k], v) for k, v in exported.state_dict().items())
+    assert exported.clip_fingerprint == DiffusionPriorNetwork.from_pretrained(run / "model").clip_fingerprint
+    assert main([str(path), "--output-dir", str(run), "--export-step", "30"]) == 2
+    assert "steps 20, 40" in capsys.readouterr().err

@@ -22,7 +22,7 @@ import yaml
 from ..checkpoint import CheckpointError
 from ..config import ConfigError, load_config, replace_config
 from ..data.image_text import DataError
-from .common import CliError
+from .common import CliError, positive_int
 
 __all__ = ["training_main", "parse_overrides", "build_training_parser"]
 
@@ -50,6 +50,11 @@ def build_training_parser(prog: str, description: str | None) -> argparse.Argume
                    help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
     p.add_argument("--no-resume", action="store_true",
                    help="start from scratch: delete this output directory's training checkpoints first")
+    p.add_argument("--export-step", type=positive_int, default=None, metavar="STEP",
+                   help="do not train: export the run's checkpoint of STEP (its EMA weights when it has them) as a\n"
+                        "model directory, to evaluate or assemble an intermediate model")
+    p.add_argument("--export-to", type=Path, default=None, metavar="DIR",
+                   help="where --export-step writes the model (default: OUTPUT_DIR/model-step-STEP)")
     return p
 
 
@@ -61,9 +66,15 @@ def training_main(prog: str, description: str | None, config_cls: type, make_tas
     try:
         from ..train import Trainer
 
+        if args.export_to is not None and args.export_step is None:
+            raise CliError("--export-to needs --export-step")
         cfg = replace_config(load_config(config_cls, args.config), parse_overrides(args.overrides))
         out = args.output_dir or Path("runs") / f"{prog.removeprefix('train-')}-{args.config.stem}"
         trainer = Trainer(make_task(cfg), cfg.train, out)
+        if args.export_step is not None:
+            dest = trainer.export_checkpoint(args.export_step, args.export_to or out / f"model-step-{args.export_step}")
+            print(f"exported step {args.export_step} of {out} to {dest}")
+            return 0
         result = trainer.train(resume=not args.no_resume)
         if not trainer.accelerator.is_main_process:
             return 0

@@ -44,6 +44,7 @@ from .lr import build_lr_scheduler, build_optimizer
 from .state import (
     TrainingCheckpoint,
     capture_rng_state,
+    checkpoint_name,
     list_checkpoints,
     load_training_checkpoint,
     missing_files,
@@ -453,6 +454,31 @@ class Trainer:
             if acc.is_main_process:
                 export(model, self.output_dir / "model", state)
         acc.wait_for_everyone()
+
+    def export_checkpoint(self, step: int, out_dir: str | Path) -> Path:
+        """Export this run's training checkpoint of `step` to `out_dir` as the task exports a finished model (the
+        EMA weights when the checkpoint has them), without training: to evaluate or assemble an intermediate model.
+        The checkpoint must have been made with this run's model and CLIP config (as for resuming)."""
+        if self.world_size > 1:
+            raise RuntimeError("export a checkpoint from a single process (not under accelerate launch)")
+        export = getattr(self.task, "export", None)
+        if export is None:
+            raise TypeError(f"{type(self.task).__name__} has no export")
+        path = self.checkpoint_root / checkpoint_name(step)
+        if not path.is_dir():
+            steps = [s for s, _ in list_checkpoints(self.checkpoint_root)]
+            raise CheckpointError(f"{path} does not exist; {self.checkpoint_root} holds checkpoints at steps "
+                                  f"{', '.join(map(str, steps)) or '(none)'}")
+        ckpt = load_training_checkpoint(path)
+        self._check_resumed_config(ckpt.config.get("task") or {}, path)
+        model = self.unwrapped_model
+        load_state_dict_strict(model, ckpt.model_state, source=path)
+        if ckpt.ema_state is not None:
+            ema = EMA(model, self.cfg.ema_decay if self.cfg.ema_decay is not None else 0.0)
+            ema.load_state_dict(ckpt.ema_state, source=str(path))
+            model = ema.model
+        export(model, Path(out_dir), model.state_dict())
+        return Path(out_dir)
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path | None:
