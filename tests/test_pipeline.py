@@ -366,6 +366,35 @@ def test_bad_generation_settings_fail_before_sampling(cascade, setting, message,
         cascade.generate_tensors("a red circle", **setting)
 
 
+def test_decoder_eta_given_with_a_sampler_that_ignores_it_is_refused(cascade, cascade_dir, monkeypatch, capsys):
+    """Only DDIM has eta: given with ddpm (say) it would change nothing, so it is an error before any sampling;
+    a stored default eta with a ddim default sampler is simply unused when only the sampler is overridden."""
+    import unclip.pipeline.pipeline as pipeline_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(pipeline_module, "sample_image_embeds", never)
+    message = r"decoder_eta \(DDIM's noise\) applies to the ddim sampler only; the sampler is ddpm"
+    with pytest.raises(ValueError, match=message):
+        cascade.generate_tensors("a red circle", sampler="ddpm", decoder_eta=0.7)
+    ddpm_default = UnclipPipeline(cascade.clip, cascade.prior, cascade.decoder, cascade.upsamplers,
+                                  GenerationDefaults(sampler="ddpm", upsampler_steps=(3, 3)))
+    with pytest.raises(ValueError, match=message):
+        ddpm_default.settings(decoder_eta=0.7)
+    assert ddpm_default.settings(decoder_eta=0.0).decoder_eta == 0.0  # no noise asked for: nothing ignored
+    assert ddpm_default.settings(sampler="ddim", decoder_eta=0.7).decoder_eta == 0.7
+    stored = UnclipPipeline(cascade.clip, cascade.prior, cascade.decoder, cascade.upsamplers,
+                            GenerationDefaults(sampler="ddim", decoder_eta=0.5, upsampler_steps=(3, 3)))
+    assert stored.settings(sampler="ddpm").sampler == "ddpm"
+    assert len(vary(ddpm_default, torch.rand(1, 3, 32, 32), 1, eta=1.0)) == 1  # vary decodes with DDIM anyway
+    for command in ("generate", "eval"):
+        args = [command, *(["x"] if command == "generate" else []), "--pipeline", str(cascade_dir), "--device", "cpu"]
+        assert main([*args, "--sampler", "ddpm", "--decoder-eta", "0.7"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "applies to the ddim sampler only" in err
+
+
 def test_manipulations_check_their_settings(cascade):
     from unclip.pipeline.manipulations import text_diff, vary
 

@@ -124,7 +124,8 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--best-of", type=int, default=None, help="prior samples per image, the closest to the text kept")
     g.add_argument("--decoder-steps", type=int, default=None)
     g.add_argument("--decoder-guidance", type=float, default=None)
-    g.add_argument("--decoder-eta", type=float, default=None, help="DDIM noise of the decoder")
+    g.add_argument("--decoder-eta", type=float, default=None,
+                   help="DDIM noise of the decoder in [0, 1] (0: deterministic); with the ddim sampler only")
     g.add_argument("--upsampler-steps", type=int, nargs="+", default=None, help="steps of each upsampler")
 
 
@@ -223,9 +224,12 @@ def _eval(args: argparse.Namespace) -> None:
             features = inception_features(pipe.device)
         except (ImportError, RuntimeError) as e:
             raise CliError(str(e)) from None
-    report = evaluate_pipeline(pipe, images_per_caption=args.images_per_caption, seed=args.seed,
-                               batch_size=args.batch_size, real_samples=args.real_samples, features=features,
-                               **_settings(args))
+    try:
+        report = evaluate_pipeline(pipe, images_per_caption=args.images_per_caption, seed=args.seed,
+                                   batch_size=args.batch_size, real_samples=args.real_samples, features=features,
+                                   **_settings(args))
+    except ValueError as e:
+        raise CliError(str(e)) from None
     report["features"] = args.features
     report["pipeline"] = args.pipeline or "default"
     acc = report["accuracy"]

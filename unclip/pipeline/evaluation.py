@@ -145,6 +145,7 @@ def evaluate_pipeline(pipe: UnclipPipeline, *, images_per_caption: int = 4, seed
     """The full SHAPES report: compositional accuracy on the 25 held-out captions (images_per_caption each), CLIP
     score, and FID / KID of those images against `real_samples` real held-out SHAPES images (features: CLIP
     image features by default). `settings` go to `UnclipPipeline.generate_tensors` (steps, guidance, sampler)."""
+    chosen = pipe.settings(**settings)  # a bad setting fails here, before any image is generated
     prompts = heldout_prompts()
     captions = [c for c, _ in prompts for _ in range(images_per_caption)]
     triples = [t for _, t in prompts for _ in range(images_per_caption)]
@@ -169,7 +170,7 @@ def evaluate_pipeline(pipe: UnclipPipeline, *, images_per_caption: int = 4, seed
     kid_mean, kid_std = kernel_inception_distance(f_real, f_fake, subset_size=min(100, len(fake)))
     report["kid"] = {"mean": kid_mean, "std": kid_std}
     report["settings"] = {"images_per_caption": images_per_caption, "seed": seed, "real_samples": real_samples,
-                          **{k: v for k, v in pipe.settings(**settings).__dict__.items()}}
+                          **chosen.__dict__}
     report["image_size"] = int(fake.shape[-1])
     report["attributes"] = list(ATTRIBUTES)
     return report

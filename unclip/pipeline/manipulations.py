@@ -84,7 +84,8 @@ def vary(pipe: UnclipPipeline, image: ImageLike | Tensor, n: int = 4, *, eta: fl
     guidance_scale 1; 1 varies freely)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    s = pipe.settings(decoder_steps=steps, decoder_guidance=guidance_scale, decoder_eta=eta)  # checked here
+    s = pipe.settings(sampler="ddim", decoder_steps=steps, decoder_guidance=guidance_scale,
+                      decoder_eta=eta)  # checked here (the decoding below is DDIM whatever the pipeline's sampler)
     latent = encode_image(pipe, image, steps=s.decoder_steps, progress=progress)
     embed = repeat(latent.image_embed[:1], "1 d -> n d", n=n)
     x_T = repeat(latent.x_T[:1], "1 c h w -> n c h w", n=n)

@@ -53,7 +53,7 @@ class GenerationDefaults:
     best_of: int = 2  # prior samples per image; the one closest to the caption's text embedding is kept
     decoder_steps: int = 50  # the paper: 250 for the decoder
     decoder_guidance: float = 3.0
-    decoder_eta: float = 0.0  # DDIM noise of the decoder (0: deterministic given x_T)
+    decoder_eta: float = 0.0  # DDIM noise of the decoder (0: deterministic given x_T); other samplers ignore it
     upsampler_steps: tuple[int, ...] = ()  # per upsampler; () : each upsampler's own default (paper: 27 and 15)
 
     def __post_init__(self) -> None:
@@ -235,7 +235,10 @@ class UnclipPipeline(nn.Module):
 
     # ----- generation ---------------------------------------------------------------------------------------
     def settings(self, **overrides: Any) -> GenerationDefaults:
-        """The pipeline's defaults with the non-None `overrides` applied (unknown names are errors)."""
+        """The pipeline's defaults with the non-None `overrides` applied (unknown names are errors).
+
+        A non-zero `decoder_eta` given here with a sampler other than DDIM (given or the default) is an error: only
+        DDIM has that noise. A stored default eta is simply not used when the sampler given is not DDIM."""
         unknown = sorted(set(overrides) - set(GenerationDefaults.__dataclass_fields__))
         if unknown:
             raise TypeError(f"unknown generation settings {unknown}")
@@ -247,7 +250,10 @@ class UnclipPipeline(nn.Module):
             if given["upsampler_steps"] and len(given["upsampler_steps"]) != len(self.upsamplers):
                 raise ValueError(f"upsampler_steps has {len(given['upsampler_steps'])} entries for "
                                  f"{len(self.upsamplers)} upsampler(s)")
-        return replace(self.defaults, **given)
+        s = replace(self.defaults, **given)
+        if given.get("decoder_eta") and s.sampler != "ddim":
+            raise ValueError(f"decoder_eta (DDIM's noise) applies to the ddim sampler only; the sampler is {s.sampler}")
+        return s
 
     def encode_text(self, captions: Sequence[str]):
         """The CLIP's `TextEncoding` of the captions, on the pipeline's device and dtype."""
