@@ -395,6 +395,23 @@ def test_decoder_eta_given_with_a_sampler_that_ignores_it_is_refused(cascade, ca
         assert err.count("\n") == 1 and "applies to the ddim sampler only" in err
 
 
+def test_eval_refuses_fewer_than_two_real_samples_before_generating(cascade, cascade_dir, monkeypatch, capsys):
+    """FID and KID need two real images: one is refused up front, not after generating every image."""
+    from unclip.pipeline.evaluation import evaluate_pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("generation started")
+
+    monkeypatch.setattr(UnclipPipeline, "generate_tensors", never)
+    with pytest.raises(ValueError, match="real_samples must be >= 2"):
+        evaluate_pipeline(cascade, real_samples=1, progress=False)
+    with pytest.raises(ValueError, match="images_per_caption must be >= 1"):
+        evaluate_pipeline(cascade, images_per_caption=0, progress=False)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--pipeline", str(cascade_dir), "--device", "cpu", "--real-samples", "1"])
+    assert e.value.code == 2 and "argument --real-samples: must be >= 2, got 1" in capsys.readouterr().err
+
+
 def test_manipulations_check_their_settings(cascade):
     from unclip.pipeline.manipulations import text_diff, vary
 

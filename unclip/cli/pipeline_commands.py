@@ -21,7 +21,16 @@ import torch
 
 from ..checkpoint import CheckpointError, write_json_atomic
 from ..diffusion import SAMPLER_NAMES
-from .common import CliError, add_device_argument, image_path, positive_int, print_table, read_image, resolve_device
+from .common import (
+    CliError,
+    add_device_argument,
+    image_path,
+    int_at_least,
+    positive_int,
+    print_table,
+    read_image,
+    resolve_device,
+)
 
 __all__ = ["add_pipeline_parsers"]
 
@@ -83,8 +92,8 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images-per-caption", type=positive_int, default=4,
                    help="images per held-out caption (default 4)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--real-samples", type=positive_int, default=500,
-                   help="real held-out images for FID / KID (default 500)")
+    p.add_argument("--real-samples", type=int_at_least(2), default=500,
+                   help="real held-out images for FID / KID, at least 2 (default 500)")
     p.add_argument("--features", choices=("clip", "inception"), default="clip",
                    help="FID / KID features: the pipeline's CLIP (default) or Inception-v3 via torch-fidelity")
     p.add_argument("--batch-size", type=positive_int, default=25)

@@ -145,6 +145,10 @@ def evaluate_pipeline(pipe: UnclipPipeline, *, images_per_caption: int = 4, seed
     """The full SHAPES report: compositional accuracy on the 25 held-out captions (images_per_caption each), CLIP
     score, and FID / KID of those images against `real_samples` real held-out SHAPES images (features: CLIP
     image features by default). `settings` go to `UnclipPipeline.generate_tensors` (steps, guidance, sampler)."""
+    if images_per_caption < 1:
+        raise ValueError(f"images_per_caption must be >= 1, got {images_per_caption}")
+    if real_samples < 2:
+        raise ValueError(f"real_samples must be >= 2 (FID and KID need two real images at least), got {real_samples}")
     chosen = pipe.settings(**settings)  # a bad setting fails here, before any image is generated
     prompts = heldout_prompts()
     captions = [c for c, _ in prompts for _ in range(images_per_caption)]
