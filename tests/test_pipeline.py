@@ -338,7 +338,33 @@ def test_cli_assemble_then_eval(cascade, tmp_path, capsys):
     assert rc == 0
     report = json.loads((tmp_path / "eval.json").read_text())
     assert set(report["accuracy"]) == {"shape", "fg", "bg", "all"} and len(report["per_caption"]) == 25
-    assert report["fid"] > 0 and "compositional accuracy" in capsys.readouterr().out
+    assert report["judge"] == {"source": "pipeline", "fingerprint": cascade.clip.fingerprint()}
+    out = capsys.readouterr().out
+    assert report["fid"] > 0 and "compositional accuracy" in out
+    assert f"judged by the pipeline's own CLIP (fingerprint {cascade.clip.fingerprint()})" in out
+
+
+def test_eval_with_a_fixed_judge(cascade, cascade_dir, tiny_arch, tmp_path, capsys):
+    """`judge` replaces the pipeline's CLIP as judge, CLIP-score model and FID / KID features, and is named."""
+    from unclip.clip import Clip
+    from unclip.pipeline.evaluation import evaluate_pipeline
+
+    torch.manual_seed(7)
+    other = Clip.from_architecture(tiny_arch, model_name="other-judge")
+    other.save_pretrained(tmp_path / "judge")
+    kwargs = dict(images_per_caption=1, real_samples=4, progress=False, seed=0)
+    own, fixed = evaluate_pipeline(cascade, **kwargs), evaluate_pipeline(cascade, judge=other, **kwargs)
+    assert own["judge"] == {"source": "pipeline", "fingerprint": cascade.clip.fingerprint()}
+    assert fixed["judge"] == {"source": "given", "fingerprint": other.fingerprint()} != own["judge"]
+    assert fixed["clip_score"] != own["clip_score"] and fixed["fid"] != own["fid"]  # the same images, another CLIP
+    rc = main(["eval", "--pipeline", str(cascade_dir), "--images-per-caption", "1", "--real-samples", "4",
+               "--judge", str(tmp_path / "judge"), "--out", str(tmp_path / "eval.json"), "--device", "cpu"])
+    assert rc == 0 and f"judged by the CLIP {tmp_path / 'judge'} (fingerprint {other.fingerprint()})" in \
+        capsys.readouterr().out
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["judge"] == {"source": str(tmp_path / "judge"), "fingerprint": other.fingerprint()}
+    assert main(["eval", "--pipeline", str(cascade_dir), "--judge", str(tmp_path / "nothing"), "--device", "cpu"]) == 2
+    assert "--judge: no CLIP at" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -87,15 +87,20 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="SHAPES compositional accuracy, CLIP score, FID and KID of a pipeline",
                        description="Generate images for the 25 held-out SHAPES captions and report the fraction whose "
-                                   "shape, foreground and background colour the SHAPES CLIP judges right, the CLIP "
-                                   "score, and FID / KID against real held-out images.")
+                                   "shape, foreground and background colour the judge finds right, the CLIP score, "
+                                   "and FID / KID against real held-out images. The judge (also the CLIP of the "
+                                   "score and of the FID / KID features) is the pipeline's own CLIP, for the shipped "
+                                   "pipeline the SHAPES CLIP it was trained with; --judge fixes another, to compare "
+                                   "pipelines under one judge.")
     p.add_argument("--images-per-caption", type=positive_int, default=4,
                    help="images per held-out caption (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--real-samples", type=int_at_least(2), default=500,
                    help="real held-out images for FID / KID, at least 2 (default 500)")
     p.add_argument("--features", choices=("clip", "inception"), default="clip",
-                   help="FID / KID features: the pipeline's CLIP (default) or Inception-v3 via torch-fidelity")
+                   help="FID / KID features: the judge's CLIP (default) or Inception-v3 via torch-fidelity")
+    p.add_argument("--judge", default=None, metavar="CLIP_DIR",
+                   help="the CLIP that judges (a directory written by train-clip; default: the pipeline's own)")
     p.add_argument("--batch-size", type=positive_int, default=25)
     p.add_argument("--out", type=Path, default=None, help="write the full report as JSON here")
     _add_pipeline_arguments(p)
@@ -227,6 +232,14 @@ def _eval(args: argparse.Namespace) -> None:
     from ..pipeline.evaluation import evaluate_pipeline, inception_features
 
     pipe = _pipeline(args)
+    judge = None
+    if args.judge is not None:
+        from ..clip import load_clip
+
+        try:
+            judge = load_clip(args.judge).to(pipe.device)
+        except (CheckpointError, ValueError, FileNotFoundError) as e:
+            raise CliError(f"--judge: {e}") from None
     features = None
     if args.features == "inception":
         try:
@@ -236,13 +249,17 @@ def _eval(args: argparse.Namespace) -> None:
     try:
         report = evaluate_pipeline(pipe, images_per_caption=args.images_per_caption, seed=args.seed,
                                    batch_size=args.batch_size, real_samples=args.real_samples, features=features,
-                                   **_settings(args))
+                                   judge=judge, **_settings(args))
     except ValueError as e:
         raise CliError(str(e)) from None
     report["features"] = args.features
     report["pipeline"] = args.pipeline or "default"
+    if args.judge is not None:
+        report["judge"]["source"] = str(args.judge)
     acc = report["accuracy"]
+    who = "the pipeline's own CLIP" if args.judge is None else f"the CLIP {args.judge}"
     print(f"SHAPES held-out captions: 25 x {args.images_per_caption} images at {report['image_size']}px")
+    print(f"judged by {who} (fingerprint {report['judge']['fingerprint']})")
     print_table(["measure", "value"], [
         ["compositional accuracy (shape, fg and bg right)", f"{acc['all']:.1%}"],
         ["shape / fg / bg accuracy", f"{acc['shape']:.1%} / {acc['fg']:.1%} / {acc['bg']:.1%}"],
