@@ -1,13 +1,17 @@
 """The upsampling cascade (pipeline layer): shapes through two upsamplers, the SHAPES agreement report, its CLI."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from test_decoder import randomised
 from test_upsamplers import tiny_config
 
-from unclip.pipeline.cascade import cascade_agreement, main, run_cascade
+from unclip.cli.main import main
+from unclip.pipeline.cascade import cascade_agreement, run_cascade
 from upsamplers import Upsampler, upsample
 
 
@@ -54,8 +58,25 @@ def test_cascade_cli(cascade, tiny_clip, tmp_path, capsys):
         up.save_pretrained(tmp_path / f"up{i}")
     tiny_clip.save_pretrained(tmp_path / "clip")
     out = tmp_path / "report.json"
-    assert main(["--upsamplers", str(tmp_path / "up0"), str(tmp_path / "up1"), "--clip", str(tmp_path / "clip"),
-                 "--samples", "3", "--batch-size", "3", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["eval-cascade", "--upsamplers", str(tmp_path / "up0"), str(tmp_path / "up1"),
+                 "--clip", str(tmp_path / "clip"), "--samples", "3", "--batch-size", "3", "--device", "cpu",
+                 "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "cascade 16 -> 32 -> 64 on 3 held-out SHAPES images" in printed and "output vs base verdict" in printed
     assert json.loads(out.read_text())["sizes"] == [16, 32, 64]
+
+
+def test_no_runnable_module_is_imported_by_its_package():
+    """`python -m pkg.mod` warns (RuntimeWarning: found in sys.modules ... prior to execution) when importing `pkg`
+    already imported `mod`: every module with a `__main__` block must stay out of its packages' imports. The README
+    ran `python -m unclip.pipeline.cascade`, which unclip.pipeline imports (through the pipeline)."""
+    root = Path(__file__).resolve().parents[1]
+    runnable = sorted(".".join(p.relative_to(root).with_suffix("").parts) for p in (root / "unclip").rglob("*.py")
+                      if 'if __name__ == "__main__":' in p.read_text())
+    assert "unclip.cli.main" in runnable
+    code = ("import importlib, sys\n"
+            f"for name in {runnable!r}:\n"
+            "    importlib.import_module(name.rpartition('.')[0])\n"
+            f"print([name for name in {runnable!r} if name in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
+    assert out.strip() == "[]", f"imported by their packages, so `python -m` warns: {out.strip()}"
