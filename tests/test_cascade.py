@@ -44,6 +44,29 @@ def test_cascade_shapes_16_32_64(cascade):
         run_cascade(base, cascade, steps=[3])
 
 
+def test_upsamplers_in_the_wrong_order_are_refused_before_any_sampling(cascade, tiny_clip, tmp_path, monkeypatch,
+                                                                       capsys):
+    """32 -> 64 then 16 -> 32: the first stage used to run (minutes at full size) before the second refused."""
+    import unclip.pipeline.cascade as cascade_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(cascade_module, "upsample", never)
+    message = r"upsampler 2 takes 16px images but upsampler 1 makes 64px ones \(upsamplers go lowest resolution first\)"
+    with pytest.raises(ValueError, match=message):
+        run_cascade(torch.rand(1, 3, 32, 32), cascade[::-1])
+    with pytest.raises(ValueError, match=message):
+        cascade_agreement(cascade[::-1], tiny_clip, samples=2)
+    for i, up in enumerate(cascade):
+        up.save_pretrained(tmp_path / f"up{i}")
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    assert main(["eval-cascade", "--upsamplers", str(tmp_path / "up1"), str(tmp_path / "up0"),
+                 "--clip", str(tmp_path / "clip"), "--samples", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "upsampler 2 takes 16px images but upsampler 1 makes 64px ones" in err
+
+
 def test_cascade_agreement_report(cascade, tiny_clip):
     report = cascade_agreement(cascade, tiny_clip, samples=4, batch_size=3)
     assert report["samples"] == 4 and report["sizes"] == [16, 32, 64]

@@ -30,7 +30,7 @@ from unclip.diffusion import SamplerName
 from unclip.images import pil_to_tensor, resize_images
 from upsamplers import Upsampler, upsample
 
-__all__ = ["run_cascade", "cascade_agreement"]
+__all__ = ["check_chain", "run_cascade", "cascade_agreement"]
 
 
 def _per_stage(value: Sequence[Any] | None, n: int, name: str) -> list[Any]:
@@ -41,6 +41,20 @@ def _per_stage(value: Sequence[Any] | None, n: int, name: str) -> list[Any]:
     if len(values) != n:
         raise ValueError(f"{name} has {len(values)} entries for {n} upsamplers")
     return values
+
+
+def check_chain(upsamplers: Sequence[Upsampler], side: int, source: str | None = None) -> None:
+    """Refuse, before any sampling, upsamplers that do not chain from `side` px images: each must take the side the
+    stage before it makes. source: what makes the first input (e.g. "the decoder"; None: the images given)."""
+    before = source
+    for i, up in enumerate(upsamplers, start=1):
+        low = up.config.low_res_size
+        if low != side:
+            if before is None:
+                raise ValueError(f"upsampler {i} takes {low}px images, got {side}px ones")
+            hint = " (upsamplers go lowest resolution first)" if low < side and i > 1 else ""
+            raise ValueError(f"upsampler {i} takes {low}px images but {before} makes {side}px ones{hint}")
+        side, before = up.config.image_size, f"upsampler {i}"
 
 
 @torch.no_grad()
@@ -58,14 +72,14 @@ def run_cascade(
     [(b, 3, s * scale_1, ...), (b, 3, s * scale_1 * scale_2, ...), ...], each in [0, 1].
 
     steps / aug_levels: one entry per upsampler (None, or a None entry: that stage's config default).
-    Each stage's input side must be its `low_res_size`; the stages share `generator`.
+    Each stage's input side must be its `low_res_size` (checked for the whole chain before any sampling); the stages
+    share `generator`.
     """
     assert images.ndim == 4 and images.shape[1] == 3, f"images must be (b, 3, s, s), got {tuple(images.shape)}"
+    check_chain(upsamplers, images.shape[-1])
     steps_, levels = _per_stage(steps, len(upsamplers), "steps"), _per_stage(aug_levels, len(upsamplers), "aug_levels")
     outputs, x = [], images
     for i, up in enumerate(upsamplers):
-        if x.shape[-1] != up.config.low_res_size:
-            raise ValueError(f"upsampler {i + 1} takes {up.config.low_res_size}px images, got {x.shape[-1]}px")
         x = upsample(up, x, steps=steps_[i], aug_level=levels[i], sampler=sampler, generator=generator,
                      progress=progress)
         outputs.append(x)
@@ -93,7 +107,10 @@ def cascade_agreement(
     "agreement": {attr: fraction}, "base_accuracy": ..., "output_accuracy": ...} (accuracies only for rendered
     bases), each a dict over "shape", "fg", "bg" and "all".
     """
+    if not upsamplers:
+        raise ValueError("no upsamplers given")
     first = upsamplers[0].config.low_res_size
+    check_chain(upsamplers, first if base_images is None else base_images.shape[-1])  # before rendering or sampling
     labels = None
     if base_images is None:
         data = make_shapes(samples, split="heldout", seed=seed, resolution=max(64, first))

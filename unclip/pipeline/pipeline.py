@@ -35,7 +35,7 @@ from ..config import ConfigError, config_from_dict, config_to_dict
 from ..data.embeddings import clip_fingerprint
 from ..diffusion import SAMPLER_NAMES, SamplerName
 from ..images import tensor_to_pil
-from .cascade import run_cascade
+from .cascade import check_chain, run_cascade
 
 __all__ = ["GenerationDefaults", "UnclipPipeline", "PIPELINE_FILE", "SamplerName"]
 
@@ -135,12 +135,7 @@ class UnclipPipeline(nn.Module):
             raise ValueError(f"the prior maps into {self.prior.config.embed_dim}-d embeddings, the CLIP's are {d}-d")
         if self.decoder.config.embed_dim != d:
             raise ValueError(f"the decoder reads {self.decoder.config.embed_dim}-d embeddings, the CLIP's are {d}-d")
-        side = self.decoder.config.image_size
-        for i, up in enumerate(self.upsamplers, start=1):
-            if up.config.low_res_size != side:
-                raise ValueError(f"upsampler {i} takes {up.config.low_res_size}px images but the stage before it "
-                                 f"makes {side}px ones")
-            side = up.config.image_size
+        check_chain(self.upsamplers, self.decoder.config.image_size, "the decoder")
         steps = self.defaults.upsampler_steps
         if steps and len(steps) != len(self.upsamplers):
             raise ValueError(f"the generation defaults give upsampler_steps for {len(steps)} upsampler(s), the "
