@@ -69,6 +69,7 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image_a", type=Path)
     p.add_argument("image_b", type=Path)
     p.add_argument("-n", type=int, default=5, help="images including both ends (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the upsamplers' noise (default 0)")
     p.add_argument("--out", type=image_path, default=Path("interpolation.png"))
     _add_pipeline_arguments(p)
     p.set_defaults(func=_interpolate)
@@ -81,6 +82,7 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", dest="to_text", required=True, help="a caption describing the wanted change")
     p.add_argument("-n", type=int, default=5, help="images, the first the (approximate) reconstruction (default 5)")
     p.add_argument("--max-angle", type=float, default=0.5, help="largest slerp fraction (paper: 0.25-0.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the upsamplers' noise (default 0)")
     p.add_argument("--out", type=image_path, default=Path("text-diff.png"))
     _add_pipeline_arguments(p)
     p.set_defaults(func=_text_diff)
@@ -209,7 +211,7 @@ def _interpolate(args: argparse.Namespace) -> None:
 
     a, b = read_image(args.image_a), read_image(args.image_b)
     try:
-        images = interpolate(_pipeline(args), a, b, args.n, progress=True)
+        images = interpolate(_pipeline(args), a, b, args.n, seed=args.seed, progress=True)
     except ValueError as e:
         raise CliError(str(e)) from None
     _write_grid(images, args.out, args.n)
@@ -222,7 +224,7 @@ def _text_diff(args: argparse.Namespace) -> None:
     image = read_image(args.image)
     try:
         images = text_diff(_pipeline(args), image, args.from_text, args.to_text, args.n, max_angle=args.max_angle,
-                           progress=True)
+                           seed=args.seed, progress=True)
     except (CaptionError, ValueError) as e:
         raise CliError(str(e)) from None
     _write_grid(images, args.out, args.n)
