@@ -333,6 +333,15 @@ def test_cli_errors_are_one_clear_line(cascade_dir, tmp_path, capsys):
         assert "CUDA is not available" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", ["--from", "--to"])
+def test_cli_text_diff_names_an_empty_caption_option(cascade_dir, tmp_path, capsys, option):
+    Image.new("RGB", (32, 32), (220, 30, 30)).save(tmp_path / "a.png")
+    captions = {"--from": "a red circle", "--to": "a red square", option: " "}
+    assert main(["text-diff", str(tmp_path / "a.png"), *(x for kv in captions.items() for x in kv),
+                 "--pipeline", str(cascade_dir), "--device", "cpu", "--out", str(tmp_path / "out.png")]) == 2
+    assert capsys.readouterr().err == f"unclip text-diff: error: {option} is empty; give a caption\n"
+
+
 def test_cli_assemble_then_eval(cascade, tmp_path, capsys):
     from unclip.data.embeddings import clip_fingerprint
 

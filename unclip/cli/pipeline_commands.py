@@ -221,6 +221,9 @@ def _text_diff(args: argparse.Namespace) -> None:
     from ..clip import CaptionError
     from ..pipeline.manipulations import text_diff
 
+    for option, caption in (("--from", args.from_text), ("--to", args.to_text)):
+        if not caption.strip():
+            raise CliError(f"{option} is empty; give a caption")
     image = read_image(args.image)
     try:
         images = text_diff(_pipeline(args), image, args.from_text, args.to_text, args.n, max_angle=args.max_angle,
