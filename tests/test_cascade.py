@@ -1,13 +1,17 @@
 """The upsampling cascade (pipeline layer): shapes through two upsamplers, the SHAPES agreement report, its CLI."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from test_decoder import randomised
 from test_upsamplers import tiny_config
 
-from unclip.pipeline.cascade import cascade_agreement, main, run_cascade
+from unclip.cli.main import main
+from unclip.pipeline.cascade import cascade_agreement, run_cascade
 from upsamplers import Upsampler, upsample
 
 
@@ -40,6 +44,29 @@ def test_cascade_shapes_16_32_64(cascade):
         run_cascade(base, cascade, steps=[3])
 
 
+def test_upsamplers_in_the_wrong_order_are_refused_before_any_sampling(cascade, tiny_clip, tmp_path, monkeypatch,
+                                                                       capsys):
+    """32 -> 64 then 16 -> 32: the first stage used to run (minutes at full size) before the second refused."""
+    import unclip.pipeline.cascade as cascade_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(cascade_module, "upsample", never)
+    message = r"upsampler 2 takes 16px images but upsampler 1 makes 64px ones \(upsamplers go lowest resolution first\)"
+    with pytest.raises(ValueError, match=message):
+        run_cascade(torch.rand(1, 3, 32, 32), cascade[::-1])
+    with pytest.raises(ValueError, match=message):
+        cascade_agreement(cascade[::-1], tiny_clip, samples=2)
+    for i, up in enumerate(cascade):
+        up.save_pretrained(tmp_path / f"up{i}")
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    assert main(["eval-cascade", "--upsamplers", str(tmp_path / "up1"), str(tmp_path / "up0"),
+                 "--clip", str(tmp_path / "clip"), "--samples", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "upsampler 2 takes 16px images but upsampler 1 makes 64px ones" in err
+
+
 def test_cascade_agreement_report(cascade, tiny_clip):
     report = cascade_agreement(cascade, tiny_clip, samples=4, batch_size=3)
     assert report["samples"] == 4 and report["sizes"] == [16, 32, 64]
@@ -54,8 +81,25 @@ def test_cascade_cli(cascade, tiny_clip, tmp_path, capsys):
         up.save_pretrained(tmp_path / f"up{i}")
     tiny_clip.save_pretrained(tmp_path / "clip")
     out = tmp_path / "report.json"
-    assert main(["--upsamplers", str(tmp_path / "up0"), str(tmp_path / "up1"), "--clip", str(tmp_path / "clip"),
-                 "--samples", "3", "--batch-size", "3", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["eval-cascade", "--upsamplers", str(tmp_path / "up0"), str(tmp_path / "up1"),
+                 "--clip", str(tmp_path / "clip"), "--samples", "3", "--batch-size", "3", "--device", "cpu",
+                 "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "cascade 16 -> 32 -> 64 on 3 held-out SHAPES images" in printed and "output vs base verdict" in printed
     assert json.loads(out.read_text())["sizes"] == [16, 32, 64]
+
+
+def test_no_runnable_module_is_imported_by_its_package():
+    """`python -m pkg.mod` warns (RuntimeWarning: found in sys.modules ... prior to execution) when importing `pkg`
+    already imported `mod`: every module with a `__main__` block must stay out of its packages' imports. The README
+    ran `python -m unclip.pipeline.cascade`, which unclip.pipeline imports (through the pipeline)."""
+    root = Path(__file__).resolve().parents[1]
+    runnable = sorted(".".join(p.relative_to(root).with_suffix("").parts) for p in (root / "unclip").rglob("*.py")
+                      if 'if __name__ == "__main__":' in p.read_text())
+    assert "unclip.cli.main" in runnable
+    code = ("import importlib, sys\n"
+            f"for name in {runnable!r}:\n"
+            "    importlib.import_module(name.rpartition('.')[0])\n"
+            f"print([name for name in {runnable!r} if name in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
+    assert out.strip() == "[]", f"imported by their packages, so `python -m` warns: {out.strip()}"

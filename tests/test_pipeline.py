@@ -275,6 +275,34 @@ def test_interpolate_and_text_diff_shapes_and_ends(cascade):
         interpolate(cascade, a, b, n=1)
 
 
+def test_interpolate_and_text_diff_are_seeded(cascade, cascade_dir, tmp_path):
+    """The decoding is deterministic (DDIM eta 0 from the inverted latent), the upsamplers are not: the seed makes
+    identical runs give identical images, in the library, the one-call API and the CLI."""
+    a, b = Image.new("RGB", (32, 32), (220, 30, 30)), Image.new("RGB", (32, 32), (30, 70, 220))
+    runs = {
+        "interpolate": lambda seed: interpolate(cascade, a, b, n=2, seed=seed),
+        "text_diff": lambda seed: text_diff(cascade, a, "a red circle", "a red square", n=2, seed=seed),
+        "unclip.interpolate": lambda seed: unclip.interpolate(a, b, n=2, pipeline=cascade, seed=seed),
+        "unclip.text_diff": lambda seed: unclip.text_diff(a, "a red circle", "a red square", n=2, pipeline=cascade,
+                                                          seed=seed),
+    }
+    for name, run in runs.items():
+        first, again, other = run(5), run(5), run(6)
+        assert [im.tobytes() for im in first] == [im.tobytes() for im in again], name
+        assert [im.tobytes() for im in first] != [im.tobytes() for im in other], name
+    a.save(tmp_path / "a.png")
+    b.save(tmp_path / "b.png")
+    commands = {"interpolate": ["interpolate", str(tmp_path / "a.png"), str(tmp_path / "b.png")],
+                "text-diff": ["text-diff", str(tmp_path / "a.png"), "--from", "a red circle", "--to", "a red square"]}
+    for name, args in commands.items():
+        outputs = []
+        for i in range(2):
+            outputs.append(tmp_path / f"{name}-{i}.png")
+            assert main([*args, "-n", "2", "--seed", "3", "--pipeline", str(cascade_dir), "--device", "cpu",
+                         "--out", str(outputs[-1])]) == 0
+        assert Image.open(outputs[0]).tobytes() == Image.open(outputs[1]).tobytes(), name
+
+
 def test_public_api_loads_a_directory_once(cascade_dir):
     images = unclip.generate(CAPTIONS[0], num_images=2, pipeline=cascade_dir, seed=0)
     assert len(images) == 2 and images[0].size == (32, 32)
@@ -303,6 +331,15 @@ def test_cli_errors_are_one_clear_line(cascade_dir, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["generate", "x", "--pipeline", str(cascade_dir), "--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--from", "--to"])
+def test_cli_text_diff_names_an_empty_caption_option(cascade_dir, tmp_path, capsys, option):
+    Image.new("RGB", (32, 32), (220, 30, 30)).save(tmp_path / "a.png")
+    captions = {"--from": "a red circle", "--to": "a red square", option: " "}
+    assert main(["text-diff", str(tmp_path / "a.png"), *(x for kv in captions.items() for x in kv),
+                 "--pipeline", str(cascade_dir), "--device", "cpu", "--out", str(tmp_path / "out.png")]) == 2
+    assert capsys.readouterr().err == f"unclip text-diff: error: {option} is empty; give a caption\n"
 
 
 def test_cli_assemble_then_eval(cascade, tmp_path, capsys):
@@ -338,7 +375,33 @@ def test_cli_assemble_then_eval(cascade, tmp_path, capsys):
     assert rc == 0
     report = json.loads((tmp_path / "eval.json").read_text())
     assert set(report["accuracy"]) == {"shape", "fg", "bg", "all"} and len(report["per_caption"]) == 25
-    assert report["fid"] > 0 and "compositional accuracy" in capsys.readouterr().out
+    assert report["judge"] == {"source": "pipeline", "fingerprint": cascade.clip.fingerprint()}
+    out = capsys.readouterr().out
+    assert report["fid"] > 0 and "compositional accuracy" in out
+    assert f"judged by the pipeline's own CLIP (fingerprint {cascade.clip.fingerprint()})" in out
+
+
+def test_eval_with_a_fixed_judge(cascade, cascade_dir, tiny_arch, tmp_path, capsys):
+    """`judge` replaces the pipeline's CLIP as judge, CLIP-score model and FID / KID features, and is named."""
+    from unclip.clip import Clip
+    from unclip.pipeline.evaluation import evaluate_pipeline
+
+    torch.manual_seed(7)
+    other = Clip.from_architecture(tiny_arch, model_name="other-judge")
+    other.save_pretrained(tmp_path / "judge")
+    kwargs = dict(images_per_caption=1, real_samples=4, progress=False, seed=0)
+    own, fixed = evaluate_pipeline(cascade, **kwargs), evaluate_pipeline(cascade, judge=other, **kwargs)
+    assert own["judge"] == {"source": "pipeline", "fingerprint": cascade.clip.fingerprint()}
+    assert fixed["judge"] == {"source": "given", "fingerprint": other.fingerprint()} != own["judge"]
+    assert fixed["clip_score"] != own["clip_score"] and fixed["fid"] != own["fid"]  # the same images, another CLIP
+    rc = main(["eval", "--pipeline", str(cascade_dir), "--images-per-caption", "1", "--real-samples", "4",
+               "--judge", str(tmp_path / "judge"), "--out", str(tmp_path / "eval.json"), "--device", "cpu"])
+    assert rc == 0 and f"judged by the CLIP {tmp_path / 'judge'} (fingerprint {other.fingerprint()})" in \
+        capsys.readouterr().out
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["judge"] == {"source": str(tmp_path / "judge"), "fingerprint": other.fingerprint()}
+    assert main(["eval", "--pipeline", str(cascade_dir), "--judge", str(tmp_path / "nothing"), "--device", "cpu"]) == 2
+    assert "--judge: no CLIP at" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -364,6 +427,52 @@ def test_bad_generation_settings_fail_before_sampling(cascade, setting, message,
     monkeypatch.setattr(pipeline_module, "sample_image_embeds", never)
     with pytest.raises(ValueError, match=message):
         cascade.generate_tensors("a red circle", **setting)
+
+
+def test_decoder_eta_given_with_a_sampler_that_ignores_it_is_refused(cascade, cascade_dir, monkeypatch, capsys):
+    """Only DDIM has eta: given with ddpm (say) it would change nothing, so it is an error before any sampling;
+    a stored default eta with a ddim default sampler is simply unused when only the sampler is overridden."""
+    import unclip.pipeline.pipeline as pipeline_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(pipeline_module, "sample_image_embeds", never)
+    message = r"decoder_eta \(DDIM's noise\) applies to the ddim sampler only; the sampler is ddpm"
+    with pytest.raises(ValueError, match=message):
+        cascade.generate_tensors("a red circle", sampler="ddpm", decoder_eta=0.7)
+    ddpm_default = UnclipPipeline(cascade.clip, cascade.prior, cascade.decoder, cascade.upsamplers,
+                                  GenerationDefaults(sampler="ddpm", upsampler_steps=(3, 3)))
+    with pytest.raises(ValueError, match=message):
+        ddpm_default.settings(decoder_eta=0.7)
+    assert ddpm_default.settings(decoder_eta=0.0).decoder_eta == 0.0  # no noise asked for: nothing ignored
+    assert ddpm_default.settings(sampler="ddim", decoder_eta=0.7).decoder_eta == 0.7
+    stored = UnclipPipeline(cascade.clip, cascade.prior, cascade.decoder, cascade.upsamplers,
+                            GenerationDefaults(sampler="ddim", decoder_eta=0.5, upsampler_steps=(3, 3)))
+    assert stored.settings(sampler="ddpm").sampler == "ddpm"
+    assert len(vary(ddpm_default, torch.rand(1, 3, 32, 32), 1, eta=1.0)) == 1  # vary decodes with DDIM anyway
+    for command in ("generate", "eval"):
+        args = [command, *(["x"] if command == "generate" else []), "--pipeline", str(cascade_dir), "--device", "cpu"]
+        assert main([*args, "--sampler", "ddpm", "--decoder-eta", "0.7"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "applies to the ddim sampler only" in err
+
+
+def test_eval_refuses_fewer_than_two_real_samples_before_generating(cascade, cascade_dir, monkeypatch, capsys):
+    """FID and KID need two real images: one is refused up front, not after generating every image."""
+    from unclip.pipeline.evaluation import evaluate_pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("generation started")
+
+    monkeypatch.setattr(UnclipPipeline, "generate_tensors", never)
+    with pytest.raises(ValueError, match="real_samples must be >= 2"):
+        evaluate_pipeline(cascade, real_samples=1, progress=False)
+    with pytest.raises(ValueError, match="images_per_caption must be >= 1"):
+        evaluate_pipeline(cascade, images_per_caption=0, progress=False)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--pipeline", str(cascade_dir), "--device", "cpu", "--real-samples", "1"])
+    assert e.value.code == 2 and "argument --real-samples: must be >= 2, got 1" in capsys.readouterr().err
 
 
 def test_manipulations_check_their_settings(cascade):

@@ -3,28 +3,36 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-__all__ = ["CliError", "add_device_argument", "resolve_device", "print_table", "positive_int", "image_path",
-           "read_image"]
+__all__ = ["CliError", "add_device_argument", "resolve_device", "print_table", "int_at_least", "positive_int",
+           "image_path", "read_image"]
 
 
 class CliError(Exception):
     """An error to show the user as one clear line (no traceback), with exit status 2."""
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1 (argparse then names the option in its error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= `minimum` (argparse then names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int_at_least_{minimum}"
+    return parse
+
+
+positive_int = int_at_least(1)  # an argparse type: a whole number >= 1
 
 
 def image_path(text: str) -> Path:

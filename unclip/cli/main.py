@@ -5,6 +5,7 @@
     unclip embed --clip runs/clip-shapes-tiny/model --data shapes --out runs/embeddings
     unclip generate "a red circle on a blue background" -n 4 --out grid.png     # and vary, interpolate, text-diff
     unclip eval --images-per-caption 4                                         # SHAPES compositional accuracy
+    unclip eval-cascade --upsamplers runs/upsampler-32-64/model runs/upsampler-64-128/model   # the cascade alone
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..checkpoint import CheckpointError
+from .cascade import add_cascade_parser
 from .common import CliError, add_device_argument, positive_int, print_table, read_image, resolve_device
 from .pipeline_commands import add_pipeline_parsers
 from .serve import add_serve_parser
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_pipeline_parsers(sub)
+    add_cascade_parser(sub)
     add_serve_parser(sub)
 
     p = sub.add_parser("classify", help="zero-shot classify images against class names",

@@ -21,7 +21,16 @@ import torch
 
 from ..checkpoint import CheckpointError, write_json_atomic
 from ..diffusion import SAMPLER_NAMES
-from .common import CliError, add_device_argument, image_path, positive_int, print_table, read_image, resolve_device
+from .common import (
+    CliError,
+    add_device_argument,
+    image_path,
+    int_at_least,
+    positive_int,
+    print_table,
+    read_image,
+    resolve_device,
+)
 
 __all__ = ["add_pipeline_parsers"]
 
@@ -60,6 +69,7 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image_a", type=Path)
     p.add_argument("image_b", type=Path)
     p.add_argument("-n", type=int, default=5, help="images including both ends (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the upsamplers' noise (default 0)")
     p.add_argument("--out", type=image_path, default=Path("interpolation.png"))
     _add_pipeline_arguments(p)
     p.set_defaults(func=_interpolate)
@@ -72,21 +82,27 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", dest="to_text", required=True, help="a caption describing the wanted change")
     p.add_argument("-n", type=int, default=5, help="images, the first the (approximate) reconstruction (default 5)")
     p.add_argument("--max-angle", type=float, default=0.5, help="largest slerp fraction (paper: 0.25-0.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the upsamplers' noise (default 0)")
     p.add_argument("--out", type=image_path, default=Path("text-diff.png"))
     _add_pipeline_arguments(p)
     p.set_defaults(func=_text_diff)
 
     p = sub.add_parser("eval", help="SHAPES compositional accuracy, CLIP score, FID and KID of a pipeline",
                        description="Generate images for the 25 held-out SHAPES captions and report the fraction whose "
-                                   "shape, foreground and background colour the SHAPES CLIP judges right, the CLIP "
-                                   "score, and FID / KID against real held-out images.")
+                                   "shape, foreground and background colour the judge finds right, the CLIP score, "
+                                   "and FID / KID against real held-out images. The judge (also the CLIP of the "
+                                   "score and of the FID / KID features) is the pipeline's own CLIP, for the shipped "
+                                   "pipeline the SHAPES CLIP it was trained with; --judge fixes another, to compare "
+                                   "pipelines under one judge.")
     p.add_argument("--images-per-caption", type=positive_int, default=4,
                    help="images per held-out caption (default 4)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--real-samples", type=positive_int, default=500,
-                   help="real held-out images for FID / KID (default 500)")
+    p.add_argument("--real-samples", type=int_at_least(2), default=500,
+                   help="real held-out images for FID / KID, at least 2 (default 500)")
     p.add_argument("--features", choices=("clip", "inception"), default="clip",
-                   help="FID / KID features: the pipeline's CLIP (default) or Inception-v3 via torch-fidelity")
+                   help="FID / KID features: the judge's CLIP (default) or Inception-v3 via torch-fidelity")
+    p.add_argument("--judge", default=None, metavar="CLIP_DIR",
+                   help="the CLIP that judges (a directory written by train-clip; default: the pipeline's own)")
     p.add_argument("--batch-size", type=positive_int, default=25)
     p.add_argument("--out", type=Path, default=None, help="write the full report as JSON here")
     _add_pipeline_arguments(p)
@@ -124,7 +140,8 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--best-of", type=int, default=None, help="prior samples per image, the closest to the text kept")
     g.add_argument("--decoder-steps", type=int, default=None)
     g.add_argument("--decoder-guidance", type=float, default=None)
-    g.add_argument("--decoder-eta", type=float, default=None, help="DDIM noise of the decoder")
+    g.add_argument("--decoder-eta", type=float, default=None,
+                   help="DDIM noise of the decoder in [0, 1] (0: deterministic); with the ddim sampler only")
     g.add_argument("--upsampler-steps", type=int, nargs="+", default=None, help="steps of each upsampler")
 
 
@@ -194,7 +211,7 @@ def _interpolate(args: argparse.Namespace) -> None:
 
     a, b = read_image(args.image_a), read_image(args.image_b)
     try:
-        images = interpolate(_pipeline(args), a, b, args.n, progress=True)
+        images = interpolate(_pipeline(args), a, b, args.n, seed=args.seed, progress=True)
     except ValueError as e:
         raise CliError(str(e)) from None
     _write_grid(images, args.out, args.n)
@@ -204,10 +221,13 @@ def _text_diff(args: argparse.Namespace) -> None:
     from ..clip import CaptionError
     from ..pipeline.manipulations import text_diff
 
+    for option, caption in (("--from", args.from_text), ("--to", args.to_text)):
+        if not caption.strip():
+            raise CliError(f"{option} is empty; give a caption")
     image = read_image(args.image)
     try:
         images = text_diff(_pipeline(args), image, args.from_text, args.to_text, args.n, max_angle=args.max_angle,
-                           progress=True)
+                           seed=args.seed, progress=True)
     except (CaptionError, ValueError) as e:
         raise CliError(str(e)) from None
     _write_grid(images, args.out, args.n)
@@ -217,19 +237,34 @@ def _eval(args: argparse.Namespace) -> None:
     from ..pipeline.evaluation import evaluate_pipeline, inception_features
 
     pipe = _pipeline(args)
+    judge = None
+    if args.judge is not None:
+        from ..clip import load_clip
+
+        try:
+            judge = load_clip(args.judge).to(pipe.device)
+        except (CheckpointError, ValueError, FileNotFoundError) as e:
+            raise CliError(f"--judge: {e}") from None
     features = None
     if args.features == "inception":
         try:
             features = inception_features(pipe.device)
         except (ImportError, RuntimeError) as e:
             raise CliError(str(e)) from None
-    report = evaluate_pipeline(pipe, images_per_caption=args.images_per_caption, seed=args.seed,
-                               batch_size=args.batch_size, real_samples=args.real_samples, features=features,
-                               **_settings(args))
+    try:
+        report = evaluate_pipeline(pipe, images_per_caption=args.images_per_caption, seed=args.seed,
+                                   batch_size=args.batch_size, real_samples=args.real_samples, features=features,
+                                   judge=judge, **_settings(args))
+    except ValueError as e:
+        raise CliError(str(e)) from None
     report["features"] = args.features
     report["pipeline"] = args.pipeline or "default"
+    if args.judge is not None:
+        report["judge"]["source"] = str(args.judge)
     acc = report["accuracy"]
+    who = "the pipeline's own CLIP" if args.judge is None else f"the CLIP {args.judge}"
     print(f"SHAPES held-out captions: 25 x {args.images_per_caption} images at {report['image_size']}px")
+    print(f"judged by {who} (fingerprint {report['judge']['fingerprint']})")
     print_table(["measure", "value"], [
         ["compositional accuracy (shape, fg and bg right)", f"{acc['all']:.1%}"],
         ["shape / fg / bg accuracy", f"{acc['shape']:.1%} / {acc['fg']:.1%} / {acc['bg']:.1%}"],

@@ -44,11 +44,13 @@ def vary(image: ImageLike, n: int = 4, *, pipeline: PipelineSpec = None, device:
 
 def interpolate(image_a: ImageLike, image_b: ImageLike, n: int = 5, *, pipeline: PipelineSpec = None,
                 device: str | torch.device | None = None, **kwargs: Any) -> list[Image.Image]:
-    """n images from image_a to image_b (both included). See `manipulations.interpolate`."""
+    """n images from image_a to image_b (both included); `seed=` (default 0) makes runs repeat. See
+    `manipulations.interpolate`."""
     return manipulations.interpolate(load_pipeline(pipeline, device=device), image_a, image_b, n, **kwargs)
 
 
 def text_diff(image: ImageLike, from_text: str, to_text: str, n: int = 5, *, pipeline: PipelineSpec = None,
               device: str | torch.device | None = None, **kwargs: Any) -> list[Image.Image]:
-    """n edits of an image along the text change from_text -> to_text. See `manipulations.text_diff`."""
+    """n edits of an image along the text change from_text -> to_text; `seed=` (default 0) makes runs repeat. See
+    `manipulations.text_diff`."""
     return manipulations.text_diff(load_pipeline(pipeline, device=device), image, from_text, to_text, n, **kwargs)

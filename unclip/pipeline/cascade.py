@@ -3,8 +3,8 @@
     outputs = run_cascade(base, [up1, up2], generator=torch.Generator().manual_seed(0))   # [(b,3,64,64), (b,3,128,128)]
     report = cascade_agreement([up1, up2], clip, samples=200)    # report["agreement"]["all"]: same verdict, fraction
 
-    python -m unclip.pipeline.cascade --upsamplers runs/upsampler-32-64/model runs/upsampler-64-128/model \\
-        --clip runs/clip-shapes-tiny/model --samples 200
+    unclip eval-cascade --upsamplers runs/upsampler-32-64/model runs/upsampler-64-128/model \\
+        --clip runs/clip-shapes-tiny/model --samples 200          # the same on the command line (unclip/cli/cascade.py)
 
 `cascade_agreement` renders held-out SHAPES images, area-downsamples them to the first upsampler's input side (the
 base decoder's output side; or takes given base images), runs the cascade and asks the SHAPES CLIP judge for
@@ -15,9 +15,6 @@ for all three, and the judge's accuracy against the true attributes for both.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,11 +26,11 @@ from tqdm.auto import tqdm
 from unclip.clip import Clip
 from unclip.clip.shapes_judge import ShapesJudge, verdict_agreement
 from unclip.data import ATTRIBUTES, make_shapes
-from unclip.diffusion import SAMPLER_NAMES, SamplerName
+from unclip.diffusion import SamplerName
 from unclip.images import pil_to_tensor, resize_images
 from upsamplers import Upsampler, upsample
 
-__all__ = ["run_cascade", "cascade_agreement", "main"]
+__all__ = ["check_chain", "run_cascade", "cascade_agreement"]
 
 
 def _per_stage(value: Sequence[Any] | None, n: int, name: str) -> list[Any]:
@@ -44,6 +41,20 @@ def _per_stage(value: Sequence[Any] | None, n: int, name: str) -> list[Any]:
     if len(values) != n:
         raise ValueError(f"{name} has {len(values)} entries for {n} upsamplers")
     return values
+
+
+def check_chain(upsamplers: Sequence[Upsampler], side: int, source: str | None = None) -> None:
+    """Refuse, before any sampling, upsamplers that do not chain from `side` px images: each must take the side the
+    stage before it makes. source: what makes the first input (e.g. "the decoder"; None: the images given)."""
+    before = source
+    for i, up in enumerate(upsamplers, start=1):
+        low = up.config.low_res_size
+        if low != side:
+            if before is None:
+                raise ValueError(f"upsampler {i} takes {low}px images, got {side}px ones")
+            hint = " (upsamplers go lowest resolution first)" if low < side and i > 1 else ""
+            raise ValueError(f"upsampler {i} takes {low}px images but {before} makes {side}px ones{hint}")
+        side, before = up.config.image_size, f"upsampler {i}"
 
 
 @torch.no_grad()
@@ -61,14 +72,14 @@ def run_cascade(
     [(b, 3, s * scale_1, ...), (b, 3, s * scale_1 * scale_2, ...), ...], each in [0, 1].
 
     steps / aug_levels: one entry per upsampler (None, or a None entry: that stage's config default).
-    Each stage's input side must be its `low_res_size`; the stages share `generator`.
+    Each stage's input side must be its `low_res_size` (checked for the whole chain before any sampling); the stages
+    share `generator`.
     """
     assert images.ndim == 4 and images.shape[1] == 3, f"images must be (b, 3, s, s), got {tuple(images.shape)}"
+    check_chain(upsamplers, images.shape[-1])
     steps_, levels = _per_stage(steps, len(upsamplers), "steps"), _per_stage(aug_levels, len(upsamplers), "aug_levels")
     outputs, x = [], images
     for i, up in enumerate(upsamplers):
-        if x.shape[-1] != up.config.low_res_size:
-            raise ValueError(f"upsampler {i + 1} takes {up.config.low_res_size}px images, got {x.shape[-1]}px")
         x = upsample(up, x, steps=steps_[i], aug_level=levels[i], sampler=sampler, generator=generator,
                      progress=progress)
         outputs.append(x)
@@ -96,7 +107,10 @@ def cascade_agreement(
     "agreement": {attr: fraction}, "base_accuracy": ..., "output_accuracy": ...} (accuracies only for rendered
     bases), each a dict over "shape", "fg", "bg" and "all".
     """
+    if not upsamplers:
+        raise ValueError("no upsamplers given")
     first = upsamplers[0].config.low_res_size
+    check_chain(upsamplers, first if base_images is None else base_images.shape[-1])  # before rendering or sampling
     labels = None
     if base_images is None:
         data = make_shapes(samples, split="heldout", seed=seed, resolution=max(64, first))
@@ -121,43 +135,3 @@ def cascade_agreement(
         report["base_accuracy"] = verdict_agreement(base_pred, labels)
         report["output_accuracy"] = verdict_agreement(final_pred, labels)
     return report
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m unclip.pipeline.cascade`: print (and optionally save) the cascade agreement on SHAPES."""
-    from unclip.cli.common import print_table, resolve_device
-    from unclip.clip import load_clip
-
-    p = argparse.ArgumentParser(prog="python -m unclip.pipeline.cascade", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--upsamplers", nargs="+", required=True, help="upsampler directories, in cascade order")
-    p.add_argument("--clip", default="runs/clip-shapes-tiny/model", help="the SHAPES CLIP that judges")
-    p.add_argument("--samples", type=int, default=200, help="held-out SHAPES images")
-    p.add_argument("--steps", type=int, nargs="+", default=None, help="sampler steps per upsampler (default: each's)")
-    p.add_argument("--aug-levels", type=float, nargs="+", default=None, help="corruption level per upsampler")
-    p.add_argument("--sampler", default="ddim", choices=SAMPLER_NAMES)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="also write the report to this JSON file")
-    args = p.parse_args(argv)
-    device = resolve_device(args.device)
-    ups = [Upsampler.from_pretrained(path, map_location=device) for path in args.upsamplers]
-    clip = load_clip(args.clip).to(device)
-    report = cascade_agreement(ups, clip, samples=args.samples, seed=args.seed, steps=args.steps,
-                               aug_levels=args.aug_levels, sampler=args.sampler, batch_size=args.batch_size,
-                               progress=True)
-    rows = [["output vs base verdict", *report["agreement"].values()]]
-    if "base_accuracy" in report:
-        rows += [["base vs truth", *report["base_accuracy"].values()],
-                 ["output vs truth", *report["output_accuracy"].values()]]
-    print(f"cascade {' -> '.join(map(str, report['sizes']))} on {report['samples']} held-out SHAPES images:")
-    print_table(["", "shape", "fg", "bg", "all"], [[r[0], *(f"{v:.1%}" for v in r[1:])] for r in rows])
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"upsamplers": args.upsamplers, "clip": args.clip, **report}, f, indent=2)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,12 +1,15 @@
 """Evaluating a text-to-image pipeline: SHAPES compositional accuracy, CLIP score, FID and KID.
 
     report = evaluate_pipeline(pipe, images_per_caption=4, seed=0)     # what `unclip eval` prints
+    report = evaluate_pipeline(pipe, judge=Clip.from_pretrained("runs/clip-shapes-tiny/model"))   # a fixed judge
     fid = frechet_distance(real_features, fake_features)              # any (n, k) features
     kid_mean, kid_std = kernel_inception_distance(real_features, fake_features)
 
 Compositional accuracy: for each of the 25 held-out SHAPES triples (never in any training data) the caption
-"a {fg} {shape} on a {bg} background" is generated `images_per_caption` times, and an image counts when the SHAPES
-CLIP's zero-shot classification finds its shape, foreground and background colour all as asked.
+"a {fg} {shape} on a {bg} background" is generated `images_per_caption` times, and an image counts when the judge's
+zero-shot classification finds its shape, foreground and background colour all as asked. The judge is the pipeline's
+own CLIP unless `judge` gives another (for the shipped pipeline, the SHAPES CLIP it was trained with); give one fixed
+judge to compare pipelines built on different CLIPs. The CLIP score uses the judge too.
 FID and KID compare generated images with real held-out SHAPES images through a feature extractor: CLIP image
 features by default (the judge's own tower), or Inception-v3 via torch-fidelity when its weights are on disk.
 """
@@ -41,7 +44,7 @@ def heldout_prompts() -> list[tuple[str, tuple[int, int, int]]]:
 
 def clip_features(clip: Clip) -> FeatureExtractor:
     """The CLIP's L2-normalised image embeddings (b, d) as features (the "FID with CLIP features" of
-    Kynkaanniemi et al. 2023). On SHAPES this is the SHAPES CLIP, the only feature extractor that knows the data."""
+    Kynkaanniemi et al. 2023). On SHAPES a SHAPES CLIP is the only feature extractor that knows the data."""
     return lambda images: clip.encode_image(images).float().cpu()
 
 
@@ -140,11 +143,18 @@ def compositional_accuracy(pipe: UnclipPipeline, images: Tensor, triples: Sequen
 
 @torch.no_grad()
 def evaluate_pipeline(pipe: UnclipPipeline, *, images_per_caption: int = 4, seed: int = 0, batch_size: int = 25,
-                      real_samples: int = 500, features: FeatureExtractor | None = None, progress: bool = True,
-                      **settings: Any) -> dict[str, Any]:
+                      real_samples: int = 500, features: FeatureExtractor | None = None, judge: Clip | None = None,
+                      progress: bool = True, **settings: Any) -> dict[str, Any]:
     """The full SHAPES report: compositional accuracy on the 25 held-out captions (images_per_caption each), CLIP
-    score, and FID / KID of those images against `real_samples` real held-out SHAPES images (features: CLIP
-    image features by default). `settings` go to `UnclipPipeline.generate_tensors` (steps, guidance, sampler)."""
+    score, and FID / KID of those images against `real_samples` real held-out SHAPES images (features: the judge's
+    CLIP image features by default). `judge`: the CLIP that judges (default: the pipeline's own); the report's
+    "judge" names it ({"source": "pipeline" or "given", "fingerprint"}). `settings` go to
+    `UnclipPipeline.generate_tensors` (steps, guidance, sampler)."""
+    if images_per_caption < 1:
+        raise ValueError(f"images_per_caption must be >= 1, got {images_per_caption}")
+    if real_samples < 2:
+        raise ValueError(f"real_samples must be >= 2 (FID and KID need two real images at least), got {real_samples}")
+    chosen = pipe.settings(**settings)  # a bad setting fails here, before any image is generated
     prompts = heldout_prompts()
     captions = [c for c, _ in prompts for _ in range(images_per_caption)]
     triples = [t for _, t in prompts for _ in range(images_per_caption)]
@@ -158,18 +168,20 @@ def evaluate_pipeline(pipe: UnclipPipeline, *, images_per_caption: int = 4, seed
         bar.update(len(chunk))
     bar.close()
     fake = torch.cat(generated)
-    report = compositional_accuracy(pipe, fake, triples)
-    report["clip_score"] = clip_score(pipe.clip, fake, captions)
+    judge_clip = judge if judge is not None else pipe.clip
+    report = compositional_accuracy(pipe, fake, triples, ShapesJudge(judge_clip))
+    report["judge"] = {"source": "pipeline" if judge is None else "given", "fingerprint": judge_clip.fingerprint()}
+    report["clip_score"] = clip_score(judge_clip, fake, captions)
     real_rows = make_shapes(real_samples, split="heldout", seed=seed + 10_000, resolution=fake.shape[-1])
     real = torch.stack([pil_to_tensor(im) for im in real_rows["image"]])
-    extract = features or clip_features(pipe.clip)
+    extract = features or clip_features(judge_clip)
     f_real = torch.cat([extract(real[i:i + 250]) for i in range(0, len(real), 250)])
     f_fake = torch.cat([extract(fake[i:i + 250]) for i in range(0, len(fake), 250)])
     report["fid"] = frechet_distance(f_real, f_fake)
     kid_mean, kid_std = kernel_inception_distance(f_real, f_fake, subset_size=min(100, len(fake)))
     report["kid"] = {"mean": kid_mean, "std": kid_std}
     report["settings"] = {"images_per_caption": images_per_caption, "seed": seed, "real_samples": real_samples,
-                          **{k: v for k, v in pipe.settings(**settings).__dict__.items()}}
+                          **chosen.__dict__}
     report["image_size"] = int(fake.shape[-1])
     report["attributes"] = list(ATTRIBUTES)
     return report

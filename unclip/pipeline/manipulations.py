@@ -84,7 +84,8 @@ def vary(pipe: UnclipPipeline, image: ImageLike | Tensor, n: int = 4, *, eta: fl
     guidance_scale 1; 1 varies freely)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    s = pipe.settings(decoder_steps=steps, decoder_guidance=guidance_scale, decoder_eta=eta)  # checked here
+    s = pipe.settings(sampler="ddim", decoder_steps=steps, decoder_guidance=guidance_scale,
+                      decoder_eta=eta)  # checked here (the decoding below is DDIM whatever the pipeline's sampler)
     latent = encode_image(pipe, image, steps=s.decoder_steps, progress=progress)
     embed = repeat(latent.image_embed[:1], "1 d -> n d", n=n)
     x_T = repeat(latent.x_T[:1], "1 c h w -> n c h w", n=n)
@@ -94,10 +95,11 @@ def vary(pipe: UnclipPipeline, image: ImageLike | Tensor, n: int = 4, *, eta: fl
 
 @torch.no_grad()
 def interpolate(pipe: UnclipPipeline, image_a: ImageLike | Tensor, image_b: ImageLike | Tensor, n: int = 5, *,
-                steps: int | None = None, guidance_scale: float | None = None, progress: bool = False,
-                ) -> list[Image.Image]:
+                steps: int | None = None, guidance_scale: float | None = None, seed: int | None = 0,
+                progress: bool = False) -> list[Image.Image]:
     """n images between two (both ends included): slerp of the CLIP image embeddings and of the inverted decoder
-    latents, decoded with DDIM eta = 0 (DALL-E 2 section 3.2)."""
+    latents, decoded with DDIM eta = 0 (DALL-E 2 section 3.2). seed: of the upsamplers' noise (the decoding itself is
+    deterministic); None: unseeded."""
     if n < 2:
         raise ValueError(f"n must be >= 2 to include both ends, got {n}")
     s = pipe.settings(decoder_steps=steps, decoder_guidance=guidance_scale)  # checked here
@@ -108,17 +110,18 @@ def interpolate(pipe: UnclipPipeline, image_a: ImageLike | Tensor, image_b: Imag
     embed = F.normalize(slerp(a.image_embed[:1], b.image_embed[:1], t), dim=-1)  # (n, d)
     x_a, x_b = a.x_T[:1].flatten(1), b.x_T[:1].flatten(1)  # (1, 3 s s)
     x_T = slerp(x_a, x_b, t).reshape(n, *a.x_T.shape[1:])
-    return _decode(pipe, embed, x_T, eta=0.0, steps=steps, progress=progress, seed=None,
+    return _decode(pipe, embed, x_T, eta=0.0, steps=steps, progress=progress, seed=seed,
                    guidance_scale=s.decoder_guidance)
 
 
 @torch.no_grad()
 def text_diff(pipe: UnclipPipeline, image: ImageLike | Tensor, from_text: str, to_text: str, n: int = 5, *,
               max_angle: float = 0.5, steps: int | None = None, guidance_scale: float | None = None,
-              progress: bool = False) -> list[Image.Image]:
+              seed: int | None = 0, progress: bool = False) -> list[Image.Image]:
     """Edit an image towards a text change (DALL-E 2 section 3.3): z_d = normalize(z_t(to) - z_t(from)),
     z_theta = slerp(z_i, z_d, theta) for theta from 0 to `max_angle` (the paper: 0.25 to 0.5), decoded from
-    the image's inverted latent x_T with DDIM eta = 0. n images, the first the (approximate) reconstruction."""
+    the image's inverted latent x_T with DDIM eta = 0. n images, the first the (approximate) reconstruction.
+    seed: of the upsamplers' noise (the decoding itself is deterministic); None: unseeded."""
     if n < 2:
         raise ValueError(f"n must be >= 2, got {n}")
     if not 0 < max_angle <= 1:
@@ -133,5 +136,5 @@ def text_diff(pipe: UnclipPipeline, image: ImageLike | Tensor, from_text: str, t
     theta = torch.linspace(0, max_angle, n, device=pipe.device, dtype=pipe.dtype)[:, None]  # (n, 1)
     embed = F.normalize(slerp(latent.image_embed[:1], z_d, theta), dim=-1)  # (n, d)
     x_T = repeat(latent.x_T[:1], "1 c h w -> n c h w", n=n)
-    return _decode(pipe, embed, x_T, eta=0.0, steps=steps, progress=progress, seed=None,
+    return _decode(pipe, embed, x_T, eta=0.0, steps=steps, progress=progress, seed=seed,
                    guidance_scale=s.decoder_guidance)

@@ -35,7 +35,7 @@ from ..config import ConfigError, config_from_dict, config_to_dict
 from ..data.embeddings import clip_fingerprint
 from ..diffusion import SAMPLER_NAMES, SamplerName
 from ..images import tensor_to_pil
-from .cascade import run_cascade
+from .cascade import check_chain, run_cascade
 
 __all__ = ["GenerationDefaults", "UnclipPipeline", "PIPELINE_FILE", "SamplerName"]
 
@@ -53,7 +53,7 @@ class GenerationDefaults:
     best_of: int = 2  # prior samples per image; the one closest to the caption's text embedding is kept
     decoder_steps: int = 50  # the paper: 250 for the decoder
     decoder_guidance: float = 3.0
-    decoder_eta: float = 0.0  # DDIM noise of the decoder (0: deterministic given x_T)
+    decoder_eta: float = 0.0  # DDIM noise of the decoder (0: deterministic given x_T); other samplers ignore it
     upsampler_steps: tuple[int, ...] = ()  # per upsampler; () : each upsampler's own default (paper: 27 and 15)
 
     def __post_init__(self) -> None:
@@ -135,12 +135,7 @@ class UnclipPipeline(nn.Module):
             raise ValueError(f"the prior maps into {self.prior.config.embed_dim}-d embeddings, the CLIP's are {d}-d")
         if self.decoder.config.embed_dim != d:
             raise ValueError(f"the decoder reads {self.decoder.config.embed_dim}-d embeddings, the CLIP's are {d}-d")
-        side = self.decoder.config.image_size
-        for i, up in enumerate(self.upsamplers, start=1):
-            if up.config.low_res_size != side:
-                raise ValueError(f"upsampler {i} takes {up.config.low_res_size}px images but the stage before it "
-                                 f"makes {side}px ones")
-            side = up.config.image_size
+        check_chain(self.upsamplers, self.decoder.config.image_size, "the decoder")
         steps = self.defaults.upsampler_steps
         if steps and len(steps) != len(self.upsamplers):
             raise ValueError(f"the generation defaults give upsampler_steps for {len(steps)} upsampler(s), the "
@@ -235,7 +230,10 @@ class UnclipPipeline(nn.Module):
 
     # ----- generation ---------------------------------------------------------------------------------------
     def settings(self, **overrides: Any) -> GenerationDefaults:
-        """The pipeline's defaults with the non-None `overrides` applied (unknown names are errors)."""
+        """The pipeline's defaults with the non-None `overrides` applied (unknown names are errors).
+
+        A non-zero `decoder_eta` given here with a sampler other than DDIM (given or the default) is an error: only
+        DDIM has that noise. A stored default eta is simply not used when the sampler given is not DDIM."""
         unknown = sorted(set(overrides) - set(GenerationDefaults.__dataclass_fields__))
         if unknown:
             raise TypeError(f"unknown generation settings {unknown}")
@@ -247,7 +245,10 @@ class UnclipPipeline(nn.Module):
             if given["upsampler_steps"] and len(given["upsampler_steps"]) != len(self.upsamplers):
                 raise ValueError(f"upsampler_steps has {len(given['upsampler_steps'])} entries for "
                                  f"{len(self.upsamplers)} upsampler(s)")
-        return replace(self.defaults, **given)
+        s = replace(self.defaults, **given)
+        if given.get("decoder_eta") and s.sampler != "ddim":
+            raise ValueError(f"decoder_eta (DDIM's noise) applies to the ddim sampler only; the sampler is {s.sampler}")
+        return s
 
     def encode_text(self, captions: Sequence[str]):
         """The CLIP's `TextEncoding` of the captions, on the pipeline's device and dtype."""
