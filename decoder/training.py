@@ -200,3 +200,7 @@ class DecoderTrainTask:
 
     def config_dict(self) -> dict[str, Any]:
         return config_to_dict(self.cfg)
+
+    def identity(self) -> dict[str, str]:
+        """The CLIP whose image embeddings the decoder inverts: a resumed run must have the same (see `Trainer`)."""
+        return {"clip_fingerprint": self.clip_info["fingerprint"]}

@@ -142,3 +142,8 @@ class PriorTrainTask:
 
     def config_dict(self) -> dict[str, Any]:
         return config_to_dict(self.cfg)
+
+    def identity(self) -> dict[str, str]:
+        """The CLIP the prior learns the embeddings of: a resumed run must have the same (see `Trainer`)."""
+        fingerprint = self.model.clip_fingerprint
+        return {"clip_fingerprint": fingerprint} if fingerprint else {}

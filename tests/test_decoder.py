@@ -244,13 +244,11 @@ def test_every_decoder_config_loads(path):
         assert sum(p.numel() for p in Decoder(cfg.model).parameters()) > 0
 
 
-def test_train_decoder_cli(tiny_clip, tmp_path, capsys):
-    from unclip.cli.train_decoder import main
-
-    tiny_clip.save_pretrained(tmp_path / "clip")
+def tiny_cli_args(tmp_path: Path) -> list[str]:
+    """train-decoder arguments for a tiny 8 px decoder on SHAPES with the CLIP in tmp_path/clip (2 steps)."""
     config = tmp_path / "tiny.yaml"
     config.write_text("stage: base\n")
-    args = [str(config), "--output-dir", str(tmp_path / "run"), "--set", f"clip={tmp_path / 'clip'}",
+    return [str(config), "--output-dir", str(tmp_path / "run"), "--set", f"clip={tmp_path / 'clip'}",
             "--set", "model.embed_dim=32", "--set", "model.text_width=48", "--set", "model.context_dim=16",
             "--set", "model.image_size=8", "--set", "model.unet.image_size=8",
             "--set", "model.unet.model_channels=16", "--set", "model.unet.channel_mult=[1, 2]",
@@ -258,6 +256,14 @@ def test_train_decoder_cli(tiny_clip, tmp_path, capsys):
             "--set", "model.unet.num_res_blocks=1", "--set", "data.shapes_samples=8", "--set", "train.batch_size=4",
             "--set", "train.max_steps=2", "--set", "train.progress=false", "--set", "eval.samples=4",
             "--set", "eval.steps=2", "--set", "eval.batch_size=4", "--set", "data.shapes_resolution=32"]
+
+
+def test_train_decoder_cli(tiny_clip, tmp_path, capsys):
+    from unclip.cli.train_decoder import main
+
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    args = tiny_cli_args(tmp_path)
+    config = Path(args[0])
     assert main(args) == 0
     assert (tmp_path / "run" / "model" / "config.json").is_file()
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
@@ -266,6 +272,23 @@ def test_train_decoder_cli(tiny_clip, tmp_path, capsys):
     config.write_text("stage: nonsense\n")
     assert main([str(config)]) == 2
     assert "unknown stage 'nonsense'" in capsys.readouterr().err
+
+
+def test_resuming_after_the_clip_was_retrained_is_refused(tiny_clip, tiny_arch, tmp_path, capsys):
+    from unclip.cli.train_decoder import main
+    from unclip.clip import Clip
+
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    args = tiny_cli_args(tmp_path) + ["--set", "eval.samples=0"]
+    assert main(args) == 0
+    torch.manual_seed(1)
+    Clip.from_architecture(tiny_arch, model_name="tiny-test").save_pretrained(tmp_path / "clip")  # retrained
+    assert main(args + ["--set", "train.max_steps=4"]) == 2
+    err = capsys.readouterr().err
+    old, new = tiny_clip.fingerprint(), Clip.from_pretrained(tmp_path / "clip").fingerprint()
+    assert f"trained with clip_fingerprint {old}, but this run has clip_fingerprint {new}" in err
+    assert "--no-resume" in err and len(err.strip().splitlines()) == 1
+    assert Decoder.from_pretrained(tmp_path / "run" / "model").clip_info["fingerprint"] == old  # not re-exported
 
 
 def test_training_from_embedding_shards(tiny_clip, tmp_path):

@@ -74,6 +74,26 @@ def test_on_the_fly_encoding_of_shapes(tiny_clip, clip_dir):
     assert loss.ndim == 0 and torch.isfinite(loss) and set(metrics) == {"x0_cos", "cond_drop"}
 
 
+def test_resuming_after_the_clip_was_retrained_is_refused(tiny_clip, tiny_arch, tmp_path, capsys):
+    from unclip.clip import Clip
+
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    config = {"clip": str(tmp_path / "clip"), "model": MODEL, "data": {"source": "shapes", "shapes_samples": 16},
+              "train": {**TRAIN, "max_steps": 2, "batch_size": 4}, "eval": {"enabled": False}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = [str(path), "--output-dir", str(tmp_path / "run")]
+    assert main(args) == 0
+    torch.manual_seed(1)
+    Clip.from_architecture(tiny_arch, model_name="tiny-test").save_pretrained(tmp_path / "clip")  # retrained
+    assert main(args + ["--set", "train.max_steps=4"]) == 2
+    err = capsys.readouterr().err
+    old, new = tiny_clip.fingerprint(), Clip.from_pretrained(tmp_path / "clip").fingerprint()
+    assert f"trained with clip_fingerprint {old}, but this run has clip_fingerprint {new}" in err
+    assert "--no-resume" in err and len(err.strip().splitlines()) == 1
+    assert DiffusionPriorNetwork.from_pretrained(tmp_path / "run" / "model").clip_fingerprint == old
+
+
 def test_a_prior_that_does_not_fit_its_clip_is_refused(clip_dir, tmp_path, capsys):
     with pytest.raises(ConfigError, match="model.embed_dim = 64 but the CLIP .* has 32"):
         PriorTrainTask(load_config(TrainPriorConfig, {"clip": str(clip_dir), "model": {**MODEL, "embed_dim": 64}}))

@@ -293,3 +293,38 @@ def test_resuming_with_another_model_config_is_refused(tmp_path):
     with pytest.warns(UserWarning, match="changed config sections: data"):
         result = Trainer(ConfiguredToyTask({"width": 16}, noise=0.2), make_cfg(max_steps=4), tmp_path).train()
     assert result.step == 4
+
+
+class IdentifiedToyTask(ToyTask):
+    """A task bound to inputs beyond its config (say, the fingerprint of the CLIP it learns embeddings of)."""
+
+    def __init__(self, fingerprint: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.fingerprint = fingerprint
+
+    def identity(self):
+        return {"clip_fingerprint": self.fingerprint}
+
+
+def test_resuming_with_another_identity_is_refused(tmp_path):
+    from unclip.checkpoint import CheckpointError
+
+    Trainer(IdentifiedToyTask("aaaa"), make_cfg(max_steps=2), tmp_path).train()
+    config = json.loads((tmp_path / "checkpoints" / "step-00000002" / "config.json").read_text())
+    assert config["identity"] == {"clip_fingerprint": "aaaa"}
+    with pytest.raises(CheckpointError, match="trained with clip_fingerprint aaaa, but this run has clip_fingerprint "
+                                              "bbbb .*another output directory, or pass --no-resume"):
+        Trainer(IdentifiedToyTask("bbbb"), make_cfg(max_steps=4), tmp_path).train()
+    assert list_checkpoints(tmp_path / "checkpoints")[-1][0] == 2  # nothing trained, nothing deleted
+    assert Trainer(IdentifiedToyTask("aaaa"), make_cfg(max_steps=4), tmp_path).train().step == 4
+    with pytest.warns(UserWarning, match="resume=False: deleted"):
+        assert Trainer(IdentifiedToyTask("bbbb"), make_cfg(max_steps=2), tmp_path).train(resume=False).step == 2
+
+
+def test_a_checkpoint_saved_without_identity_still_resumes(tmp_path):
+    Trainer(IdentifiedToyTask("old"), make_cfg(max_steps=2), tmp_path).train()
+    path = tmp_path / "checkpoints" / "step-00000002" / "config.json"
+    config = json.loads(path.read_text())
+    del config["identity"]  # as older versions wrote checkpoints
+    path.write_text(json.dumps(config))
+    assert Trainer(IdentifiedToyTask("aaaa"), make_cfg(max_steps=4), tmp_path).train().step == 4

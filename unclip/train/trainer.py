@@ -81,6 +81,9 @@ class TrainTask(Protocol):
             full weights to write (the EMA's if EMA is on; gathered under FSDP, where `model` itself is sharded),
             `model` is there for its config and attributes.
         config_dict() -> dict saved into every training checkpoint.
+        identity() -> {name: str}: what the weights are bound to beyond the config, e.g. the fingerprint of the
+            frozen CLIP whose embeddings the model learns from; saved into every training checkpoint, and resuming
+            one saved with other values (a CLIP retrained at the same path, say) is refused.
         find_unused_parameters: bool, passed to DDP for models whose forward skips some parameters.
     """
 
@@ -214,6 +217,7 @@ class Trainer:
                                       f"{task_type}; choose another output directory (nothing was deleted)")
             if resume:
                 self._check_resumed_config(config.get("task") or {}, newest)
+                self._check_resumed_identity(config.get("identity") or {}, newest)
         elif resume and (self.output_dir / "model" / "config.json").is_file():
             raise CheckpointError(f"{self.output_dir / 'model'} holds a finished model but {self.checkpoint_root} "
                                   "has no training checkpoint to resume from; choose another output directory, or "
@@ -231,6 +235,22 @@ class Trainer:
                                   "it with the config it was made with, or choose another output directory")
         if [k for k in changed if k != "train"]:
             warnings.warn(f"resuming {path} with changed config sections: {', '.join(changed)}", stacklevel=3)
+
+    def _identity(self) -> dict[str, str]:
+        identity = getattr(self.task, "identity", None)
+        return dict(identity()) if identity else {}
+
+    def _check_resumed_identity(self, saved: dict[str, Any], path: Path) -> None:
+        """The task's identity (`TrainTask.identity`) must be the one the checkpoint was saved with; a checkpoint
+        saved without it (older runs) has nothing to compare."""
+        current = self._identity()
+        changed = sorted(k for k in set(saved) & set(current) if saved[k] != current[k])
+        if changed:
+            was = ", ".join(f"{k} {saved[k]}" for k in changed)
+            now = ", ".join(f"{k} {current[k]}" for k in changed)
+            raise CheckpointError(f"{path} was trained with {was}, but this run has {now} (e.g. its CLIP was retrained "
+                                  "at the same path), so resuming would continue on other inputs; choose another "
+                                  "output directory, or pass --no-resume (resume=False) to train from scratch")
 
     def _loop(self, losses: list[float]) -> None:
         cfg = self.cfg
@@ -480,7 +500,7 @@ class Trainer:
                 rng_states=rng_states,
                 trainer_state=trainer_state,
                 config={"train": config_to_dict(self.cfg), "task": task_config() if task_config else None,
-                        "task_type": type(self.task).__name__},
+                        "task_type": type(self.task).__name__, "identity": self._identity()},
                 ema_state=self.ema.state_dict() if self.ema is not None else None,
             )
             rotate_checkpoints(self.checkpoint_root, self.cfg.keep_checkpoints)
