@@ -94,6 +94,26 @@ def test_resuming_after_the_clip_was_retrained_is_refused(tiny_clip, tiny_arch, 
     assert DiffusionPriorNetwork.from_pretrained(tmp_path / "run" / "model").clip_fingerprint == old
 
 
+def test_embeddings_made_by_another_clip_are_refused(tiny_clip, tiny_arch, tmp_path, capsys):
+    from unclip.clip import Clip
+
+    torch.manual_seed(1)
+    other = Clip.from_architecture(tiny_arch, model_name="tiny-test").save_pretrained(tmp_path / "other-clip")
+    embeddings = embed_dataset(tiny_clip, make_shapes(8, seed=1), tmp_path / "emb", source="shapes:8", progress=False)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"clip": str(other), "model": MODEL, "data": {"source": str(embeddings)},
+                                    "train": {**TRAIN, "max_steps": 2, "batch_size": 4}}))
+    assert main([str(path), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert (f"was embedded with another CLIP (fingerprint {tiny_clip.fingerprint()}) than clip: {other} "
+            f"(fingerprint {Clip.from_pretrained(other).fingerprint()})") in err
+    assert "unclip embed --clip" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # refused before the trainer touched anything
+    cfg = load_config(TrainPriorConfig, yaml.safe_load(path.read_text()) | {"clip": "unused"})
+    task = PriorTrainTask(cfg, clip=tiny_clip)  # the CLIP that made them
+    assert task.model.clip_fingerprint == tiny_clip.fingerprint() and task.clip is tiny_clip
+
+
 def test_a_prior_that_does_not_fit_its_clip_is_refused(clip_dir, tmp_path, capsys):
     with pytest.raises(ConfigError, match="model.embed_dim = 64 but the CLIP .* has 32"):
         PriorTrainTask(load_config(TrainPriorConfig, {"clip": str(clip_dir), "model": {**MODEL, "embed_dim": 64}}))
