@@ -310,6 +310,23 @@ def test_training_from_embedding_shards(tiny_clip, tmp_path):
     assert torch.isfinite(loss)
 
 
+def test_embeddings_made_by_another_clip_are_a_one_line_error(tiny_clip, tiny_arch, tmp_path, capsys):
+    from unclip.cli.train_decoder import main
+    from unclip.clip import Clip
+    from unclip.data.embeddings import embed_dataset
+
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    torch.manual_seed(1)
+    other = Clip.from_architecture(tiny_arch, model_name="tiny-test")
+    embed_dataset(other, make_shapes(8, split="train", seed=0, resolution=32), tmp_path / "emb", source="shapes",
+                  progress=False)
+    assert main(tiny_cli_args(tmp_path) + ["--set", f"data.embeddings={tmp_path / 'emb'}"]) == 2
+    err = capsys.readouterr().err
+    assert (f"was embedded with another CLIP (fingerprint {other.fingerprint()}) than clip: {tmp_path / 'clip'} "
+            f"(fingerprint {tiny_clip.fingerprint()})") in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 def test_embedding_cache_returns_each_samples_own_conditioning(tiny_clip):
     cfg = small_train_config(**{"data.cache_embeddings": True})
     cached, fresh = DecoderTrainTask(cfg, clip=tiny_clip), DecoderTrainTask(cfg, clip=tiny_clip)
