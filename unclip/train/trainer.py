@@ -40,7 +40,7 @@ from .data import build_train_loader, is_empty_batch, mix_seed, split_skipped
 from .device import build_accelerator, enable_gradient_checkpointing, step_options, to_channels_last
 from .ema import EMA
 from .logging import MetricWindow, RunLogger
-from .lr import build_lr_scheduler, build_optimizer
+from .lr import build_lr_scheduler, build_optimizer, scheduled_lrs
 from .state import (
     TrainingCheckpoint,
     capture_rng_state,
@@ -553,6 +553,7 @@ class Trainer:
         if acc.scaler is not None and state.get("grad_scaler"):
             acc.scaler.load_state_dict(state["grad_scaler"])
         self.step = self._last_checkpoint_step = ckpt.step
+        self._resync_lr(ckpt)
         self.samples_seen = int(state["samples_seen"])
         self.skipped_samples, self.nonfinite_steps = int(state["skipped_samples"]), int(state["nonfinite_steps"])
         self.empty_batches = int(state.get("empty_batches", 0))
@@ -567,6 +568,22 @@ class Trainer:
             )
             self._seed_training_rng(ckpt.step)
         acc.print(f"resumed from {path} at step {self.step} ({self.samples_seen} samples seen)")
+
+    def _resync_lr(self, ckpt: TrainingCheckpoint) -> None:
+        """Give the next update the LR of this run's schedule: the restored optimizer holds the one the checkpoint's
+        schedule gave it. They differ when max_steps changed: the cosine is then re-stretched over the new total from
+        the step reached (no new warm-up), and the LR jumps; a warning says so, with the values."""
+        groups = self.optimizer.optimizer.param_groups
+        was, lrs = groups[0]["lr"], scheduled_lrs(self.scheduler)
+        for group, lr in zip(groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs  # what get_last_lr() reports
+        trained_for = (ckpt.config.get("train") or {}).get("max_steps", self.cfg.max_steps)
+        if trained_for != self.cfg.max_steps and self.cfg.lr_schedule == "cosine" and self.step < self.cfg.max_steps:
+            warnings.warn(f"resuming {ckpt.path} at step {self.step} with train.max_steps {self.cfg.max_steps} (it was "
+                          f"trained towards {trained_for}): the cosine LR schedule is re-stretched over "
+                          f"{self.cfg.max_steps} steps, so the lr jumps from {was:.3g} to {lrs[0]:.3g} (no new "
+                          "warm-up); see README, Configs and checkpoints", stacklevel=3)
 
     def _seed_training_rng(self, *extra: int) -> None:
         """Seed the global RNGs of this process from (seed, rank): each process draws different noise."""
