@@ -291,6 +291,17 @@ def test_resuming_after_the_clip_was_retrained_is_refused(tiny_clip, tiny_arch, 
     assert Decoder.from_pretrained(tmp_path / "run" / "model").clip_info["fingerprint"] == old  # not re-exported
 
 
+def test_no_resume_leaves_no_stale_evaluation(tiny_clip, tmp_path, capsys):
+    from unclip.cli.train_decoder import main
+
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    args = tiny_cli_args(tmp_path)
+    assert main(args) == 0 and (tmp_path / "run" / "eval.json").is_file()
+    with pytest.warns(UserWarning, match="deleted the replaced run's eval.json"):
+        assert main(args + ["--no-resume", "--set", "eval.samples=0"]) == 0
+    assert not (tmp_path / "run" / "eval.json").exists()  # it described the model this run replaced
+
+
 def test_training_from_embedding_shards(tiny_clip, tmp_path):
     from unclip.data.embeddings import embed_dataset
 

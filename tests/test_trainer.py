@@ -195,6 +195,17 @@ def test_no_resume_starts_over(tmp_path):
     assert [r["step"] for r in read_log(tmp_path)] == [3]  # the old run's log records were dropped
 
 
+def test_no_resume_deletes_the_replaced_runs_stale_outputs(tmp_path):
+    Trainer(ToyTask(), make_cfg(max_steps=2), tmp_path).train()
+    for name in ("eval.json", "eval-1.json", "notes.txt"):
+        (tmp_path / name).write_text("{}")
+    assert Trainer(ToyTask(), make_cfg(max_steps=3), tmp_path).train(stale_outputs=["eval*.json"]).step == 3
+    assert (tmp_path / "eval.json").is_file()  # resumed: the outputs are the run's own
+    with pytest.warns(UserWarning, match="deleted the replaced run's eval-1.json, eval.json in"):
+        Trainer(ToyTask(), make_cfg(max_steps=2), tmp_path).train(resume=False, stale_outputs=["eval*.json"])
+    assert sorted(p.name for p in tmp_path.glob("*.*")) == ["log.jsonl", "notes.txt"]
+
+
 def test_optimizer_and_rng_states_round_trip():
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.99))
@@ -263,10 +274,12 @@ def test_another_scripts_run_is_neither_resumed_nor_deleted(tmp_path):
 
     Trainer(ToyTask(), make_cfg(max_steps=2), tmp_path).train()
     before = list_checkpoints(tmp_path / "checkpoints")
+    (tmp_path / "eval.json").write_text("{}")
     for resume in (True, False):
         with pytest.raises(CheckpointError, match="holds a training run of ToyTask .* not of OtherToyTask"):
-            Trainer(OtherToyTask(), make_cfg(max_steps=4), tmp_path).train(resume=resume)
+            Trainer(OtherToyTask(), make_cfg(max_steps=4), tmp_path).train(resume=resume, stale_outputs=["*.json"])
     assert list_checkpoints(tmp_path / "checkpoints") == before and (tmp_path / "model" / "config.json").is_file()
+    assert (tmp_path / "eval.json").is_file()
 
 
 def test_a_finished_model_without_checkpoints_is_not_silently_retrained(tmp_path):

@@ -24,7 +24,10 @@ from ..config import ConfigError, load_config, replace_config
 from ..data.image_text import DataError
 from .common import CliError
 
-__all__ = ["training_main", "parse_overrides", "build_training_parser"]
+__all__ = ["training_main", "parse_overrides", "build_training_parser", "EVALUATION_FILES"]
+
+# what the scripts' `after` hooks write about the trained model; a --no-resume run deletes the replaced run's
+EVALUATION_FILES = ("eval.json", "zero_shot.json")
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, object]:
@@ -49,7 +52,8 @@ def build_training_parser(prog: str, description: str | None) -> argparse.Argume
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
     p.add_argument("--no-resume", action="store_true",
-                   help="start from scratch: delete this output directory's training checkpoints first")
+                   help="start from scratch: delete this output directory's training checkpoints and evaluation "
+                        f"files ({', '.join(EVALUATION_FILES)}) first")
     return p
 
 
@@ -64,7 +68,7 @@ def training_main(prog: str, description: str | None, config_cls: type, make_tas
         cfg = replace_config(load_config(config_cls, args.config), parse_overrides(args.overrides))
         out = args.output_dir or Path("runs") / f"{prog.removeprefix('train-')}-{args.config.stem}"
         trainer = Trainer(make_task(cfg), cfg.train, out)
-        result = trainer.train(resume=not args.no_resume)
+        result = trainer.train(resume=not args.no_resume, stale_outputs=EVALUATION_FILES)
         if not trainer.accelerator.is_main_process:
             return 0
         if result.losses:

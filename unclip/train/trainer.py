@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -164,11 +164,13 @@ class Trainer:
         return self.output_dir / "checkpoints"
 
     # ---------------------------------------------------------------- the run
-    def train(self, resume: bool = True) -> TrainResult:
+    def train(self, resume: bool = True, *, stale_outputs: Sequence[str] = ()) -> TrainResult:
         """Train to `cfg.max_steps`, resuming from the newest complete checkpoint in output_dir when `resume`.
 
         With resume=False the run starts from scratch: training checkpoints already in output_dir are deleted
-        (with a warning) so that they can neither be resumed from nor outrank the new run's in the rotation.
+        (with a warning) so that they can neither be resumed from nor outrank the new run's in the rotation, and
+        so are the files matching `stale_outputs` (glob patterns in output_dir: what a script wrote about the
+        model this run replaces, e.g. its evaluation).
         """
         acc = self.accelerator
         self._check_output_dir(resume)
@@ -180,6 +182,12 @@ class Trainer:
                 removed = rotate_checkpoints(self.checkpoint_root, keep=0)
                 message = f"resume=False: deleted {len(removed)} old checkpoints in {self.checkpoint_root}"
                 warnings.warn(message, stacklevel=2)
+            stale = sorted({p for pattern in stale_outputs for p in self.output_dir.glob(pattern) if p.is_file()})
+            if not resume and stale:
+                for path in stale:
+                    path.unlink()
+                names = ", ".join(p.name for p in stale)
+                warnings.warn(f"resume=False: deleted the replaced run's {names} in {self.output_dir}", stacklevel=2)
         acc.wait_for_everyone()
         latest = self._newest_readable_checkpoint() if resume else None
         if latest is not None:
