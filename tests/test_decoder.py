@@ -302,6 +302,25 @@ def test_no_resume_leaves_no_stale_evaluation(tiny_clip, tmp_path, capsys):
     assert not (tmp_path / "run" / "eval.json").exists()  # it described the model this run replaced
 
 
+def test_re_evaluating_a_finished_run_keeps_the_earlier_evaluation(tiny_clip, tmp_path, capsys):
+    from unclip.cli.train_decoder import main
+
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    args, run = tiny_cli_args(tmp_path), tmp_path / "run"
+    assert main(args + ["--set", "eval.sampler=ddpm"]) == 0
+    assert main(args + ["--set", "eval.sampler=ddim", "--set", "eval.eta=0.5"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    kept = list(run.glob("eval-*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["sampler"] == "ddpm"
+    report = json.loads((run / "eval.json").read_text())
+    assert (report["sampler"], report["steps"], report["eta"]) == ("ddim", 2, 0.5)
+    assert main(args + ["--set", "eval.steps=3"]) == 0
+    assert len(list(run.glob("eval-*.json"))) == 2
+    with pytest.warns(UserWarning, match="deleted the replaced run's eval-"):
+        assert main(args + ["--no-resume", "--set", "eval.samples=0"]) == 0
+    assert not list(run.glob("eval*.json"))
+
+
 def test_training_from_embedding_shards(tiny_clip, tmp_path):
     from unclip.data.embeddings import embed_dataset
 

@@ -60,6 +60,8 @@ def test_shapes_evaluation_is_written_for_each_guidance_scale(trained, capsys):
     assert main([str(path), "--output-dir", str(run), "--set", "eval.guidance_scales=[3]"]) == 0
     assert "nothing to train: already at step 40" in capsys.readouterr().out
     assert [r["guidance_scale"] for r in json.loads((run / "eval.json").read_text())["results"]] == [3.0]
+    kept = list(run.glob("eval-*.json"))  # the earlier evaluation
+    assert len(kept) == 1 and [r["guidance_scale"] for r in json.loads(kept[0].read_text())["results"]] == [1.0, 2.0]
 
 
 def test_on_the_fly_encoding_of_shapes(tiny_clip, clip_dir):

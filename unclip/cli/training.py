@@ -13,21 +13,37 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, write_json_atomic
 from ..config import ConfigError, load_config, replace_config
 from ..data.image_text import DataError
 from .common import CliError
 
-__all__ = ["training_main", "parse_overrides", "build_training_parser", "EVALUATION_FILES"]
+__all__ = ["training_main", "parse_overrides", "build_training_parser", "write_eval", "EVALUATION_FILES"]
 
 # what the scripts' `after` hooks write about the trained model; a --no-resume run deletes the replaced run's
-EVALUATION_FILES = ("eval.json", "zero_shot.json")
+EVALUATION_FILES = ("eval.json", "eval-*.json", "zero_shot.json")
+
+
+def write_eval(out: Path, report: dict[str, Any]) -> Path:
+    """Write OUTPUT_DIR/eval.json (the report should name its sampler settings); an earlier one, e.g. from another
+    sampler on the same finished run, is kept beside it as eval-<the time it was written>.json."""
+    path = out / "eval.json"
+    if path.is_file():
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        kept, n = out / f"eval-{stamp}.json", 1
+        while kept.exists():
+            kept, n = out / f"eval-{stamp}-{n}.json", n + 1
+        path.replace(kept)
+        print(f"the previous evaluation is kept as {kept}")
+    write_json_atomic(path, report)
+    return path
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, object]:
