@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from unclip.clip import Clip, load_clip
 from unclip.config import config_to_dict
-from unclip.data import ImageTextDataset, collate_image_text, load_image_text_dataset, make_shapes
+from unclip.data import DataError, ImageTextDataset, collate_image_text, load_image_text_dataset, make_shapes
 from unclip.data.embeddings import EmbeddingShards, clip_fingerprint
 from unclip.diffusion import q_sample, sample_timesteps, training_loss
 from unclip.images import SquareImage, resize_images, to_signed_range
@@ -90,6 +90,8 @@ class DecoderTrainTask:
         self.clip = (clip or load_clip(cfg.clip, cfg.clip_pretrained)).freeze()
         check_clip(self.clip, cfg)
         self.clip_info = {"source": cfg.clip, "fingerprint": clip_fingerprint(self.clip)}
+        if cfg.data.embeddings is not None:
+            self._check_shards_clip(EmbeddingShards(cfg.data.embeddings).manifest.get("clip"))
         self.model: nn.Module = Decoder(cfg.model, clip_info=self.clip_info)
         self.load_side = max(self.clip.image_size, cfg.model.image_size)
         self._dataset: Dataset | None = None
@@ -97,6 +99,14 @@ class DecoderTrainTask:
         self._grid: dict[str, Tensor] | None = None
 
     # ----- data ---------------------------------------------------------------------------------------------
+    def _check_shards_clip(self, fingerprint: str | None) -> None:
+        """Refuse `data.embeddings` shards made by another CLIP than `cfg.clip` (before the trainer starts)."""
+        ours = self.clip_info["fingerprint"]
+        if fingerprint != ours:
+            raise DataError(f"{self.cfg.data.embeddings} was embedded with another CLIP (fingerprint {fingerprint}) "
+                            f"than clip: {self.cfg.clip} (fingerprint {ours}); re-embed the data with `unclip embed "
+                            f"--clip {self.cfg.clip}`, or set clip: to the CLIP that made the embeddings")
+
     def _source(self):
         data = self.cfg.data
         if data.source == "shapes":
@@ -110,10 +120,7 @@ class DecoderTrainTask:
         images = ImageTextDataset(self._source(), SquareImage(self.load_side), image_column=data.image_column,
                                   caption_column=data.caption_column)
         if data.embeddings is not None:
-            shards = EmbeddingShards(data.embeddings)
-            if shards.manifest.get("clip") != self.clip_info["fingerprint"]:
-                raise ValueError(f"{data.embeddings} was embedded with another CLIP than {self.cfg.clip!r}")
-            self._dataset = _WithShards(shards, images)
+            self._dataset = _WithShards(EmbeddingShards(data.embeddings), images)
         else:
             self._dataset = images
         if data.cache_embeddings and data.embeddings is None:
@@ -200,3 +207,7 @@ class DecoderTrainTask:
 
     def config_dict(self) -> dict[str, Any]:
         return config_to_dict(self.cfg)
+
+    def identity(self) -> dict[str, str]:
+        """The CLIP whose image embeddings the decoder inverts: a resumed run must have the same (see `Trainer`)."""
+        return {"clip_fingerprint": self.clip_info["fingerprint"]}

@@ -4,7 +4,8 @@
     Trainer(PriorTrainTask(load_config(TrainPriorConfig, "configs/prior/shapes-tiny.yaml")), cfg.train, out).train()
 
 Data (see `PriorDataConfig.source`): an embeddings directory written by `unclip embed` is read as it is (the
-scalable path: no CLIP forward passes while training); SHAPES or any image-text dataset is encoded by the frozen
+scalable path: no CLIP forward passes while training; the CLIP of `clip:` is loaded once, to check that it made
+them); SHAPES or any image-text dataset is encoded by the frozen
 CLIP on the fly, in the training process, on the training device.
 """
 
@@ -20,7 +21,7 @@ from torch.utils.data import Dataset
 
 from unclip.clip import Clip, load_clip
 from unclip.config import ConfigError, config_to_dict
-from unclip.data import ImageTextDataset, collate_image_text
+from unclip.data import DataError, ImageTextDataset, collate_image_text
 from unclip.data.embeddings import EmbeddingShards, clip_fingerprint
 from unclip.data.sources import training_rows
 from unclip.diffusion import denoised_from_output, diffusion_loss, q_sample, sample_timesteps
@@ -92,11 +93,26 @@ class PriorTrainTask:
             check_dims(cfg.model, manifest["embed_dim"], manifest["text_width"], manifest["context_length"],
                        f"the embeddings in {cfg.data.source}")
             fingerprint = manifest.get("clip")  # the CLIP the shards were made with
+            self._check_shards_clip(fingerprint)
         else:
             c = self.clip
             check_dims(cfg.model, c.embed_dim, c.text_width, c.context_length, f"the CLIP {cfg.clip}")
             fingerprint = clip_fingerprint(c)
         self.model.clip_fingerprint = fingerprint  # saved with the prior; assembling a pipeline checks it
+
+    def _check_shards_clip(self, fingerprint: str | None) -> None:
+        """Refuse shards embedded by another CLIP than `cfg.clip`: the prior would learn one embedding space and be
+        evaluated, exported and assembled with another. Loads the CLIP for its fingerprint (kept only if passed in)."""
+        if fingerprint is None:  # a manifest that does not say: nothing to compare
+            return
+        passed_in = self._clip is not None
+        ours = clip_fingerprint(self.clip)
+        if not passed_in:
+            self._clip = None  # training from shards needs no CLIP; the evaluation loads its own
+        if ours != fingerprint:
+            raise DataError(f"{self.cfg.data.source} was embedded with another CLIP (fingerprint {fingerprint}) than "
+                            f"clip: {self.cfg.clip} (fingerprint {ours}); re-embed the data with `unclip embed --clip "
+                            f"{self.cfg.clip}`, or set clip: to the CLIP that made the embeddings")
 
     @property
     def clip(self) -> Clip:
@@ -142,3 +158,8 @@ class PriorTrainTask:
 
     def config_dict(self) -> dict[str, Any]:
         return config_to_dict(self.cfg)
+
+    def identity(self) -> dict[str, str]:
+        """The CLIP the prior learns the embeddings of: a resumed run must have the same (see `Trainer`)."""
+        fingerprint = self.model.clip_fingerprint
+        return {"clip_fingerprint": fingerprint} if fingerprint else {}

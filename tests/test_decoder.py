@@ -244,13 +244,11 @@ def test_every_decoder_config_loads(path):
         assert sum(p.numel() for p in Decoder(cfg.model).parameters()) > 0
 
 
-def test_train_decoder_cli(tiny_clip, tmp_path, capsys):
-    from unclip.cli.train_decoder import main
-
-    tiny_clip.save_pretrained(tmp_path / "clip")
+def tiny_cli_args(tmp_path: Path) -> list[str]:
+    """train-decoder arguments for a tiny 8 px decoder on SHAPES with the CLIP in tmp_path/clip (2 steps)."""
     config = tmp_path / "tiny.yaml"
     config.write_text("stage: base\n")
-    args = [str(config), "--output-dir", str(tmp_path / "run"), "--set", f"clip={tmp_path / 'clip'}",
+    return [str(config), "--output-dir", str(tmp_path / "run"), "--set", f"clip={tmp_path / 'clip'}",
             "--set", "model.embed_dim=32", "--set", "model.text_width=48", "--set", "model.context_dim=16",
             "--set", "model.image_size=8", "--set", "model.unet.image_size=8",
             "--set", "model.unet.model_channels=16", "--set", "model.unet.channel_mult=[1, 2]",
@@ -258,6 +256,14 @@ def test_train_decoder_cli(tiny_clip, tmp_path, capsys):
             "--set", "model.unet.num_res_blocks=1", "--set", "data.shapes_samples=8", "--set", "train.batch_size=4",
             "--set", "train.max_steps=2", "--set", "train.progress=false", "--set", "eval.samples=4",
             "--set", "eval.steps=2", "--set", "eval.batch_size=4", "--set", "data.shapes_resolution=32"]
+
+
+def test_train_decoder_cli(tiny_clip, tmp_path, capsys):
+    from unclip.cli.train_decoder import main
+
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    args = tiny_cli_args(tmp_path)
+    config = Path(args[0])
     assert main(args) == 0
     assert (tmp_path / "run" / "model" / "config.json").is_file()
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
@@ -266,6 +272,53 @@ def test_train_decoder_cli(tiny_clip, tmp_path, capsys):
     config.write_text("stage: nonsense\n")
     assert main([str(config)]) == 2
     assert "unknown stage 'nonsense'" in capsys.readouterr().err
+
+
+def test_resuming_after_the_clip_was_retrained_is_refused(tiny_clip, tiny_arch, tmp_path, capsys):
+    from unclip.cli.train_decoder import main
+    from unclip.clip import Clip
+
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    args = tiny_cli_args(tmp_path) + ["--set", "eval.samples=0"]
+    assert main(args) == 0
+    torch.manual_seed(1)
+    Clip.from_architecture(tiny_arch, model_name="tiny-test").save_pretrained(tmp_path / "clip")  # retrained
+    assert main(args + ["--set", "train.max_steps=4"]) == 2
+    err = capsys.readouterr().err
+    old, new = tiny_clip.fingerprint(), Clip.from_pretrained(tmp_path / "clip").fingerprint()
+    assert f"trained with clip_fingerprint {old}, but this run has clip_fingerprint {new}" in err
+    assert "--no-resume" in err and len(err.strip().splitlines()) == 1
+    assert Decoder.from_pretrained(tmp_path / "run" / "model").clip_info["fingerprint"] == old  # not re-exported
+
+
+def test_no_resume_leaves_no_stale_evaluation(tiny_clip, tmp_path, capsys):
+    from unclip.cli.train_decoder import main
+
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    args = tiny_cli_args(tmp_path)
+    assert main(args) == 0 and (tmp_path / "run" / "eval.json").is_file()
+    with pytest.warns(UserWarning, match="deleted the replaced run's eval.json"):
+        assert main(args + ["--no-resume", "--set", "eval.samples=0"]) == 0
+    assert not (tmp_path / "run" / "eval.json").exists()  # it described the model this run replaced
+
+
+def test_re_evaluating_a_finished_run_keeps_the_earlier_evaluation(tiny_clip, tmp_path, capsys):
+    from unclip.cli.train_decoder import main
+
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    args, run = tiny_cli_args(tmp_path), tmp_path / "run"
+    assert main(args + ["--set", "eval.sampler=ddpm"]) == 0
+    assert main(args + ["--set", "eval.sampler=ddim", "--set", "eval.eta=0.5"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    kept = list(run.glob("eval-*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["sampler"] == "ddpm"
+    report = json.loads((run / "eval.json").read_text())
+    assert (report["sampler"], report["steps"], report["eta"]) == ("ddim", 2, 0.5)
+    assert main(args + ["--set", "eval.steps=3"]) == 0
+    assert len(list(run.glob("eval-*.json"))) == 2
+    with pytest.warns(UserWarning, match="deleted the replaced run's eval-"):
+        assert main(args + ["--no-resume", "--set", "eval.samples=0"]) == 0
+    assert not list(run.glob("eval*.json"))
 
 
 def test_training_from_embedding_shards(tiny_clip, tmp_path):
@@ -285,6 +338,23 @@ def test_training_from_embedding_shards(tiny_clip, tmp_path):
     assert torch.allclose(got["text_tokens"], expected["text_tokens"], atol=1e-4)
     loss, _ = task.loss(task.model, batch)
     assert torch.isfinite(loss)
+
+
+def test_embeddings_made_by_another_clip_are_a_one_line_error(tiny_clip, tiny_arch, tmp_path, capsys):
+    from unclip.cli.train_decoder import main
+    from unclip.clip import Clip
+    from unclip.data.embeddings import embed_dataset
+
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    torch.manual_seed(1)
+    other = Clip.from_architecture(tiny_arch, model_name="tiny-test")
+    embed_dataset(other, make_shapes(8, split="train", seed=0, resolution=32), tmp_path / "emb", source="shapes",
+                  progress=False)
+    assert main(tiny_cli_args(tmp_path) + ["--set", f"data.embeddings={tmp_path / 'emb'}"]) == 2
+    err = capsys.readouterr().err
+    assert (f"was embedded with another CLIP (fingerprint {other.fingerprint()}) than clip: {tmp_path / 'clip'} "
+            f"(fingerprint {tiny_clip.fingerprint()})") in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 def test_embedding_cache_returns_each_samples_own_conditioning(tiny_clip):

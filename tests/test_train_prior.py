@@ -62,6 +62,8 @@ def test_shapes_evaluation_is_written_for_each_guidance_scale(trained, capsys):
     out = capsys.readouterr().out
     assert "nothing to train: already at step 40" in out and "image-to-image ceiling: n/a" in out
     assert [r["guidance_scale"] for r in json.loads((run / "eval.json").read_text())["results"]] == [3.0]
+    kept = list(run.glob("eval-*.json"))  # the earlier evaluation
+    assert len(kept) == 1 and [r["guidance_scale"] for r in json.loads(kept[0].read_text())["results"]] == [1.0, 2.0]
 
 
 def test_the_image_ceiling_needs_two_images_per_triple(trained, tiny_clip, capsys):
@@ -84,6 +86,46 @@ def test_on_the_fly_encoding_of_shapes(tiny_clip, clip_dir):
     torch.testing.assert_close(fields["text_embed"], tiny_clip.encode_text(batch["captions"]).text_embed)
     loss, metrics = task.loss(task.model, batch)
     assert loss.ndim == 0 and torch.isfinite(loss) and set(metrics) == {"x0_cos", "cond_drop"}
+
+
+def test_resuming_after_the_clip_was_retrained_is_refused(tiny_clip, tiny_arch, tmp_path, capsys):
+    from unclip.clip import Clip
+
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    config = {"clip": str(tmp_path / "clip"), "model": MODEL, "data": {"source": "shapes", "shapes_samples": 16},
+              "train": {**TRAIN, "max_steps": 2, "batch_size": 4}, "eval": {"enabled": False}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = [str(path), "--output-dir", str(tmp_path / "run")]
+    assert main(args) == 0
+    torch.manual_seed(1)
+    Clip.from_architecture(tiny_arch, model_name="tiny-test").save_pretrained(tmp_path / "clip")  # retrained
+    assert main(args + ["--set", "train.max_steps=4"]) == 2
+    err = capsys.readouterr().err
+    old, new = tiny_clip.fingerprint(), Clip.from_pretrained(tmp_path / "clip").fingerprint()
+    assert f"trained with clip_fingerprint {old}, but this run has clip_fingerprint {new}" in err
+    assert "--no-resume" in err and len(err.strip().splitlines()) == 1
+    assert DiffusionPriorNetwork.from_pretrained(tmp_path / "run" / "model").clip_fingerprint == old
+
+
+def test_embeddings_made_by_another_clip_are_refused(tiny_clip, tiny_arch, tmp_path, capsys):
+    from unclip.clip import Clip
+
+    torch.manual_seed(1)
+    other = Clip.from_architecture(tiny_arch, model_name="tiny-test").save_pretrained(tmp_path / "other-clip")
+    embeddings = embed_dataset(tiny_clip, make_shapes(8, seed=1), tmp_path / "emb", source="shapes:8", progress=False)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"clip": str(other), "model": MODEL, "data": {"source": str(embeddings)},
+                                    "train": {**TRAIN, "max_steps": 2, "batch_size": 4}}))
+    assert main([str(path), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert (f"was embedded with another CLIP (fingerprint {tiny_clip.fingerprint()}) than clip: {other} "
+            f"(fingerprint {Clip.from_pretrained(other).fingerprint()})") in err
+    assert "unclip embed --clip" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # refused before the trainer touched anything
+    cfg = load_config(TrainPriorConfig, yaml.safe_load(path.read_text()) | {"clip": "unused"})
+    task = PriorTrainTask(cfg, clip=tiny_clip)  # the CLIP that made them
+    assert task.model.clip_fingerprint == tiny_clip.fingerprint() and task.clip is tiny_clip
 
 
 def test_a_prior_that_does_not_fit_its_clip_is_refused(clip_dir, tmp_path, capsys):

@@ -195,6 +195,17 @@ def test_no_resume_starts_over(tmp_path):
     assert [r["step"] for r in read_log(tmp_path)] == [3]  # the old run's log records were dropped
 
 
+def test_no_resume_deletes_the_replaced_runs_stale_outputs(tmp_path):
+    Trainer(ToyTask(), make_cfg(max_steps=2), tmp_path).train()
+    for name in ("eval.json", "eval-1.json", "notes.txt"):
+        (tmp_path / name).write_text("{}")
+    assert Trainer(ToyTask(), make_cfg(max_steps=3), tmp_path).train(stale_outputs=["eval*.json"]).step == 3
+    assert (tmp_path / "eval.json").is_file()  # resumed: the outputs are the run's own
+    with pytest.warns(UserWarning, match="deleted the replaced run's eval-1.json, eval.json in"):
+        Trainer(ToyTask(), make_cfg(max_steps=2), tmp_path).train(resume=False, stale_outputs=["eval*.json"])
+    assert sorted(p.name for p in tmp_path.glob("*.*")) == ["log.jsonl", "notes.txt"]
+
+
 def test_optimizer_and_rng_states_round_trip():
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.99))
@@ -263,10 +274,12 @@ def test_another_scripts_run_is_neither_resumed_nor_deleted(tmp_path):
 
     Trainer(ToyTask(), make_cfg(max_steps=2), tmp_path).train()
     before = list_checkpoints(tmp_path / "checkpoints")
+    (tmp_path / "eval.json").write_text("{}")
     for resume in (True, False):
         with pytest.raises(CheckpointError, match="holds a training run of ToyTask .* not of OtherToyTask"):
-            Trainer(OtherToyTask(), make_cfg(max_steps=4), tmp_path).train(resume=resume)
+            Trainer(OtherToyTask(), make_cfg(max_steps=4), tmp_path).train(resume=resume, stale_outputs=["*.json"])
     assert list_checkpoints(tmp_path / "checkpoints") == before and (tmp_path / "model" / "config.json").is_file()
+    assert (tmp_path / "eval.json").is_file()
 
 
 def test_a_finished_model_without_checkpoints_is_not_silently_retrained(tmp_path):
@@ -293,3 +306,38 @@ def test_resuming_with_another_model_config_is_refused(tmp_path):
     with pytest.warns(UserWarning, match="changed config sections: data"):
         result = Trainer(ConfiguredToyTask({"width": 16}, noise=0.2), make_cfg(max_steps=4), tmp_path).train()
     assert result.step == 4
+
+
+class IdentifiedToyTask(ToyTask):
+    """A task bound to inputs beyond its config (say, the fingerprint of the CLIP it learns embeddings of)."""
+
+    def __init__(self, fingerprint: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.fingerprint = fingerprint
+
+    def identity(self):
+        return {"clip_fingerprint": self.fingerprint}
+
+
+def test_resuming_with_another_identity_is_refused(tmp_path):
+    from unclip.checkpoint import CheckpointError
+
+    Trainer(IdentifiedToyTask("aaaa"), make_cfg(max_steps=2), tmp_path).train()
+    config = json.loads((tmp_path / "checkpoints" / "step-00000002" / "config.json").read_text())
+    assert config["identity"] == {"clip_fingerprint": "aaaa"}
+    with pytest.raises(CheckpointError, match="trained with clip_fingerprint aaaa, but this run has clip_fingerprint "
+                                              "bbbb .*another output directory, or pass --no-resume"):
+        Trainer(IdentifiedToyTask("bbbb"), make_cfg(max_steps=4), tmp_path).train()
+    assert list_checkpoints(tmp_path / "checkpoints")[-1][0] == 2  # nothing trained, nothing deleted
+    assert Trainer(IdentifiedToyTask("aaaa"), make_cfg(max_steps=4), tmp_path).train().step == 4
+    with pytest.warns(UserWarning, match="resume=False: deleted"):
+        assert Trainer(IdentifiedToyTask("bbbb"), make_cfg(max_steps=2), tmp_path).train(resume=False).step == 2
+
+
+def test_a_checkpoint_saved_without_identity_still_resumes(tmp_path):
+    Trainer(IdentifiedToyTask("old"), make_cfg(max_steps=2), tmp_path).train()
+    path = tmp_path / "checkpoints" / "step-00000002" / "config.json"
+    config = json.loads(path.read_text())
+    del config["identity"]  # as older versions wrote checkpoints
+    path.write_text(json.dumps(config))
+    assert Trainer(IdentifiedToyTask("aaaa"), make_cfg(max_steps=4), tmp_path).train().step == 4

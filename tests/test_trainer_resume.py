@@ -127,6 +127,26 @@ def test_resume_passes_over_a_corrupt_checkpoint(tmp_path):
     assert_same_state(reference, resumed)
 
 
+def test_resuming_to_more_steps_re_stretches_the_cosine_schedule(tmp_path):
+    """The shipped recipe's way of extending a run (train 4000 steps, then resume to 8000): the schedule is a function
+    of the current max_steps, so from the step reached it follows the cosine over the new total, with a warning that
+    gives the jump; every resumed update, the first included, uses that schedule."""
+    from unclip.train import lr_factor
+
+    cfg = make_cfg(max_steps=6, lr=0.1, warmup_steps=2, min_lr_ratio=0.1, checkpoint_every=0)
+    Trainer(ToyTask(), cfg, tmp_path).train()
+    longer = cfg_with(cfg, max_steps=12)
+    expected = [0.1 * lr_factor(s, warmup_steps=2, max_steps=12, schedule="cosine", min_lr_ratio=0.1)
+                for s in range(6, 12)]
+    with pytest.warns(UserWarning, match=r"at step 6 with train.max_steps 12 \(it was trained towards 6\): the cosine "
+                                         rf"LR schedule is re-stretched over 12 steps, so the lr jumps from 0.01 to "
+                                         rf"{expected[0]:.3g} \(no new warm-up\)"):
+        Trainer(ToyTask(), longer, tmp_path).train()
+    records = [r for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "lr" in r]
+    assert [r["step"] for r in records[6:]] == list(range(7, 13))
+    assert [r["lr"] for r in records[6:]] == pytest.approx(expected, rel=1e-12)
+
+
 # ---------------------------------------------------------------- SIGKILL, in a subprocess
 def launch(out: Path, cfg: dict, task: dict, env: dict | None = None) -> subprocess.Popen:
     command = [sys.executable, str(TOY_SCRIPT), str(out), "--config", json.dumps(cfg), "--task", json.dumps(task)]

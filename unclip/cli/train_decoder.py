@@ -14,7 +14,8 @@ an interrupted run resumes from its last checkpoint when started again with the 
 SHAPES the final evaluation is printed and saved to OUTPUT_DIR/eval.json: for the base stage the held-out
 reconstruction accuracy (decoder/evaluation.py) at every `eval.guidance_scales`, for an upsampler the PSNR of
 its output and of bicubic upsampling against the held-out originals at every `eval.aug_levels`
-(upsamplers/evaluation.py).
+(upsamplers/evaluation.py). Started again on a finished run, it only evaluates (with other `--set eval.*` values,
+say); the earlier eval.json is kept as eval-<time>.json.
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ from decoder.training import DecoderTrainTask
 from upsamplers.config import TrainUpsamplerConfig
 from upsamplers.training import UpsamplerTrainTask
 
-from ..checkpoint import write_json_atomic
 from .common import CliError, print_table
-from .training import build_training_parser, parse_overrides, training_main
+from .training import build_training_parser, parse_overrides, training_main, write_eval
 
 __all__ = ["STAGES", "Stage", "main"]
 
@@ -64,8 +64,8 @@ def _evaluate_base(cfg: TrainDecoderConfig, out: Path) -> None:
     acc = reconstruction_accuracy(decoder, clip, samples=e.samples, guidance_scales=e.guidance_scales, steps=e.steps,
                                   sampler=e.sampler, eta=e.eta, seed=e.seed, batch_size=e.batch_size,
                                   resolution=cfg.data.shapes_resolution, progress=cfg.train.progress)
-    write_json_atomic(out / "eval.json", {"split": "heldout", "clip": cfg.clip, "sampler": e.sampler,
-                                          "steps": e.steps, "eta": e.eta, **acc})
+    write_eval(out, {"split": "heldout", "clip": cfg.clip, "sampler": e.sampler, "steps": e.steps, "eta": e.eta,
+                     **acc})
     print(f"SHAPES held-out reconstruction ({acc['samples']} images decoded at {acc['image_size']}px from their CLIP "
           f"image embeddings, {e.sampler} {e.steps} steps), judged by the CLIP's zero-shot classification:")
     rows = [["source images", *acc["source"].values()],
@@ -88,7 +88,7 @@ def _evaluate_upsampler(cfg: TrainUpsamplerConfig, out: Path) -> None:
           "(a progress bar per batch; eval.samples: 0 skips this)", flush=True)
     report = psnr_vs_bicubic(upsampler, samples=e.samples, seed=e.seed, aug_levels=e.aug_levels, steps=e.steps,
                              sampler=e.sampler, batch_size=e.batch_size, progress=cfg.train.progress)
-    write_json_atomic(out / "eval.json", {"split": "heldout", **report})
+    write_eval(out, {"split": "heldout", **report})
     print(f"SHAPES held-out super-resolution ({report['samples']} images, {report['low_res_size']} -> "
           f"{report['image_size']} px, {report['sampler']} {report['steps']} steps): mean PSNR against the originals")
     rows = [["bicubic", f"{report['bicubic']:.2f} dB", ""]]

@@ -8,7 +8,8 @@
 The trained prior is written to OUTPUT_DIR/model (config.json + model.safetensors); an interrupted run resumes
 from its last checkpoint when started again with the same output directory. On SHAPES (data.source "shapes",
 or embeddings made from it) the held-out evaluation of prior/evaluation.py runs at the end for every
-`eval.guidance_scales`, is printed and is saved to OUTPUT_DIR/eval.json; a finished run only re-evaluates.
+`eval.guidance_scales`, is printed and is saved to OUTPUT_DIR/eval.json; a finished run only re-evaluates (the
+earlier eval.json is kept as eval-<time>.json).
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ import torch
 from prior.config import TrainPriorConfig
 from prior.training import PriorTrainTask
 
-from ..checkpoint import write_json_atomic
 from .common import print_table
-from .training import training_main
+from .training import training_main, write_eval
 
 __all__ = ["main"]
 
@@ -59,7 +59,7 @@ def _evaluate(cfg: TrainPriorConfig, out: Path) -> None:
                               progress=cfg.train.progress)
         for s in e.guidance_scales
     ]
-    write_json_atomic(out / "eval.json", {"split": "heldout", "clip": cfg.clip, "results": results})
+    write_eval(out, {"split": "heldout", "clip": cfg.clip, "results": results})
     r0 = results[0]
     print(f"SHAPES held-out captions ({r0['captions']}), {e.sampler} {e.steps} steps, best of {e.best_of}; "
           f"text-embedding baseline: cosine {r0['text_cosine']:.3f}, retrieval {r0['text_retrieval']:.1%}; "

@@ -13,18 +13,37 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, write_json_atomic
 from ..config import ConfigError, load_config, replace_config
 from ..data.image_text import DataError
 from .common import CliError, positive_int
 
-__all__ = ["training_main", "parse_overrides", "build_training_parser"]
+__all__ = ["training_main", "parse_overrides", "build_training_parser", "write_eval", "EVALUATION_FILES"]
+
+# what the scripts' `after` hooks write about the trained model; a --no-resume run deletes the replaced run's
+EVALUATION_FILES = ("eval.json", "eval-*.json", "zero_shot.json")
+
+
+def write_eval(out: Path, report: dict[str, Any]) -> Path:
+    """Write OUTPUT_DIR/eval.json (the report should name its sampler settings); an earlier one, e.g. from another
+    sampler on the same finished run, is kept beside it as eval-<the time it was written>.json."""
+    path = out / "eval.json"
+    if path.is_file():
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        kept, n = out / f"eval-{stamp}.json", 1
+        while kept.exists():
+            kept, n = out / f"eval-{stamp}-{n}.json", n + 1
+        path.replace(kept)
+        print(f"the previous evaluation is kept as {kept}")
+    write_json_atomic(path, report)
+    return path
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, object]:
@@ -49,7 +68,8 @@ def build_training_parser(prog: str, description: str | None) -> argparse.Argume
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
     p.add_argument("--no-resume", action="store_true",
-                   help="start from scratch: delete this output directory's training checkpoints first")
+                   help="start from scratch: delete this output directory's training checkpoints and evaluation "
+                        f"files ({', '.join(EVALUATION_FILES)}) first")
     p.add_argument("--export-step", type=positive_int, default=None, metavar="STEP",
                    help="do not train: export the run's checkpoint of STEP (its EMA weights when it has them) as a\n"
                         "model directory, to evaluate or assemble an intermediate model")
@@ -75,7 +95,7 @@ def training_main(prog: str, description: str | None, config_cls: type, make_tas
             dest = trainer.export_checkpoint(args.export_step, args.export_to or out / f"model-step-{args.export_step}")
             print(f"exported step {args.export_step} of {out} to {dest}")
             return 0
-        result = trainer.train(resume=not args.no_resume)
+        result = trainer.train(resume=not args.no_resume, stale_outputs=EVALUATION_FILES)
         if not trainer.accelerator.is_main_process:
             return 0
         if result.losses:

@@ -13,7 +13,8 @@ __all__ = ["TrainConfig"]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = 1000  # optimizer steps (updates actually applied; skipped non-finite steps do not count)
+    max_steps: int = 1000  # optimizer steps (updates actually applied; skipped non-finite steps do not count); the
+    #   cosine LR decays over them: resuming with a larger value re-stretches it from the step reached (the LR jumps up)
     batch_size: int = 64  # global batch per optimizer step (split over processes and accumulation)
     grad_accum_steps: int = 1  # micro-batches per optimizer step on each process
     lr: float = 1e-4  # peak learning rate (AdamW)

@@ -2,7 +2,9 @@
 (linear warm-up, then cosine decay to a floor, or constant).
 
 The factor is a pure function of the number of updates already applied, so the scheduler's whole state is
-its step count (saved as JSON in training checkpoints).
+its step count (saved as JSON in training checkpoints). It is computed from the current config: a run resumed
+with a larger max_steps re-stretches the cosine over the new total from the step reached (no new warm-up), so
+the LR jumps up at the resume; the trainer warns with the values (see `Trainer`).
 
     update s (0-based) < warmup_steps:  lr * (s + 1) / warmup_steps
     cosine afterwards:                  lr * (m + (1 - m) * (1 + cos(pi * p)) / 2),  p = (s - W) / (max_steps - W)
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["build_optimizer", "lr_factor", "build_lr_scheduler"]
+__all__ = ["build_optimizer", "lr_factor", "build_lr_scheduler", "scheduled_lrs"]
 
 
 def build_optimizer(model: nn.Module, cfg, *, fused: bool = False) -> torch.optim.AdamW:
@@ -60,3 +62,9 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg) -> LambdaLR:
         min_lr_ratio=cfg.min_lr_ratio,
     )
     return LambdaLR(optimizer, factor)
+
+
+def scheduled_lrs(scheduler: LambdaLR) -> list[float]:
+    """Each param group's LR for the next update (number `scheduler.last_epoch`, 0-based) under the scheduler's
+    factor, computed as `LambdaLR.step` does (the same floats)."""
+    return [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]

@@ -8,7 +8,8 @@
         scheduler.json           LR scheduler state dict
         rng.safetensors          torch CPU (and CUDA) RNG states, keyed "rank<r>/<kind>"
         rng.json                 python `random` and numpy RNG states, one entry per process
-        config.json              {"kind": "training_checkpoint", "format_version", "train": ..., "task": ...}
+        config.json              {"kind": "training_checkpoint", "format_version", "train": ..., "task": ...,
+                                  "task_type": ..., "identity": ...}
         trainer_state.json       step, samples seen, counters, world size (written last)
 
 A checkpoint is written in a temporary directory beside its final name and renamed into place

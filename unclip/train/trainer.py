@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -40,7 +40,7 @@ from .data import build_train_loader, is_empty_batch, mix_seed, split_skipped
 from .device import build_accelerator, enable_gradient_checkpointing, step_options, to_channels_last
 from .ema import EMA
 from .logging import MetricWindow, RunLogger
-from .lr import build_lr_scheduler, build_optimizer
+from .lr import build_lr_scheduler, build_optimizer, scheduled_lrs
 from .state import (
     TrainingCheckpoint,
     capture_rng_state,
@@ -82,6 +82,9 @@ class TrainTask(Protocol):
             full weights to write (the EMA's if EMA is on; gathered under FSDP, where `model` itself is sharded),
             `model` is there for its config and attributes.
         config_dict() -> dict saved into every training checkpoint.
+        identity() -> {name: str}: what the weights are bound to beyond the config, e.g. the fingerprint of the
+            frozen CLIP whose embeddings the model learns from; saved into every training checkpoint, and resuming
+            one saved with other values (a CLIP retrained at the same path, say) is refused.
         find_unused_parameters: bool, passed to DDP for models whose forward skips some parameters.
     """
 
@@ -162,11 +165,13 @@ class Trainer:
         return self.output_dir / "checkpoints"
 
     # ---------------------------------------------------------------- the run
-    def train(self, resume: bool = True) -> TrainResult:
+    def train(self, resume: bool = True, *, stale_outputs: Sequence[str] = ()) -> TrainResult:
         """Train to `cfg.max_steps`, resuming from the newest complete checkpoint in output_dir when `resume`.
 
         With resume=False the run starts from scratch: training checkpoints already in output_dir are deleted
-        (with a warning) so that they can neither be resumed from nor outrank the new run's in the rotation.
+        (with a warning) so that they can neither be resumed from nor outrank the new run's in the rotation, and
+        so are the files matching `stale_outputs` (glob patterns in output_dir: what a script wrote about the
+        model this run replaces, e.g. its evaluation).
         """
         acc = self.accelerator
         self._check_output_dir(resume)
@@ -178,6 +183,12 @@ class Trainer:
                 removed = rotate_checkpoints(self.checkpoint_root, keep=0)
                 message = f"resume=False: deleted {len(removed)} old checkpoints in {self.checkpoint_root}"
                 warnings.warn(message, stacklevel=2)
+            stale = sorted({p for pattern in stale_outputs for p in self.output_dir.glob(pattern) if p.is_file()})
+            if not resume and stale:
+                for path in stale:
+                    path.unlink()
+                names = ", ".join(p.name for p in stale)
+                warnings.warn(f"resume=False: deleted the replaced run's {names} in {self.output_dir}", stacklevel=2)
         acc.wait_for_everyone()
         latest = self._newest_readable_checkpoint() if resume else None
         if latest is not None:
@@ -215,6 +226,7 @@ class Trainer:
                                       f"{task_type}; choose another output directory (nothing was deleted)")
             if resume:
                 self._check_resumed_config(config.get("task") or {}, newest)
+                self._check_resumed_identity(config.get("identity") or {}, newest)
         elif resume and (self.output_dir / "model" / "config.json").is_file():
             raise CheckpointError(f"{self.output_dir / 'model'} holds a finished model but {self.checkpoint_root} "
                                   "has no training checkpoint to resume from; choose another output directory, or "
@@ -232,6 +244,22 @@ class Trainer:
                                   "it with the config it was made with, or choose another output directory")
         if [k for k in changed if k != "train"]:
             warnings.warn(f"resuming {path} with changed config sections: {', '.join(changed)}", stacklevel=3)
+
+    def _identity(self) -> dict[str, str]:
+        identity = getattr(self.task, "identity", None)
+        return dict(identity()) if identity else {}
+
+    def _check_resumed_identity(self, saved: dict[str, Any], path: Path) -> None:
+        """The task's identity (`TrainTask.identity`) must be the one the checkpoint was saved with; a checkpoint
+        saved without it (older runs) has nothing to compare."""
+        current = self._identity()
+        changed = sorted(k for k in set(saved) & set(current) if saved[k] != current[k])
+        if changed:
+            was = ", ".join(f"{k} {saved[k]}" for k in changed)
+            now = ", ".join(f"{k} {current[k]}" for k in changed)
+            raise CheckpointError(f"{path} was trained with {was}, but this run has {now} (e.g. its CLIP was retrained "
+                                  "at the same path), so resuming would continue on other inputs; choose another "
+                                  "output directory, or pass --no-resume (resume=False) to train from scratch")
 
     def _loop(self, losses: list[float]) -> None:
         cfg = self.cfg
@@ -458,7 +486,7 @@ class Trainer:
     def export_checkpoint(self, step: int, out_dir: str | Path) -> Path:
         """Export this run's training checkpoint of `step` to `out_dir` as the task exports a finished model (the
         EMA weights when the checkpoint has them), without training: to evaluate or assemble an intermediate model.
-        The checkpoint must have been made with this run's model and CLIP config (as for resuming)."""
+        The checkpoint must have been made with this run's model and CLIP config and identity (as for resuming)."""
         if self.world_size > 1:
             raise RuntimeError("export a checkpoint from a single process (not under accelerate launch)")
         export = getattr(self.task, "export", None)
@@ -471,6 +499,7 @@ class Trainer:
                                   f"{', '.join(map(str, steps)) or '(none)'}")
         ckpt = load_training_checkpoint(path)
         self._check_resumed_config(ckpt.config.get("task") or {}, path)
+        self._check_resumed_identity(ckpt.config.get("identity") or {}, path)  # e.g. trained on this very CLIP
         model = self.unwrapped_model
         load_state_dict_strict(model, ckpt.model_state, source=path)
         if ckpt.ema_state is not None:
@@ -506,7 +535,7 @@ class Trainer:
                 rng_states=rng_states,
                 trainer_state=trainer_state,
                 config={"train": config_to_dict(self.cfg), "task": task_config() if task_config else None,
-                        "task_type": type(self.task).__name__},
+                        "task_type": type(self.task).__name__, "identity": self._identity()},
                 ema_state=self.ema.state_dict() if self.ema is not None else None,
             )
             rotate_checkpoints(self.checkpoint_root, self.cfg.keep_checkpoints)
@@ -559,6 +588,7 @@ class Trainer:
         if acc.scaler is not None and state.get("grad_scaler"):
             acc.scaler.load_state_dict(state["grad_scaler"])
         self.step = self._last_checkpoint_step = ckpt.step
+        self._resync_lr(ckpt)
         self.samples_seen = int(state["samples_seen"])
         self.skipped_samples, self.nonfinite_steps = int(state["skipped_samples"]), int(state["nonfinite_steps"])
         self.empty_batches = int(state.get("empty_batches", 0))
@@ -573,6 +603,22 @@ class Trainer:
             )
             self._seed_training_rng(ckpt.step)
         acc.print(f"resumed from {path} at step {self.step} ({self.samples_seen} samples seen)")
+
+    def _resync_lr(self, ckpt: TrainingCheckpoint) -> None:
+        """Give the next update the LR of this run's schedule: the restored optimizer holds the one the checkpoint's
+        schedule gave it. They differ when max_steps changed: the cosine is then re-stretched over the new total from
+        the step reached (no new warm-up), and the LR jumps; a warning says so, with the values."""
+        groups = self.optimizer.optimizer.param_groups
+        was, lrs = groups[0]["lr"], scheduled_lrs(self.scheduler)
+        for group, lr in zip(groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs  # what get_last_lr() reports
+        trained_for = (ckpt.config.get("train") or {}).get("max_steps", self.cfg.max_steps)
+        if trained_for != self.cfg.max_steps and self.cfg.lr_schedule == "cosine" and self.step < self.cfg.max_steps:
+            warnings.warn(f"resuming {ckpt.path} at step {self.step} with train.max_steps {self.cfg.max_steps} (it was "
+                          f"trained towards {trained_for}): the cosine LR schedule is re-stretched over "
+                          f"{self.cfg.max_steps} steps, so the lr jumps from {was:.3g} to {lrs[0]:.3g} (no new "
+                          "warm-up); see README, Configs and checkpoints", stacklevel=3)
 
     def _seed_training_rng(self, *extra: int) -> None:
         """Seed the global RNGs of this process from (seed, rank): each process draws different noise."""
