@@ -103,3 +103,30 @@ def test_console_scripts_are_installed_and_teach():
         assert "usage:" in out
     out = subprocess.run([str(BIN / "unclip"), "classify", "--help"], capture_output=True, text=True).stdout
     assert "--labels" in out and "prompt" in out
+
+
+def _one_line_error(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_directories_that_hold_a_clip_elsewhere_are_pointed_to(clip_dir, tmp_path, capsys):
+    """A pipeline directory, a training run and a training checkpoint: the error names the CLIP directory to give."""
+    import shutil
+
+    import unclip
+    from unclip.train.state import capture_rng_state, save_training_checkpoint
+
+    shipped = Path(unclip.__file__).parent / "pretrained" / "shapes-tiny"
+    assert f"its clip is {shipped / 'clip'}" in _one_line_error(["zero-shot", str(shipped)], capsys)
+    run = tmp_path / "runs" / "clip"
+    step = save_training_checkpoint(run / "checkpoints", step=30, model_state={"w": torch.ones(1)},
+                                    optimizer_state={"state": {}, "param_groups": []}, scheduler_state={},
+                                    rng_states=[capture_rng_state()], trainer_state={}, config={"train": {}})
+    assert "not there yet" in _one_line_error(["zero-shot", str(step)], capsys)
+    shutil.copytree(clip_dir, run / "model")
+    assert f"its trained model is {run / 'model'}" in _one_line_error(["zero-shot", str(run)], capsys)
+    err = _one_line_error(["zero-shot", str(step)], capsys)
+    assert "is a training checkpoint (for resuming training), not a model" in err and str(run / "model") in err
