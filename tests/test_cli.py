@@ -112,6 +112,35 @@ def _one_line_error(argv, capsys) -> str:
     return err
 
 
+def test_clip_arguments_that_give_no_usable_weights_are_one_line(clip_dir, pngs, tiny_arch, tmp_path, capsys,
+                                                                 monkeypatch):
+    """An architecture name without --pretrained (random weights), an open_clip file as --clip, and --pretrained
+    files or tags that cannot be had: exit status 2 and one line saying what to give instead."""
+    import open_clip
+
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "unclip-test-tiny", tiny_arch)
+
+    def offline(*args, **kwargs):
+        raise FileNotFoundError("Failed to download file (open_clip_pytorch_model.bin). Last error: MaxRetryError")
+
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)
+    classify = ["classify", str(pngs[0]), "--labels", "a,b", "--clip"]
+    err = _one_line_error([*classify, "unclip-test-tiny"], capsys)
+    assert "unclip-test-tiny is an architecture name; give its weights with --pretrained TAG|FILE" in err
+    assert "(its tags: openai, " in _one_line_error(["zero-shot", "ViT-B-32"], capsys)
+    assert "is an architecture name" in _one_line_error(["embed", "--clip", "ViT-B-32", "--data", "shapes", "--out",
+                                                         str(tmp_path / "e")], capsys)
+    weights = tmp_path / "epoch_32.pt"
+    weights.write_text("not weights")
+    assert f"--clip ARCH --pretrained {weights}" in _one_line_error([*classify, str(weights)], capsys)
+    assert "is not a readable CLIP checkpoint" in _one_line_error([*classify, "unclip-test-tiny", "--pretrained",
+                                                                   str(weights)], capsys)
+    missing = ["zero-shot", "unclip-test-tiny", "--pretrained", str(tmp_path / "missing.pt")]
+    assert "pretrained weights file not found" in _one_line_error(missing, capsys)
+    err = _one_line_error(["zero-shot", "ViT-B-32", "--pretrained", "openai"], capsys)
+    assert "'openai' of ViT-B-32 could not be downloaded" in err and "local open_clip weights file" in err
+
+
 def test_directories_that_hold_a_clip_elsewhere_are_pointed_to(clip_dir, tmp_path, capsys):
     """A pipeline directory, a training run and a training checkpoint: the error names the CLIP directory to give."""
     import shutil
