@@ -227,3 +227,34 @@ def test_a_name_without_weights_or_a_file_instead_of_a_directory_is_refused(tiny
             load(path)
         assert f"Clip.from_open_clip(NAME, pretrained='{path}')" in str(e.value)
         assert f"--clip NAME --pretrained {path}" in str(e.value)
+
+
+def test_architecture_typos_are_config_errors_naming_the_closest_key(tiny_arch, tmp_path, capsys):
+    """A misspelt key in a train-clip config's `architecture:` block (or a --set into it) is one line naming the
+    key's path and the closest field of open_clip's CLIPVisionCfg / CLIPTextCfg / CLIP, before any training."""
+    import yaml
+
+    from unclip.cli.train_clip import main as train_clip
+    from unclip.config import ConfigError
+
+    arch = {**tiny_arch, "vision_cfg": {**tiny_arch["vision_cfg"], "head_widht": 32}}
+    del arch["vision_cfg"]["head_width"]
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump({"model": {"architecture": arch}, "train": {"max_steps": 1}}))
+    out = ["--output-dir", str(tmp_path / "run")]
+    assert train_clip([str(path), *out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}: unknown config key 'model.architecture.vision_cfg.head_widht' for " \
+        "open_clip's CLIPVisionCfg. Did you mean 'head_width'?" in err
+    path.write_text(yaml.safe_dump({"model": {"architecture": tiny_arch}, "train": {"max_steps": 1}}))
+    for key, close in (("vision_cfg.widht", "width"), ("text_cfg.head", "heads"), ("embed_dims", "embed_dim")):
+        assert train_clip([str(path), *out, "--set", f"model.architecture.{key}=3"]) == 2
+        assert f"'model.architecture.{key}'" in (err := capsys.readouterr().err) and f"Did you mean '{close}'?" in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"'architecture.text_cfg.heds' for open_clip's CLIPTextCfg. Did you mean"):
+        Clip.from_architecture({**tiny_arch, "text_cfg": {**tiny_arch["text_cfg"], "heds": 2}})
+    from unclip.clip.model import check_architecture
+
+    for name in open_clip.list_models():  # every open_clip CLIP config passes (CoCa is another model class)
+        if not name.startswith("coca"):
+            check_architecture(open_clip.get_model_config(name))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,17 +24,18 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from torch import nn
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_pretrained_dir, load_state_dict_strict, save_pretrained_dir
-from ..config import config_to_dict, load_config
+from ..config import check_keys, config_to_dict, load_config
 from .config import ClipConfig
 from .weights import ClipNotFoundError, ClipWeightsError, read_cast_from, read_open_clip_state_dict, weights_fingerprint
 
-__all__ = ["Clip", "TextEncoding", "CaptionError", "ClipNotFoundError", "ClipWeightsError", "contrastive_loss",
-           "load_clip", "read_open_clip_state_dict", "weights_fingerprint"]
+__all__ = ["Clip", "TextEncoding", "CaptionError", "ClipNotFoundError", "ClipWeightsError", "check_architecture",
+           "contrastive_loss", "load_clip", "read_open_clip_state_dict", "weights_fingerprint"]
 
 KIND = "clip"
 
@@ -135,6 +137,7 @@ class Clip(nn.Module):
     def from_architecture(cls, architecture: dict[str, Any], preprocess: dict[str, Any] | None = None,
                           model_name: str | None = None) -> Clip:
         """A randomly initialised model of an explicit open_clip model config (training from scratch)."""
+        check_architecture(architecture)
         arch = copy.deepcopy(architecture)
         custom_text = arch.pop("custom_text", False) or "hf_model_name" in arch.get("text_cfg", {})
         model_cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
@@ -318,6 +321,19 @@ def load_clip(spec: str | Path, pretrained: str | None = None) -> Clip:
         "nor an open_clip model name (see open_clip.list_models()); train one first (train-clip "
         "configs/clip/shapes-tiny.yaml writes runs/clip-shapes-tiny/model) or point to another"
     )
+
+
+def check_architecture(architecture: dict[str, Any], where: str = "architecture") -> None:
+    """Raise ConfigError for the first key of an open_clip model config that open_clip does not take, naming its path
+    under `where` and the closest key of open_clip's CLIP / CLIPVisionCfg / CLIPTextCfg."""
+    custom_text = architecture.get("custom_text", False) or "hf_model_name" in (architecture.get("text_cfg") or {})
+    model_cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+    top = [name for name in inspect.signature(model_cls.__init__).parameters if name != "self"] + ["custom_text"]
+    check_keys(architecture, top, where, f"open_clip's {model_cls.__name__}")
+    for key, cfg_cls in (("vision_cfg", CLIPVisionCfg), ("text_cfg", CLIPTextCfg)):
+        if isinstance(architecture.get(key), dict):
+            fields = [f.name for f in dataclasses.fields(cfg_cls)]
+            check_keys(architecture[key], fields, f"{where}.{key}", f"open_clip's {cfg_cls.__name__}")
 
 
 def architecture_tags(name: str) -> list[str] | None:
