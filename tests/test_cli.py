@@ -159,3 +159,15 @@ def test_directories_that_hold_a_clip_elsewhere_are_pointed_to(clip_dir, tmp_pat
     assert f"its trained model is {run / 'model'}" in _one_line_error(["zero-shot", str(run)], capsys)
     err = _one_line_error(["zero-shot", str(step)], capsys)
     assert "is a training checkpoint (for resuming training), not a model" in err and str(run / "model") in err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--labels", "circle,circle"], "duplicate class names: 'circle'"),
+        (["--labels", "a,b", "--template", "no placeholder"], "'no placeholder' must contain exactly one {}"),
+        (["--labels", "a,b", "--template", "a {}.", "--template", "a {} {} thing"], "found: {}, {}"),
+    ],
+)
+def test_classify_refuses_templates_and_labels_that_cannot_classify(clip_dir, pngs, capsys, extra, message):
+    assert message in _one_line_error(["classify", str(pngs[0]), "--clip", str(clip_dir), *extra], capsys)

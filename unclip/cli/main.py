@@ -108,13 +108,19 @@ def _load_clip(spec: str, pretrained: str | None, device: str):
 
 def _classify(args: argparse.Namespace) -> None:
     from ..clip import DEFAULT_TEMPLATES, classify
+    from ..clip.zero_shot import check_class_names, check_templates
 
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     if len(labels) < 2:
         raise CliError(f"--labels needs at least two comma-separated class names, got {args.labels!r}")
+    try:  # before any image or model is read
+        check_class_names(labels)
+        templates = check_templates(args.template or DEFAULT_TEMPLATES)
+    except ValueError as e:
+        raise CliError(str(e)) from None
     images = [read_image(path) for path in args.images]
     clip = _load_clip(args.clip, args.pretrained, resolve_device(args.device))
-    probs = classify(clip, images, labels, templates=args.template or DEFAULT_TEMPLATES)
+    probs = classify(clip, images, labels, templates=templates)
     rows = [[str(p), labels[int(pr.argmax())], *(f"{float(v):.3f}" for v in pr)] for p, pr in zip(args.images, probs)]
     print_table(["image", "prediction", *labels], rows)
 
