@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +91,35 @@ def test_strict_loading_lists_every_difference():
         load_state_dict_strict(model, state, source="ckpt")
     msg = str(e.value)
     assert "missing (1): 1.bias" in msg and "unexpected (1): extra" in msg and "0.weight: checkpoint (5, 4)" in msg
+
+
+def test_other_directories_and_files_say_what_they_are_and_what_to_give(tmp_path):
+    """A file, a pipeline directory, a training run and a training checkpoint each get a message naming what was
+    given and which directory to give instead (not just 'config.json is missing')."""
+    from unclip.train.state import capture_rng_state, save_training_checkpoint
+
+    model = save_pretrained_dir(tmp_path / "run" / "model", kind="toy", config={}, state_dict={"w": torch.ones(2)})
+    step = save_training_checkpoint(tmp_path / "run" / "checkpoints", step=30, model_state={"w": torch.ones(2)},
+                                    optimizer_state={"state": {}, "param_groups": []}, scheduler_state={},
+                                    rng_states=[capture_rng_state()], trainer_state={}, config={"train": {}})
+    with pytest.raises(CheckpointError, match=r"is a training checkpoint \(for resuming training\)") as e:
+        load_pretrained_dir(step, kind="toy")
+    assert str(model) in str(e.value) and "not there yet" not in str(e.value)
+    with pytest.raises(CheckpointError, match="training run directory") as e:
+        load_pretrained_dir(tmp_path / "run", kind="toy")
+    assert f"its trained model is {model}" in str(e.value)
+    with pytest.raises(CheckpointError, match="is a file of a checkpoint directory") as e:
+        load_pretrained_dir(model / "model.safetensors")
+    assert str(e.value).endswith(f"give the directory, {model}")
+    (tmp_path / "epoch_32.pt").write_bytes(b"weights")
+    with pytest.raises(CheckpointError, match="epoch_32.pt is a file, not a checkpoint directory"):
+        load_pretrained_dir(tmp_path / "epoch_32.pt")
+
+    import unclip
+
+    shipped = Path(unclip.__file__).parent / "pretrained" / "shapes-tiny"
+    with pytest.raises(CheckpointError, match="is a pipeline directory") as e:
+        load_pretrained_dir(shipped, kind="clip")
+    assert str(e.value).endswith(f"its clip is {shipped / 'clip'}")
+    with pytest.raises(CheckpointError, match="upsampler-1.*upsampler-2"):
+        load_pretrained_dir(shipped, kind="upsampler")

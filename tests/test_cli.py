@@ -103,3 +103,71 @@ def test_console_scripts_are_installed_and_teach():
         assert "usage:" in out
     out = subprocess.run([str(BIN / "unclip"), "classify", "--help"], capture_output=True, text=True).stdout
     assert "--labels" in out and "prompt" in out
+
+
+def _one_line_error(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_clip_arguments_that_give_no_usable_weights_are_one_line(clip_dir, pngs, tiny_arch, tmp_path, capsys,
+                                                                 monkeypatch):
+    """An architecture name without --pretrained (random weights), an open_clip file as --clip, and --pretrained
+    files or tags that cannot be had: exit status 2 and one line saying what to give instead."""
+    import open_clip
+
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "unclip-test-tiny", tiny_arch)
+
+    def offline(*args, **kwargs):
+        raise FileNotFoundError("Failed to download file (open_clip_pytorch_model.bin). Last error: MaxRetryError")
+
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)
+    classify = ["classify", str(pngs[0]), "--labels", "a,b", "--clip"]
+    err = _one_line_error([*classify, "unclip-test-tiny"], capsys)
+    assert "unclip-test-tiny is an architecture name; give its weights with --pretrained TAG|FILE" in err
+    assert "(its tags: openai, " in _one_line_error(["zero-shot", "ViT-B-32"], capsys)
+    assert "is an architecture name" in _one_line_error(["embed", "--clip", "ViT-B-32", "--data", "shapes", "--out",
+                                                         str(tmp_path / "e")], capsys)
+    weights = tmp_path / "epoch_32.pt"
+    weights.write_text("not weights")
+    assert f"--clip ARCH --pretrained {weights}" in _one_line_error([*classify, str(weights)], capsys)
+    assert "is not a readable CLIP checkpoint" in _one_line_error([*classify, "unclip-test-tiny", "--pretrained",
+                                                                   str(weights)], capsys)
+    missing = ["zero-shot", "unclip-test-tiny", "--pretrained", str(tmp_path / "missing.pt")]
+    assert "pretrained weights file not found" in _one_line_error(missing, capsys)
+    err = _one_line_error(["zero-shot", "ViT-B-32", "--pretrained", "openai"], capsys)
+    assert "'openai' of ViT-B-32 could not be downloaded" in err and "local open_clip weights file" in err
+
+
+def test_directories_that_hold_a_clip_elsewhere_are_pointed_to(clip_dir, tmp_path, capsys):
+    """A pipeline directory, a training run and a training checkpoint: the error names the CLIP directory to give."""
+    import shutil
+
+    import unclip
+    from unclip.train.state import capture_rng_state, save_training_checkpoint
+
+    shipped = Path(unclip.__file__).parent / "pretrained" / "shapes-tiny"
+    assert f"its clip is {shipped / 'clip'}" in _one_line_error(["zero-shot", str(shipped)], capsys)
+    run = tmp_path / "runs" / "clip"
+    step = save_training_checkpoint(run / "checkpoints", step=30, model_state={"w": torch.ones(1)},
+                                    optimizer_state={"state": {}, "param_groups": []}, scheduler_state={},
+                                    rng_states=[capture_rng_state()], trainer_state={}, config={"train": {}})
+    assert "not there yet" in _one_line_error(["zero-shot", str(step)], capsys)
+    shutil.copytree(clip_dir, run / "model")
+    assert f"its trained model is {run / 'model'}" in _one_line_error(["zero-shot", str(run)], capsys)
+    err = _one_line_error(["zero-shot", str(step)], capsys)
+    assert "is a training checkpoint (for resuming training), not a model" in err and str(run / "model") in err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--labels", "circle,circle"], "duplicate class names: 'circle'"),
+        (["--labels", "a,b", "--template", "no placeholder"], "'no placeholder' must contain exactly one {}"),
+        (["--labels", "a,b", "--template", "a {}.", "--template", "a {} {} thing"], "found: {}, {}"),
+    ],
+)
+def test_classify_refuses_templates_and_labels_that_cannot_classify(clip_dir, pngs, capsys, extra, message):
+    assert message in _one_line_error(["classify", str(pngs[0]), "--clip", str(clip_dir), *extra], capsys)

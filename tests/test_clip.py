@@ -163,3 +163,98 @@ def test_config_validation_and_unknown_sources(tmp_path):
         load_clip(tmp_path / "nothing-here")
     with pytest.raises(ValueError, match="unknown open_clip model"):
         Clip.from_open_clip("ViT-Nonexistent")
+
+
+@pytest.fixture()
+def tiny_name(tiny_arch, monkeypatch):
+    """The tiny architecture registered with open_clip under a name, as if it were one of its built-in models."""
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "unclip-test-tiny", tiny_arch)
+    return "unclip-test-tiny"
+
+
+@pytest.fixture()
+def offline(monkeypatch):
+    """open_clip's download as it fails without internet (after its retries), called at most `offline.calls`."""
+    calls = []
+
+    def download(cfg, *args, **kwargs):
+        calls.append(cfg)
+        raise FileNotFoundError("Failed to download file (open_clip_pytorch_model.bin) for timm/vit_base_patch32_"
+                                "clip_224.openai. Last error: (MaxRetryError('HTTPSConnectionPool(huggingface.co)'))")
+
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", download)
+    return calls
+
+
+def test_pretrained_weights_that_cannot_be_had_are_one_clear_error(tiny_name, tmp_path, offline):
+    """A missing file, a file that holds no weights, an unknown tag, and a tag that cannot be downloaded: each a
+    ClipWeightsError (a CheckpointError, one line on the command line) naming what was given; no download tried
+    for files and unknown tags."""
+    with pytest.raises(CheckpointError, match="pretrained weights file not found: .*missing.pt"):
+        Clip.from_open_clip(tiny_name, pretrained=str(tmp_path / "missing.pt"))
+    with pytest.raises(CheckpointError, match="CLIP checkpoint not found"):
+        Clip.from_config(ClipConfig(model_name=tiny_name, checkpoint=str(tmp_path / "missing.pt")))
+    (tmp_path / "notes.pt").write_text("hello world, not weights\n")
+    with pytest.raises(CheckpointError, match=r"notes.pt is not a readable CLIP checkpoint.*text file starting 'hell"):
+        Clip.from_open_clip(tiny_name, pretrained=str(tmp_path / "notes.pt"))
+    torch.save({"epoch": 3, "w": torch.ones(1)}, tmp_path / "meta.pt")
+    with pytest.raises(CheckpointError, match=r"meta.pt is not a CLIP checkpoint: it holds a dict .*'epoch': int"):
+        load_clip(tiny_name, pretrained=str(tmp_path / "meta.pt"))
+    with pytest.raises(CheckpointError, match="'nosuchtag' is neither a file nor a pretrained tag of ViT-B-32 "
+                                               r"\(its tags: openai, "):
+        Clip.from_open_clip("ViT-B-32", pretrained="nosuchtag")
+    with pytest.raises(CheckpointError, match=r"is a directory: give an open_clip weights file"):
+        Clip.from_open_clip(tiny_name, pretrained=str(tmp_path))
+    assert offline == []
+    with pytest.raises(CheckpointError, match="the open_clip weights 'openai' of ViT-B-32 could not be downloaded "
+                                               r"\(offline\?\): .*MaxRetryError.* give a local open_clip weights file"):
+        load_clip("ViT-B-32", pretrained="openai")
+    assert len(offline) == 1
+
+
+def test_a_name_without_weights_or_a_file_instead_of_a_directory_is_refused(tiny_clip, tiny_name, tmp_path):
+    """load_clip (what users type) never hands out random weights; Clip.from_open_clip(name) still builds them."""
+
+    with pytest.raises(CheckpointError, match=f"{tiny_name} is an open_clip architecture name without weights"):
+        load_clip(tiny_name)
+    with pytest.raises(CheckpointError, match=r"pretrained=TAG\|FILE \(a pretrained tag \(openai, .*\)"):
+        load_clip("ViT-B-32")
+    assert Clip.from_open_clip(tiny_name).embed_dim == tiny_clip.embed_dim  # random on purpose
+    path = tmp_path / "epoch_32.pt"
+    torch.save(tiny_clip.model.state_dict(), path)
+    for load in (Clip.from_pretrained, load_clip):
+        with pytest.raises(CheckpointError, match="epoch_32.pt is a file, not a CLIP directory") as e:
+            load(path)
+        assert f"Clip.from_open_clip(NAME, pretrained='{path}')" in str(e.value)
+        assert f"--clip NAME --pretrained {path}" in str(e.value)
+
+
+def test_architecture_typos_are_config_errors_naming_the_closest_key(tiny_arch, tmp_path, capsys):
+    """A misspelt key in a train-clip config's `architecture:` block (or a --set into it) is one line naming the
+    key's path and the closest field of open_clip's CLIPVisionCfg / CLIPTextCfg / CLIP, before any training."""
+    import yaml
+
+    from unclip.cli.train_clip import main as train_clip
+    from unclip.config import ConfigError
+
+    arch = {**tiny_arch, "vision_cfg": {**tiny_arch["vision_cfg"], "head_widht": 32}}
+    del arch["vision_cfg"]["head_width"]
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump({"model": {"architecture": arch}, "train": {"max_steps": 1}}))
+    out = ["--output-dir", str(tmp_path / "run")]
+    assert train_clip([str(path), *out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}: unknown config key 'model.architecture.vision_cfg.head_widht' for " \
+        "open_clip's CLIPVisionCfg. Did you mean 'head_width'?" in err
+    path.write_text(yaml.safe_dump({"model": {"architecture": tiny_arch}, "train": {"max_steps": 1}}))
+    for key, close in (("vision_cfg.widht", "width"), ("text_cfg.head", "heads"), ("embed_dims", "embed_dim")):
+        assert train_clip([str(path), *out, "--set", f"model.architecture.{key}=3"]) == 2
+        assert f"'model.architecture.{key}'" in (err := capsys.readouterr().err) and f"Did you mean '{close}'?" in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"'architecture.text_cfg.heds' for open_clip's CLIPTextCfg. Did you mean"):
+        Clip.from_architecture({**tiny_arch, "text_cfg": {**tiny_arch["text_cfg"], "heds": 2}})
+    from unclip.clip.model import check_architecture
+
+    for name in open_clip.list_models():  # every open_clip CLIP config passes (CoCa is another model class)
+        if not name.startswith("coca"):
+            check_architecture(open_clip.get_model_config(name))

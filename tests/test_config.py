@@ -80,3 +80,31 @@ def test_every_shipped_clip_config_loads():
     assert paths, "no CLIP configs shipped"
     for path in paths:
         load_config(TrainClipConfig, path)
+
+
+def test_overrides_of_a_misspelt_section_suggest_the_section_and_optional_fields_say_why():
+    cfg = load_config(Outer, {"name": "x"})
+    with pytest.raises(ConfigError, match=r"'innr.lr': 'innr' is not a section. Did you mean 'inner'\?"):
+        replace_config(cfg, {"innr.lr": 0.5})
+    with pytest.raises(ConfigError, match="clip: expected a number, got 'big'"):  # was "fits none of Optional"
+        load_config(Outer, {"name": "x", "clip": "big"})
+
+
+def test_annotated_fields_are_checked_with_their_key_path():
+    from typing import Annotated
+
+    def no_bad_keys(value, where):
+        if "bad" in value:
+            raise ConfigError(f"{where}.bad is bad")
+
+    @dataclass(frozen=True)
+    class Holder:
+        extra: Annotated[dict, no_bad_keys] | None = None
+
+    @dataclass(frozen=True)
+    class Top:
+        holder: Holder = field(default_factory=Holder)
+
+    assert load_config(Top, {"holder": {"extra": {"good": 1}}}).holder.extra == {"good": 1}
+    with pytest.raises(ConfigError, match=r"^holder.extra.bad is bad$"):
+        load_config(Top, {"holder": {"extra": {"bad": 1}}})

@@ -61,3 +61,20 @@ def test_judge_scores_per_attribute(tiny_clip):
     right = judge.score(rows["image"], rows["shape"], rows["fg"], rows["bg"])
     assert torch.equal(right["shape"], pred["shape"] == torch.tensor(rows["shape"]))
     assert torch.equal(right["all"], right["shape"] & right["fg"] & right["bg"])
+
+
+def test_templates_and_class_names_are_checked_before_encoding(tiny_clip):
+    """A template without exactly one "{}" would give every class the same prompt (equal probabilities) or fail
+    inside str.format; a class named twice would get two identical columns. Each is a ValueError naming it."""
+    for template, found in (("no placeholder", "none"), ("a {} {} thing", "{}, {}"), ("a {name}", "{name}")):
+        with pytest.raises(ValueError, match=r"must contain exactly one \{\} for the class name \(found: "
+                                             + found.replace("{", r"\{").replace("}", r"\}")):
+            zero_shot_classifier(tiny_clip, ["cat", "dog"], ("a photo of a {}.", template))
+    with pytest.raises(ValueError, match="not a format string"):
+        classify(tiny_clip, make_shapes(1)["image"], ["cat", "dog"], templates=["a {} of {"])
+    with pytest.raises(ValueError, match=r"duplicate class names: 'circle' \(each class must be named once\)"):
+        classify(tiny_clip, make_shapes(1)["image"], ["circle", "square", "circle"])
+    with pytest.raises(ValueError, match="class name #1 is empty"):
+        zero_shot_classifier(tiny_clip, ["cat", " "])
+    single = zero_shot_classifier(tiny_clip, ["cat", "dog"], "a photo of a {}.")  # one template string, not its chars
+    torch.testing.assert_close(single, zero_shot_classifier(tiny_clip, ["cat", "dog"], ["a photo of a {}."]))

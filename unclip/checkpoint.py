@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     "FORMAT_VERSION",
+    "TRAINING_CHECKPOINT_KIND",
     "CheckpointError",
     "atomic_directory",
     "check_replaceable",
@@ -37,6 +38,7 @@ __all__ = [
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+TRAINING_CHECKPOINT_KIND = "training_checkpoint"  # the kind in a training checkpoint's config.json (unclip.train)
 
 
 class CheckpointError(RuntimeError):
@@ -156,18 +158,24 @@ def save_pretrained_dir(
 
 
 def load_pretrained_dir(path: str | Path, *, kind: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read a directory written by `save_pretrained_dir`: returns (config.json contents, state dict on CPU)."""
+    """Read a directory written by `save_pretrained_dir`: returns (config.json contents, state dict on CPU).
+
+    A path that is something else (a file, a pipeline directory, a training run or one of its training checkpoints)
+    is a CheckpointError that says what it is and, where there is one, which directory to give instead."""
     path = Path(path)
     cfg_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory not found: {path}")
-    for p in (cfg_path, weights_path):
-        if not p.is_file():
-            raise CheckpointError(f"{path} is not a complete checkpoint: {p.name} is missing")
+        raise CheckpointError(_not_a_directory(path))
+    if not cfg_path.is_file():
+        raise CheckpointError(_missing_config(path, kind))
     try:
         meta = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+    if isinstance(meta, dict) and meta.get("kind") == TRAINING_CHECKPOINT_KIND:
+        raise CheckpointError(_training_checkpoint(path))
+    if not weights_path.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint: {WEIGHTS_NAME} is missing")
     if not isinstance(meta, dict) or "config" not in meta or "kind" not in meta:
         raise CheckpointError(f"{cfg_path} lacks the 'kind' and 'config' entries of an unclip checkpoint")
     if kind is not None and meta["kind"] != kind:
@@ -181,6 +189,51 @@ def load_pretrained_dir(path: str | Path, *, kind: str | None = None) -> tuple[d
     except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
         raise CheckpointError(f"{weights_path} could not be read (truncated or corrupt?): {e}") from None
     return meta, state
+
+
+def _stage_dirs(path: Path, kind: str | None) -> list[Path]:
+    """The sub-directories of `path` holding a checkpoint (of `kind`, when given), by name."""
+    found = []
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+        with contextlib.suppress(OSError, ValueError):
+            meta = json.loads((sub / CONFIG_NAME).read_text())
+            if isinstance(meta, dict) and "config" in meta and (kind is None or meta.get("kind") == kind):
+                found.append(sub)
+    return found
+
+
+def _not_a_directory(path: Path) -> str:
+    if not path.exists():
+        return f"checkpoint directory not found: {path}"
+    if path.name in (CONFIG_NAME, WEIGHTS_NAME):
+        return f"{path} is a file of a checkpoint directory: give the directory, {path.parent}"
+    return (f"{path} is a file, not a checkpoint directory: unclip saves a model as a directory "
+            f"({CONFIG_NAME} + {WEIGHTS_NAME})")
+
+
+def _missing_config(path: Path, kind: str | None) -> str:
+    what = f"{kind} checkpoint" if kind else "checkpoint"
+    stages = _stage_dirs(path, kind)
+    if (path / "pipeline.json").is_file():
+        where = (f"its {kind or 'stage'} is {stages[0]}" if len(stages) == 1
+                 else f"give a stage directory ({', '.join(str(s) for s in stages) or 'none found'})")
+        return f"{path} is a pipeline directory (pipeline.json), not a single {what}: {where}"
+    if (path / "checkpoints").is_dir() or (path / "model").is_dir():
+        if (path / "model" / CONFIG_NAME).is_file():
+            return f"{path} is a training run directory, not a {what}: its trained model is {path / 'model'}"
+        return (f"{path} is a training run directory without an exported model ({path / 'model'} is written when "
+                "training finishes): finish or resume the training first")
+    if stages:
+        return f"{path} is not a {what} ({CONFIG_NAME} is missing); did you mean {stages[0]}?"
+    return f"{path} is not a complete checkpoint: {CONFIG_NAME} is missing"
+
+
+def _training_checkpoint(path: Path) -> str:
+    run = path.parent.parent
+    model = run / "model"
+    done = "" if (model / CONFIG_NAME).is_file() else " (not there yet: it is written when training finishes)"
+    return (f"{path} is a training checkpoint (for resuming training), not a model: load the run's exported model, "
+            f"{model}{done}")
 
 
 def load_state_dict_strict(

@@ -3,7 +3,9 @@
 Every component's config is a frozen dataclass with a comment per field. `load_config(Cls, "x.yaml")`
 builds it from a YAML file and rejects anything that does not fit: an unknown key is an error that names
 the key, where it is, the closest valid key and the full list; a value of the wrong type or outside a
-`Literal` is an error that names the field and what was expected.
+`Literal` is an error that names the field and what was expected. A field typed `Annotated[T, check]` is read
+as T, then `check(value, where)` may raise a ConfigError for what the type cannot say (e.g. the keys of a
+free-form mapping checked against a library's own dataclass).
 
     @dataclass(frozen=True)
     class OptimConfig:
@@ -21,13 +23,13 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "load_config", "config_from_dict", "config_to_dict", "replace_config"]
+__all__ = ["ConfigError", "load_config", "config_from_dict", "config_to_dict", "replace_config", "check_keys"]
 
 
 class ConfigError(ValueError):
@@ -62,15 +64,9 @@ def config_from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> 
         raise TypeError(f"{cls!r} is not a dataclass")
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping for {cls.__name__}, got {data!r}")
-    hints = get_type_hints(cls)
+    hints = get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"unknown config key '{_join(where, key)}' for {cls.__name__}.{hint} Valid keys: {', '.join(fields)}"
-            )
+    check_keys(data, list(fields), where, cls.__name__)
     kwargs = {}
     for name, field in fields.items():
         if name in data:
@@ -81,6 +77,18 @@ def config_from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> 
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def check_keys(data: Mapping[str, Any], valid: list[str], where: str, owner: str) -> None:
+    """Raise ConfigError for the first key of `data` not in `valid`, naming its path (under `where`), `owner` (what
+    takes these keys), the closest valid key and all of them."""
+    for key in data:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown config key '{_join(where, key)}' for {owner}.{hint} Valid keys: {', '.join(valid)}"
+            )
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -96,7 +104,10 @@ def replace_config(cfg: T, overrides: Mapping[str, Any]) -> T:
         *parents, leaf = dotted.split(".")
         for p in parents:
             if not isinstance(node.get(p), dict):
-                raise ConfigError(f"unknown config key '{dotted}': '{p}' is not a section")
+                sections = [k for k, v in node.items() if v is None or isinstance(v, dict)]
+                close = difflib.get_close_matches(p, sections, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close and p not in node else ""
+                raise ConfigError(f"unknown config key '{dotted}': '{p}' is not a section.{hint}")
             node = node[p]
         node[leaf] = value
     return config_from_dict(type(cfg), data)
@@ -118,10 +129,19 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
+    if origin is Annotated:  # Annotated[T, check, ...]: convert to T, then each check(value, where) may raise
+        inner, *checks = get_args(tp)
+        value = _convert(inner, value, where)
+        for check in checks:
+            if callable(check):
+                check(value, where)
+        return value
     if origin in (Union, types.UnionType):
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
+        if len(options) == 2 and type(None) in options:  # Optional[T]: T's own error says more than "fits none"
+            return _convert(next(o for o in options if o is not type(None)), value, where)
         errors = []
         for option in options:
             if option is type(None):

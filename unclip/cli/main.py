@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Classify freshly drawn SHAPES images' shape, foreground and background colour "
                                    "zero-shot and print the accuracy of each.")
     p.add_argument("clip", help="CLIP directory (written by train-clip) or open_clip model name")
-    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local file, for a model name")
+    p.add_argument("--pretrained", default=None,
+                   help="with a model name (required): an open_clip pretrained tag or a local weights file")
     p.add_argument("--split", choices=("heldout", "train", "all"), default="heldout",
                    help="which SHAPES triples to draw from (default: heldout, never seen in training)")
     p.add_argument("--samples", type=positive_int, default=500, help="images to draw (default 500)")
@@ -84,12 +85,24 @@ def _add_clip_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", required=True,
                    help="CLIP directory written by train-clip, or an open_clip model name such as ViT-L-14")
     p.add_argument("--pretrained", default=None,
-                   help="with a model name: an open_clip pretrained tag (downloads) or a local open_clip file")
+                   help="with a model name (required): an open_clip pretrained tag (downloads) or a local open_clip "
+                        "weights file")
 
 
 def _load_clip(spec: str, pretrained: str | None, device: str):
+    """The CLIP of --clip/--pretrained for inference: an open_clip architecture name needs its weights, and an
+    open_clip weights file its architecture name."""
+    from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME
     from ..clip import load_clip
+    from ..clip.model import architecture_tags
 
+    tags = architecture_tags(spec)
+    if tags is not None and pretrained is None:
+        known = f" (its tags: {', '.join(tags[:4])}{', ...' if len(tags) > 4 else ''})" if tags else ""
+        raise CliError(f"{spec} is an architecture name; give its weights with --pretrained TAG|FILE{known}")
+    if Path(spec).is_file() and Path(spec).name not in (CONFIG_NAME, WEIGHTS_NAME):
+        raise CliError(f"{spec} is a file, not a CLIP directory: an open_clip weights file needs its architecture, "
+                       f"--clip ARCH --pretrained {spec} (ARCH: an open_clip model name such as ViT-B-32)")
     try:
         return load_clip(spec, pretrained=pretrained).to(device)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
@@ -98,13 +111,19 @@ def _load_clip(spec: str, pretrained: str | None, device: str):
 
 def _classify(args: argparse.Namespace) -> None:
     from ..clip import DEFAULT_TEMPLATES, classify
+    from ..clip.zero_shot import check_class_names, check_templates
 
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     if len(labels) < 2:
         raise CliError(f"--labels needs at least two comma-separated class names, got {args.labels!r}")
+    try:  # before any image or model is read
+        check_class_names(labels)
+        templates = check_templates(args.template or DEFAULT_TEMPLATES)
+    except ValueError as e:
+        raise CliError(str(e)) from None
     images = [read_image(path) for path in args.images]
     clip = _load_clip(args.clip, args.pretrained, resolve_device(args.device))
-    probs = classify(clip, images, labels, templates=args.template or DEFAULT_TEMPLATES)
+    probs = classify(clip, images, labels, templates=templates)
     rows = [[str(p), labels[int(pr.argmax())], *(f"{float(v):.3f}" for v in pr)] for p, pr in zip(args.images, probs)]
     print_table(["image", "prediction", *labels], rows)
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import pickle
+import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,28 +24,20 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
-from safetensors.torch import load_file
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_pretrained_dir, load_state_dict_strict, save_pretrained_dir
-from ..config import config_to_dict, load_config
+from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_pretrained_dir, load_state_dict_strict, save_pretrained_dir
+from ..config import check_keys, config_to_dict, load_config
 from .config import ClipConfig
+from .weights import ClipNotFoundError, ClipWeightsError, read_cast_from, read_open_clip_state_dict, weights_fingerprint
 
-__all__ = ["Clip", "TextEncoding", "CaptionError", "contrastive_loss", "load_clip", "read_open_clip_state_dict",
-           "weights_fingerprint"]
+__all__ = ["Clip", "TextEncoding", "CaptionError", "ClipNotFoundError", "ClipWeightsError", "check_architecture",
+           "contrastive_loss", "load_clip", "read_open_clip_state_dict", "weights_fingerprint"]
 
 KIND = "clip"
-
-
-def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
-    """A short hash (16 hex digits) of a state dict: every name and the exact bytes of every tensor."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(state_dict.items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 class CaptionError(ValueError):
@@ -99,6 +90,8 @@ class Clip(nn.Module):
         """Build from a `ClipConfig` (or a dict / YAML path for one); see ClipConfig for the sources."""
         cfg = load_config(ClipConfig, config)
         checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else None
+        if checkpoint is not None and not checkpoint.exists():
+            raise ClipWeightsError(f"CLIP checkpoint not found: {checkpoint}")
         if checkpoint is not None and checkpoint.is_dir():
             return cls.from_pretrained(checkpoint)
         if cfg.architecture is None:
@@ -113,22 +106,38 @@ class Clip(nn.Module):
     @classmethod
     def from_open_clip(cls, model_name: str, pretrained: str | Path | None = None,
                        preprocess: dict[str, Any] | None = None) -> Clip:
-        """An open_clip architecture by name, with weights from a pretrained tag or a local open_clip file."""
+        """An open_clip architecture by name, with weights from a pretrained tag or a local open_clip file (random
+        weights without `pretrained`).
+
+        A file that is missing or holds no weights, a tag the model does not have, or a tag whose weights cannot be
+        downloaded (offline) is a ClipWeightsError; files and unknown tags are refused before any download."""
         if model_name not in open_clip.list_models() and ":" not in model_name:
             raise ValueError(f"unknown open_clip model '{model_name}'; see open_clip.list_models()")
         architecture = open_clip.get_model_config(model_name)
-        if pretrained is not None and Path(pretrained).is_file():
+        file = _pretrained_file(model_name, str(pretrained)) if pretrained is not None else None
+        if file is not None:
             clip = cls.from_architecture(architecture, preprocess=preprocess, model_name=model_name)
-            load_state_dict_strict(clip.model, read_open_clip_state_dict(pretrained), source=pretrained)
+            load_state_dict_strict(clip.model, read_open_clip_state_dict(file), source=file)
             return clip
-        model = open_clip.create_model(model_name, pretrained=pretrained and str(pretrained), weights_only=True,
-                                       force_preprocess_cfg=preprocess)
+        try:
+            model = open_clip.create_model(model_name, pretrained=pretrained and str(pretrained), weights_only=True,
+                                           force_preprocess_cfg=preprocess)
+        except RuntimeError as e:
+            if "download" not in str(e) and "HF Hub" not in str(e):
+                raise
+            what = f"the open_clip weights {str(pretrained)!r} of {model_name}" if pretrained else model_name
+            reason = str(e).splitlines()[0].rpartition("Last error: ")[2][:150]
+            raise ClipWeightsError(
+                f"{what} could not be downloaded (offline?): {reason}. Download them where there is internet "
+                "(open_clip caches them), or give a local open_clip weights file instead (pretrained=FILE)"
+            ) from None
         return cls(model, architecture or {}, dict(model.visual.preprocess_cfg), model_name)
 
     @classmethod
     def from_architecture(cls, architecture: dict[str, Any], preprocess: dict[str, Any] | None = None,
                           model_name: str | None = None) -> Clip:
         """A randomly initialised model of an explicit open_clip model config (training from scratch)."""
+        check_architecture(architecture)
         arch = copy.deepcopy(architecture)
         custom_text = arch.pop("custom_text", False) or "hf_model_name" in arch.get("text_cfg", {})
         model_cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
@@ -142,11 +151,17 @@ class Clip(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Clip:
         """Load a directory written by `save_pretrained` (config.json + model.safetensors)."""
+        path = Path(path)
+        if path.is_file() and path.name not in (CONFIG_NAME, WEIGHTS_NAME):
+            raise ClipNotFoundError(
+                f"{path} is a file, not a CLIP directory ({CONFIG_NAME} + {WEIGHTS_NAME}): an open_clip weights file "
+                f"loads with its architecture, Clip.from_open_clip(NAME, pretrained={str(path)!r}) (on the command "
+                f"line: --clip NAME --pretrained {path})")
         meta, state = load_pretrained_dir(path, kind=KIND)
         cfg = meta["config"]
         clip = cls.from_architecture(cfg["architecture"], preprocess=cfg["preprocess"], model_name=cfg["model_name"])
         load_state_dict_strict(clip.model, state, source=path)
-        clip.cast_from = _read_cast_from(cfg.get("cast_from"), path)
+        clip.cast_from = read_cast_from(cfg.get("cast_from"), path)
         return clip
 
     def pretrained_config(self) -> dict[str, Any]:
@@ -282,35 +297,70 @@ class Clip(nn.Module):
         return len(encode(caption)) + 2 if callable(encode) else 0  # + start and end tokens
 
 
-class ClipNotFoundError(CheckpointError, ValueError):
-    """`load_clip` found neither a checkpoint directory nor an open_clip model of that name (a ValueError, as
-    before, and a CheckpointError, which the command-line tools report as one line)."""
-
-
-def _read_cast_from(record: Any, path: str | Path) -> dict[str, str] | None:
-    if record is None:
-        return None
-    if not (isinstance(record, dict) and set(record) == {"fingerprint", "weights"}
-            and all(isinstance(v, str) for v in record.values())):
-        raise CheckpointError(f"{path}: config.json's cast_from must be {{'fingerprint': str, 'weights': str}}, "
-                              f"got {record!r}")
-    return dict(record)
-
-
 def load_clip(spec: str | Path, pretrained: str | None = None) -> Clip:
-    """A Clip from what a user types: our directory, or an open_clip name (+ tag or local file)."""
+    """A Clip from what a user types: our directory, or an open_clip name + its weights (a tag or a local file).
+
+    An open_clip architecture name without `pretrained` is refused (a ClipWeightsError): its weights would be random;
+    `Clip.from_open_clip(name)` builds such a model on purpose."""
     path = Path(spec)
     if path.is_dir():
         if pretrained is not None:
             raise ValueError(f"{spec} is a checkpoint directory; 'pretrained' applies to open_clip names only")
         return Clip.from_pretrained(path)
-    if str(spec) in open_clip.list_models() or str(spec).startswith(("hf-hub:", "local-dir:")):
+    tags = architecture_tags(str(spec))
+    if tags is not None and pretrained is None:
+        choices = f"a pretrained tag ({_shown(tags)}) or " if tags else ""
+        raise ClipWeightsError(f"{spec} is an open_clip architecture name without weights: give them as pretrained="
+                               f"TAG|FILE ({choices}a local weights file; clip_pretrained in a training config)")
+    if tags is not None or str(spec).startswith(("hf-hub:", "local-dir:")):
         return Clip.from_open_clip(str(spec), pretrained=pretrained)
+    if path.is_file():
+        return Clip.from_pretrained(path)  # says it is a file and how to load it
     raise ClipNotFoundError(
         f"no CLIP at {str(spec)!r}: it is neither a directory written by train-clip / save_pretrained "
         "nor an open_clip model name (see open_clip.list_models()); train one first (train-clip "
         "configs/clip/shapes-tiny.yaml writes runs/clip-shapes-tiny/model) or point to another"
     )
+
+
+def check_architecture(architecture: dict[str, Any], where: str = "architecture") -> None:
+    """Raise ConfigError for the first key of an open_clip model config that open_clip does not take, naming its path
+    under `where` and the closest key of open_clip's CLIP / CLIPVisionCfg / CLIPTextCfg."""
+    custom_text = architecture.get("custom_text", False) or "hf_model_name" in (architecture.get("text_cfg") or {})
+    model_cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+    top = [name for name in inspect.signature(model_cls.__init__).parameters if name != "self"] + ["custom_text"]
+    check_keys(architecture, top, where, f"open_clip's {model_cls.__name__}")
+    for key, cfg_cls in (("vision_cfg", CLIPVisionCfg), ("text_cfg", CLIPTextCfg)):
+        if isinstance(architecture.get(key), dict):
+            fields = [f.name for f in dataclasses.fields(cfg_cls)]
+            check_keys(architecture[key], fields, f"{where}.{key}", f"open_clip's {cfg_cls.__name__}")
+
+
+def architecture_tags(name: str) -> list[str] | None:
+    """The pretrained tags open_clip knows for the architecture `name` ([] for none); None if it is not one."""
+    return list(open_clip.list_pretrained_tags_by_model(name)) if name in open_clip.list_models() else None
+
+
+def _shown(tags: list[str]) -> str:
+    return ", ".join(tags[:4]) + (f", ... ({len(tags)} in all)" if len(tags) > 4 else "")
+
+
+def _pretrained_file(model_name: str, pretrained: str) -> Path | None:
+    """The local file `pretrained` names, or None when it is one of open_clip's pretrained tags of `model_name` (or
+    `model_name` is a hub or directory name, whose weights come with it). Anything else is a ClipWeightsError."""
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return path
+    if ":" in model_name or open_clip.get_pretrained_cfg(model_name, pretrained):
+        return None
+    if path.is_dir():
+        raise ClipWeightsError(f"pretrained {pretrained} is a directory: give an open_clip weights file (a directory "
+                               "written by train-clip / save_pretrained is a CLIP itself: Clip.from_pretrained)")
+    if len(path.parts) > 1 or path.suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt"):
+        raise ClipWeightsError(f"pretrained weights file not found: {pretrained}")
+    tags = architecture_tags(model_name) or []
+    known = f"its tags: {_shown(tags)}" if tags else "it has no pretrained tags"
+    raise ClipWeightsError(f"{pretrained!r} is neither a file nor a pretrained tag of {model_name} ({known})")
 
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -319,36 +369,6 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     loss = open_clip.ClipLoss(local_loss=world_size > 1, gather_with_grad=world_size > 1, rank=rank,
                               world_size=world_size)
     return loss(image_features, text_features, logit_scale)
-
-
-def read_open_clip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read weights from an open_clip checkpoint file without unpickling arbitrary objects.
-
-    Accepts `.safetensors`, or a torch file holding a state dict or open_clip's training checkpoint
-    (`{"state_dict": ..., "epoch": ...}`, with or without DDP's `module.` prefix), read with
-    `torch.load(weights_only=True)`. A file that needs full unpickling (TorchScript archives, pickled
-    objects) is refused with a CheckpointError.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"CLIP checkpoint file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path} could not be read as plain weights ({type(e).__name__}: {str(e).splitlines()[0]}). "
-            "unclip never unpickles arbitrary objects: convert it to a state dict or .safetensors first."
-        ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
 
 
 def _make_tokenizer(model_name: str | None, architecture: dict[str, Any]) -> Any:

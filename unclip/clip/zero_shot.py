@@ -9,6 +9,8 @@ classified by the softmax of CLIP's scaled cosine similarities to those class em
 
 from __future__ import annotations
 
+import string
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -18,7 +20,8 @@ from PIL import Image
 
 from .model import Clip
 
-__all__ = ["DEFAULT_TEMPLATES", "Templates", "zero_shot_classifier", "classify", "zero_shot_accuracy"]
+__all__ = ["DEFAULT_TEMPLATES", "Templates", "check_class_names", "check_templates", "zero_shot_classifier", "classify",
+           "zero_shot_accuracy"]
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
@@ -35,6 +38,43 @@ DEFAULT_TEMPLATES = (
 Templates = Sequence[str] | Callable[[str], Sequence[str]]
 
 
+def check_class_names(class_names: Sequence[str]) -> list[str]:
+    """`class_names` as a list; none, an empty name or a name given twice is a ValueError naming it."""
+    if isinstance(class_names, str):
+        raise ValueError(f"class names must be a list of strings, got the string {class_names!r}")
+    names = list(class_names)
+    if not names:
+        raise ValueError("no class names given")
+    empty = [i for i, name in enumerate(names) if not str(name).strip()]
+    if empty:
+        raise ValueError(f"class name #{empty[0]} is empty")
+    twice = [name for name, n in Counter(names).items() if n > 1]
+    if twice:
+        raise ValueError(f"duplicate class names: {', '.join(map(repr, twice))} (each class must be named once)")
+    return names
+
+
+def check_templates(templates: Templates) -> Templates:
+    """`templates` checked: a function, or format strings (a single one is taken as a list of one) each with exactly
+    one "{}" for the class name; anything else is a ValueError naming the template."""
+    if callable(templates):
+        return templates
+    templates = [templates] if isinstance(templates, str) else list(templates)
+    if not templates:
+        raise ValueError("no prompt templates given")
+    for template in templates:
+        try:
+            fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        except ValueError as e:
+            raise ValueError(f"prompt template {template!r} is not a format string ({e}); "
+                             "write {} where the class name goes") from None
+        if fields != [""]:
+            found = ", ".join("{" + name + "}" for name in fields) or "none"
+            raise ValueError(f"prompt template {template!r} must contain exactly one {{}} for the class name "
+                             f"(found: {found})")
+    return templates
+
+
 def _prompts(name: str, templates: Templates) -> list[str]:
     prompts = list(templates(name)) if callable(templates) else [t.format(name) for t in templates]
     if not prompts:
@@ -45,11 +85,10 @@ def _prompts(name: str, templates: Templates) -> list[str]:
 @torch.no_grad()
 def zero_shot_classifier(clip: Clip, class_names: Sequence[str], templates: Templates = DEFAULT_TEMPLATES,
                          batch_size: int = 512) -> torch.Tensor:
-    """Class embeddings (d, k): for each class the renormalised mean of its prompts' text embeddings."""
-    if len(class_names) == 0:
-        raise ValueError("no class names given")
-    if len(set(class_names)) != len(class_names):
-        raise ValueError(f"duplicate class names in {list(class_names)}")
+    """Class embeddings (d, k): for each class the renormalised mean of its prompts' text embeddings.
+
+    Class names must be distinct and non-empty, and each template string must hold exactly one "{}" (ValueError)."""
+    class_names, templates = check_class_names(class_names), check_templates(templates)
     columns = []
     for name in class_names:
         prompts = _prompts(name, templates)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import FORMAT_VERSION, CheckpointError, atomic_directory
+from ..checkpoint import FORMAT_VERSION, TRAINING_CHECKPOINT_KIND, CheckpointError, atomic_directory
 
 __all__ = [
     "CHECKPOINT_KIND",
@@ -59,7 +59,7 @@ __all__ = [
     "seed_everything",
 ]
 
-CHECKPOINT_KIND = "training_checkpoint"
+CHECKPOINT_KIND = TRAINING_CHECKPOINT_KIND
 WRITE_DELAY_ENV = "UNCLIP_TEST_CHECKPOINT_WRITE_DELAY"
 _NAME = re.compile(r"^step-(\d{8,})$")
 _REQUIRED = (
