@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -41,6 +43,21 @@ def tiny_clip(tiny_arch):
 
     torch.manual_seed(0)
     return Clip.from_architecture(tiny_arch, model_name="tiny-test")
+
+
+def refuse_resume_after_clip_retrain(main, args: list[str], clip_dir: Path, tiny_clip, tiny_arch, capsys) -> str:
+    """Overwrite the CLIP at clip_dir with new weights (as retraining it there would), then resume the finished run
+    `main(args)` to more steps: it must be refused in one line naming both fingerprints. Returns the old one."""
+    from unclip.clip import Clip
+
+    torch.manual_seed(1)
+    Clip.from_architecture(tiny_arch, model_name="tiny-test").save_pretrained(clip_dir)  # retrained
+    assert main(args + ["--set", "train.max_steps=4"]) == 2
+    err = capsys.readouterr().err
+    old, new = tiny_clip.fingerprint(), Clip.from_pretrained(clip_dir).fingerprint()
+    assert f"trained with clip_fingerprint {old}, but this run has clip_fingerprint {new}" in err
+    assert "--no-resume" in err and len(err.strip().splitlines()) == 1
+    return old
 
 
 def build_tiny_pipeline(clip, *, upsampler_sides: tuple[int, ...] = (), seed: int = 0):

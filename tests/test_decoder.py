@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import refuse_resume_after_clip_retrain
 
 from decoder import (
     Decoder,
@@ -276,18 +277,11 @@ def test_train_decoder_cli(tiny_clip, tmp_path, capsys):
 
 def test_resuming_after_the_clip_was_retrained_is_refused(tiny_clip, tiny_arch, tmp_path, capsys):
     from unclip.cli.train_decoder import main
-    from unclip.clip import Clip
 
     tiny_clip.save_pretrained(tmp_path / "clip")
     args = tiny_cli_args(tmp_path) + ["--set", "eval.samples=0"]
     assert main(args) == 0
-    torch.manual_seed(1)
-    Clip.from_architecture(tiny_arch, model_name="tiny-test").save_pretrained(tmp_path / "clip")  # retrained
-    assert main(args + ["--set", "train.max_steps=4"]) == 2
-    err = capsys.readouterr().err
-    old, new = tiny_clip.fingerprint(), Clip.from_pretrained(tmp_path / "clip").fingerprint()
-    assert f"trained with clip_fingerprint {old}, but this run has clip_fingerprint {new}" in err
-    assert "--no-resume" in err and len(err.strip().splitlines()) == 1
+    old = refuse_resume_after_clip_retrain(main, args, tmp_path / "clip", tiny_clip, tiny_arch, capsys)
     assert Decoder.from_pretrained(tmp_path / "run" / "model").clip_info["fingerprint"] == old  # not re-exported
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import refuse_resume_after_clip_retrain
 
 from prior import DiffusionPriorNetwork, PriorTrainTask, TrainPriorConfig
 from unclip.cli.train_prior import main
@@ -89,8 +90,6 @@ def test_on_the_fly_encoding_of_shapes(tiny_clip, clip_dir):
 
 
 def test_resuming_after_the_clip_was_retrained_is_refused(tiny_clip, tiny_arch, tmp_path, capsys):
-    from unclip.clip import Clip
-
     tiny_clip.save_pretrained(tmp_path / "clip")
     config = {"clip": str(tmp_path / "clip"), "model": MODEL, "data": {"source": "shapes", "shapes_samples": 16},
               "train": {**TRAIN, "max_steps": 2, "batch_size": 4}, "eval": {"enabled": False}}
@@ -98,13 +97,7 @@ def test_resuming_after_the_clip_was_retrained_is_refused(tiny_clip, tiny_arch, 
     path.write_text(yaml.safe_dump(config))
     args = [str(path), "--output-dir", str(tmp_path / "run")]
     assert main(args) == 0
-    torch.manual_seed(1)
-    Clip.from_architecture(tiny_arch, model_name="tiny-test").save_pretrained(tmp_path / "clip")  # retrained
-    assert main(args + ["--set", "train.max_steps=4"]) == 2
-    err = capsys.readouterr().err
-    old, new = tiny_clip.fingerprint(), Clip.from_pretrained(tmp_path / "clip").fingerprint()
-    assert f"trained with clip_fingerprint {old}, but this run has clip_fingerprint {new}" in err
-    assert "--no-resume" in err and len(err.strip().splitlines()) == 1
+    old = refuse_resume_after_clip_retrain(main, args, tmp_path / "clip", tiny_clip, tiny_arch, capsys)
     assert DiffusionPriorNetwork.from_pretrained(tmp_path / "run" / "model").clip_fingerprint == old
 
 
