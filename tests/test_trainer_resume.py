@@ -210,3 +210,25 @@ def test_sigkill_mid_checkpoint_and_mid_step_then_resume(tmp_path):
     for name, value in reference.ema.state_dict().items():
         assert torch.equal(load_file(str(final / "ema.safetensors"))[name], value), name
     assert logged_steps(out) == list(range(1, 31))
+
+
+def test_resuming_with_another_lr_applies_it(tmp_path):
+    """A changed peak lr, betas or weight decay takes effect from the resumed step (the restored optimizer and
+    scheduler states used to keep the old ones silently); the schedule's shape is unchanged."""
+    from unclip.train import lr_factor
+
+    cfg = make_cfg(max_steps=6, lr=0.1, warmup_steps=2, checkpoint_every=3)
+    Trainer(ToyTask(), cfg, tmp_path).train()
+    (tmp_path / "checkpoints" / "step-00000006").rename(tmp_path / "elsewhere")  # resume from step 3
+    halved = cfg_with(cfg, lr=0.05, weight_decay=0.5, betas=(0.8, 0.9))
+    with pytest.warns(UserWarning, match=r"changed optimizer settings, applied from step 3: lr 0.1 -> 0.05, "
+                                         r"betas \[0.9, 0.999\] -> \[0.8, 0.9\], weight_decay .* -> 0.5"):
+        trainer = Trainer(ToyTask(), halved, tmp_path)
+        trainer.train()
+    groups = trainer.optimizer.optimizer.param_groups
+    assert {g["betas"] for g in groups} == {(0.8, 0.9)}
+    assert [g["weight_decay"] for g in groups] == [0.5 if g["params"][0].ndim >= 2 else 0.0 for g in groups]
+    assert any(g["weight_decay"] == 0.5 for g in groups)
+    records = [r for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "lr" in r]
+    expected = [0.05 * lr_factor(s, warmup_steps=2, max_steps=6, schedule="cosine") for s in range(3, 6)]
+    assert [r["lr"] for r in records if r["step"] > 3] == pytest.approx(expected, rel=1e-12)

@@ -604,11 +604,28 @@ class Trainer:
             self._seed_training_rng(ckpt.step)
         acc.print(f"resumed from {path} at step {self.step} ({self.samples_seen} samples seen)")
 
+    def _apply_optimizer_config(self, ckpt: TrainingCheckpoint) -> None:
+        """Set the restored param groups' peak lr, betas and weight decay to this run's config (warning when they
+        differ from the checkpoint's); the moments and step counts are kept."""
+        cfg, saved = self.cfg, ckpt.config.get("train") or {}
+        changed = [f"{k} {saved[k]} -> {v}" for k, v in (("lr", cfg.lr), ("betas", list(cfg.betas)),
+                                                          ("weight_decay", cfg.weight_decay))
+                   if k in saved and saved[k] != v]
+        for group in self.optimizer.optimizer.param_groups:
+            group["initial_lr"], group["betas"] = cfg.lr, tuple(cfg.betas)
+            group["weight_decay"] = cfg.weight_decay if group["params"][0].ndim >= 2 else 0.0  # as build_optimizer
+        self.scheduler.base_lrs = [cfg.lr] * len(self.optimizer.optimizer.param_groups)
+        if changed:
+            warnings.warn(f"resuming {ckpt.path} with changed optimizer settings, applied from step {ckpt.step}: "
+                          f"{', '.join(changed)}", stacklevel=4)
+
     def _resync_lr(self, ckpt: TrainingCheckpoint) -> None:
         """Give the next update the LR of this run's schedule: the restored optimizer holds the one the checkpoint's
         schedule gave it. They differ when max_steps changed: the cosine is then re-stretched over the new total from
-        the step reached (no new warm-up), and the LR jumps; a warning says so, with the values."""
+        the step reached (no new warm-up), and the LR jumps; a warning says so, with the values. A changed peak lr,
+        betas or weight decay is applied too (the restored optimizer and scheduler would keep the old ones)."""
         groups = self.optimizer.optimizer.param_groups
+        self._apply_optimizer_config(ckpt)
         was, lrs = groups[0]["lr"], scheduled_lrs(self.scheduler)
         for group, lr in zip(groups, lrs):
             group["lr"] = lr
