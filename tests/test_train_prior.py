@@ -163,3 +163,21 @@ def test_an_intermediate_checkpoint_exports_as_a_model(trained, tmp_path, capsys
     assert exported.clip_fingerprint == DiffusionPriorNetwork.from_pretrained(run / "model").clip_fingerprint
     assert main([str(path), "--output-dir", str(run), "--export-step", "30"]) == 2
     assert "steps 20, 40" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("script", "config", "owner"), [
+    ("train_prior", "configs/decoder/shapes-tiny.yaml", "train-decoder"),
+    ("train_decoder", "configs/prior/shapes-tiny.yaml", "train-prior"),
+    ("train_clip", "configs/upsamplers/shapes-32-64.yaml", "train-decoder"),
+    ("train_decoder", "configs/clip/shapes-tiny.yaml", "train-clip"),
+])
+def test_another_scripts_config_is_named(script, config, owner, tmp_path, capsys):
+    """Not a list of unknown keys and a misleading 'did you mean': which script the config is for."""
+    import importlib
+
+    main_of = importlib.import_module(f"unclip.cli.{script}").main
+    path = Path(__file__).resolve().parents[1] / config
+    assert main_of([str(path), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"is a {owner} config" in err and f"run `{owner} {path}`" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()

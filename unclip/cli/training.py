@@ -78,6 +78,30 @@ def build_training_parser(prog: str, description: str | None) -> argparse.Argume
     return p
 
 
+def _script_configs() -> list[tuple[str, type]]:
+    """(script, config class) of every training script (imported here: the CLI sits above the stages)."""
+    from decoder import TrainDecoderConfig
+    from prior import TrainPriorConfig
+    from upsamplers import TrainUpsamplerConfig
+
+    from ..clip.training import TrainClipConfig
+
+    return [("train-clip", TrainClipConfig), ("train-prior", TrainPriorConfig), ("train-decoder", TrainDecoderConfig),
+            ("train-decoder", TrainUpsamplerConfig)]
+
+
+def _other_script(path: Path, config_cls: type) -> str | None:
+    """The script whose config the file at `path` is, when it failed to load as `config_cls` (None: no script's)."""
+    for script, other in _script_configs():
+        if other is not config_cls:
+            try:
+                load_config(other, path)
+            except (ConfigError, OSError, ValueError, TypeError):
+                continue
+            return script
+    return None
+
+
 def training_main(prog: str, description: str | None, config_cls: type, make_task: Callable[[Any], Any],
                   argv: Sequence[str] | None = None,
                   after: Callable[[Any, Path], None] | None = None) -> int:
@@ -88,7 +112,14 @@ def training_main(prog: str, description: str | None, config_cls: type, make_tas
 
         if args.export_to is not None and args.export_step is None:
             raise CliError("--export-to needs --export-step")
-        cfg = replace_config(load_config(config_cls, args.config), parse_overrides(args.overrides))
+        try:
+            cfg = replace_config(load_config(config_cls, args.config), parse_overrides(args.overrides))
+        except ConfigError:
+            script = _other_script(args.config, config_cls)
+            if script is None:
+                raise
+            hint = f"run `{script} {args.config}`"
+            raise CliError(f"{args.config} is a {script} config, not a {prog} one: {hint}") from None
         out = args.output_dir or Path("runs") / f"{prog.removeprefix('train-')}-{args.config.stem}"
         trainer = Trainer(make_task(cfg), cfg.train, out)
         if args.export_step is not None:
