@@ -181,3 +181,16 @@ def test_another_scripts_config_is_named(script, config, owner, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert f"is a {owner} config" in err and f"run `{owner} {path}`" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_set_or_a_missing_key_is_not_blamed_on_another_script(tmp_path, capsys):
+    """Only keys this script does not know suggest another script's file; a --set typo or a missing key is named."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "prior" / "shapes-tiny.yaml"
+    assert main([str(config), "--output-dir", str(tmp_path / "run"), "--set", "modle.embed_dim=32"]) == 2
+    err = capsys.readouterr().err
+    assert "'modle' is not a section" in err and "config, not a" not in err
+    minimal = tmp_path / "min.yaml"
+    minimal.write_text("clip: runs/c\ntrain: {max_steps: 5}\n")  # would load as a decoder config
+    assert main([str(minimal), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "missing required config key 'model'" in err and "config, not a" not in err

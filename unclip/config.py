@@ -29,11 +29,16 @@ import yaml
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "load_config", "config_from_dict", "config_to_dict", "replace_config", "check_keys"]
+__all__ = ["ConfigError", "UnknownKeyError", "load_config", "config_from_dict", "config_to_dict", "replace_config",
+           "check_keys"]
 
 
 class ConfigError(ValueError):
     """A config that does not fit its dataclass: unknown key, missing field, wrong type or value."""
+
+
+class UnknownKeyError(ConfigError):
+    """A config key its dataclass does not have (a typo, or a file meant for another config)."""
 
 
 def load_config(cls: type[T], source: str | Path | Mapping[str, Any] | T) -> T:
@@ -54,7 +59,7 @@ def load_config(cls: type[T], source: str | Path | Mapping[str, Any] | T) -> T:
         try:
             return config_from_dict(cls, data)
         except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+            raise type(e)(f"{path}: {e}") from None  # the same kind (UnknownKeyError, ...)
     return config_from_dict(cls, source)
 
 
@@ -86,7 +91,7 @@ def check_keys(data: Mapping[str, Any], valid: list[str], where: str, owner: str
         if key not in valid:
             close = difflib.get_close_matches(str(key), valid, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(
+            raise UnknownKeyError(
                 f"unknown config key '{_join(where, key)}' for {owner}.{hint} Valid keys: {', '.join(valid)}"
             )
 
@@ -107,7 +112,7 @@ def replace_config(cfg: T, overrides: Mapping[str, Any]) -> T:
                 sections = [k for k, v in node.items() if v is None or isinstance(v, dict)]
                 close = difflib.get_close_matches(p, sections, n=1)
                 hint = f" Did you mean '{close[0]}'?" if close and p not in node else ""
-                raise ConfigError(f"unknown config key '{dotted}': '{p}' is not a section.{hint}")
+                raise UnknownKeyError(f"unknown config key '{dotted}': '{p}' is not a section.{hint}")
             node = node[p]
         node[leaf] = value
     return config_from_dict(type(cfg), data)

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from ..checkpoint import CheckpointError, write_json_atomic
-from ..config import ConfigError, load_config, replace_config
+from ..config import ConfigError, UnknownKeyError, load_config, replace_config
 from ..data.image_text import DataError
 from .common import CliError, positive_int
 
@@ -90,10 +90,12 @@ def _script_configs() -> list[tuple[str, type]]:
             ("train-decoder", TrainUpsamplerConfig)]
 
 
-def _other_script(path: Path, config_cls: type) -> str | None:
-    """The script whose config the file at `path` is, when it failed to load as `config_cls` (None: no script's)."""
+def _other_script(path: Path, prog: str) -> str | None:
+    """Another training script whose config the file at `path` is (None: no other script's). Only asked when the
+    file itself has keys `prog`'s config does not know: a file that loads is this script's, whatever a --set got
+    wrong, and one that lacks a key is an incomplete one."""
     for script, other in _script_configs():
-        if other is not config_cls:
+        if script != prog:
             try:
                 load_config(other, path)
             except (ConfigError, OSError, ValueError, TypeError):
@@ -113,13 +115,14 @@ def training_main(prog: str, description: str | None, config_cls: type, make_tas
         if args.export_to is not None and args.export_step is None:
             raise CliError("--export-to needs --export-step")
         try:
-            cfg = replace_config(load_config(config_cls, args.config), parse_overrides(args.overrides))
-        except ConfigError:
-            script = _other_script(args.config, config_cls)
+            loaded = load_config(config_cls, args.config)
+        except UnknownKeyError:  # keys this script does not know: perhaps another script's file
+            script = _other_script(args.config, prog)
             if script is None:
                 raise
             hint = f"run `{script} {args.config}`"
             raise CliError(f"{args.config} is a {script} config, not a {prog} one: {hint}") from None
+        cfg = replace_config(loaded, parse_overrides(args.overrides))
         out = args.output_dir or Path("runs") / f"{prog.removeprefix('train-')}-{args.config.stem}"
         trainer = Trainer(make_task(cfg), cfg.train, out)
         if args.export_step is not None:
