@@ -291,9 +291,12 @@ def test_no_resume_leaves_no_stale_evaluation(tiny_clip, tmp_path, capsys):
     tiny_clip.save_pretrained(tmp_path / "clip")
     args = tiny_cli_args(tmp_path)
     assert main(args) == 0 and (tmp_path / "run" / "eval.json").is_file()
-    with pytest.warns(UserWarning, match="deleted the replaced run's eval.json"):
+    (tmp_path / "run" / "eval-20260101-120000.json").write_text("{}")  # an earlier one write_eval kept
+    (tmp_path / "run" / "eval-ddim.json").write_text("{}")  # the user's own file
+    with pytest.warns(UserWarning, match="deleted the replaced run's eval-20260101-120000.json, eval.json"):
         assert main(args + ["--no-resume", "--set", "eval.samples=0"]) == 0
     assert not (tmp_path / "run" / "eval.json").exists()  # it described the model this run replaced
+    assert (tmp_path / "run" / "eval-ddim.json").exists()  # not ours to delete
 
 
 def test_re_evaluating_a_finished_run_keeps_the_earlier_evaluation(tiny_clip, tmp_path, capsys):

@@ -28,7 +28,7 @@ from .common import CliError, positive_int
 __all__ = ["training_main", "parse_overrides", "build_training_parser", "write_eval", "EVALUATION_FILES"]
 
 # what the scripts' `after` hooks write about the trained model; a --no-resume run deletes the replaced run's
-EVALUATION_FILES = ("eval.json", "eval-*.json", "zero_shot.json")
+EVALUATION_FILES = ("eval.json", "eval-[0-9]*-[0-9]*.json", "zero_shot.json")  # eval-<time>.json: write_eval's
 
 
 def write_eval(out: Path, report: dict[str, Any]) -> Path:
