@@ -163,6 +163,11 @@ def test_an_intermediate_checkpoint_exports_as_a_model(trained, tmp_path, capsys
     assert exported.clip_fingerprint == DiffusionPriorNetwork.from_pretrained(run / "model").clip_fingerprint
     assert main([str(path), "--output-dir", str(run), "--export-step", "30"]) == 2
     assert "steps 20, 40" in capsys.readouterr().err
+    for own in (run / "model", run / "checkpoints" / "step-00000040"):  # never over the run's own files
+        assert main([str(path), "--output-dir", str(run), "--export-step", "20", "--export-to", str(own)]) == 2
+        assert "would replace this run's own model or checkpoints" in capsys.readouterr().err
+    after = DiffusionPriorNetwork.from_pretrained(run / "model").state_dict()
+    assert all(torch.equal(after[k], v) for k, v in final.items())  # the finished model is untouched
 
 
 @pytest.mark.parametrize(("script", "config", "owner"), [

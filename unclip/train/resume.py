@@ -107,7 +107,15 @@ class Checkpointing:
             steps = [s for s, _ in list_checkpoints(self.checkpoint_root)]
             raise CheckpointError(f"{path} does not exist; {self.checkpoint_root} holds checkpoints at steps "
                                   f"{', '.join(map(str, steps)) or '(none)'}")
+        out = Path(out_dir).resolve()
+        own = (self.output_dir / "model").resolve(), self.checkpoint_root.resolve()
+        if out in own or own[1] in out.parents:
+            raise CheckpointError(f"exporting to {out_dir} would replace this run's own model or checkpoints; "
+                                  "choose another directory")
         ckpt = load_training_checkpoint(path)
+        other = ckpt.config.get("task_type")
+        if other is not None and other != type(self.task).__name__:
+            raise CheckpointError(f"{path} is a checkpoint of {other}, not of {type(self.task).__name__}")
         self._check_resumed_config(ckpt.config.get("task") or {}, path)
         self._check_resumed_identity(ckpt.config.get("identity") or {}, path)  # e.g. trained on this very CLIP
         model = self.unwrapped_model
