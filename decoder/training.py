@@ -19,8 +19,8 @@ from torch.utils.data import Dataset
 
 from unclip.clip import Clip, load_clip
 from unclip.config import config_to_dict
-from unclip.data import DataError, ImageTextDataset, collate_image_text, load_image_text_dataset, make_shapes
-from unclip.data.embeddings import EmbeddingShards, clip_fingerprint
+from unclip.data import ImageTextDataset, collate_image_text, load_image_text_dataset, make_shapes
+from unclip.data.embeddings import EmbeddingShards, check_shards_clip, clip_fingerprint
 from unclip.diffusion import q_sample, sample_timesteps, training_loss
 from unclip.images import SquareImage, resize_images, to_signed_range
 from unclip.train import unwrap_model
@@ -91,7 +91,8 @@ class DecoderTrainTask:
         check_clip(self.clip, cfg)
         self.clip_info = {"source": cfg.clip, "fingerprint": clip_fingerprint(self.clip)}
         if cfg.data.embeddings is not None:
-            self._check_shards_clip(EmbeddingShards(cfg.data.embeddings).manifest.get("clip"))
+            check_shards_clip(cfg.data.embeddings, EmbeddingShards(cfg.data.embeddings).manifest.get("clip"),
+                              cfg.clip, self.clip_info["fingerprint"])
         self.model: nn.Module = Decoder(cfg.model, clip_info=self.clip_info)
         self.load_side = max(self.clip.image_size, cfg.model.image_size)
         self._dataset: Dataset | None = None
@@ -99,14 +100,6 @@ class DecoderTrainTask:
         self._grid: dict[str, Tensor] | None = None
 
     # ----- data ---------------------------------------------------------------------------------------------
-    def _check_shards_clip(self, fingerprint: str | None) -> None:
-        """Refuse `data.embeddings` shards made by another CLIP than `cfg.clip` (before the trainer starts)."""
-        ours = self.clip_info["fingerprint"]
-        if fingerprint != ours:
-            raise DataError(f"{self.cfg.data.embeddings} was embedded with another CLIP (fingerprint {fingerprint}) "
-                            f"than clip: {self.cfg.clip} (fingerprint {ours}); re-embed the data with `unclip embed "
-                            f"--clip {self.cfg.clip}`, or set clip: to the CLIP that made the embeddings")
-
     def _source(self):
         data = self.cfg.data
         if data.source == "shapes":

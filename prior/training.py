@@ -11,6 +11,7 @@ CLIP on the fly, in the training process, on the training device.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from unclip.clip import Clip, load_clip
+from unclip.clip import Clip, ClipWeightsError, load_clip
 from unclip.config import ConfigError, config_to_dict
-from unclip.data import DataError, ImageTextDataset, collate_image_text
-from unclip.data.embeddings import EmbeddingShards, clip_fingerprint
+from unclip.data import ImageTextDataset, collate_image_text
+from unclip.data.embeddings import EmbeddingShards, check_shards_clip, clip_fingerprint
 from unclip.data.sources import training_rows
 from unclip.diffusion import denoised_from_output, diffusion_loss, q_sample, sample_timesteps
 from unclip.train import unwrap_model
@@ -101,18 +102,20 @@ class PriorTrainTask:
         self.model.clip_fingerprint = fingerprint  # saved with the prior; assembling a pipeline checks it
 
     def _check_shards_clip(self, fingerprint: str | None) -> None:
-        """Refuse shards embedded by another CLIP than `cfg.clip`: the prior would learn one embedding space and be
-        evaluated, exported and assembled with another. Loads the CLIP for its fingerprint (kept only if passed in)."""
-        if fingerprint is None:  # a manifest that does not say: nothing to compare
-            return
+        """Refuse shards embedded by another CLIP than `cfg.clip` (`check_shards_clip`). Loads the CLIP for its
+        fingerprint (kept only if passed in); when its weights cannot be had here (a pretrained tag offline, say),
+        warns and trusts the manifest, as training from shards needs no CLIP."""
         passed_in = self._clip is not None
-        ours = clip_fingerprint(self.clip)
-        if not passed_in:
-            self._clip = None  # training from shards needs no CLIP; the evaluation loads its own
-        if ours != fingerprint:
-            raise DataError(f"{self.cfg.data.source} was embedded with another CLIP (fingerprint {fingerprint}) than "
-                            f"clip: {self.cfg.clip} (fingerprint {ours}); re-embed the data with `unclip embed --clip "
-                            f"{self.cfg.clip}`, or set clip: to the CLIP that made the embeddings")
+        try:
+            ours = clip_fingerprint(self.clip)
+        except ClipWeightsError as e:
+            warnings.warn(f"cannot check that {self.cfg.data.source} was embedded by clip: {self.cfg.clip} ({e}); "
+                          "training on the shards as they are", stacklevel=3)
+            return
+        finally:
+            if not passed_in:
+                self._clip = None  # training from shards needs no CLIP; the evaluation loads its own
+        check_shards_clip(self.cfg.data.source, fingerprint, self.cfg.clip, ours)
 
     @property
     def clip(self) -> Clip:

@@ -119,6 +119,12 @@ def test_embeddings_made_by_another_clip_are_refused(tiny_clip, tiny_arch, tmp_p
     cfg = load_config(TrainPriorConfig, yaml.safe_load(path.read_text()) | {"clip": "unused"})
     task = PriorTrainTask(cfg, clip=tiny_clip)  # the CLIP that made them
     assert task.model.clip_fingerprint == tiny_clip.fingerprint() and task.clip is tiny_clip
+    # a CLIP whose weights cannot be had here (an architecture name without a tag; offline, a tag): the shards are
+    # trusted with a warning, as training from shards needs no CLIP
+    offline = load_config(TrainPriorConfig, yaml.safe_load(path.read_text()) | {"clip": "ViT-B-32"})
+    with pytest.warns(UserWarning, match="cannot check that .* was embedded by clip: ViT-B-32"):
+        task = PriorTrainTask(offline)
+    assert task.model.clip_fingerprint == tiny_clip.fingerprint()
 
 
 def test_a_prior_that_does_not_fit_its_clip_is_refused(clip_dir, tmp_path, capsys):

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import write_json_atomic
 from .image_text import DataError, ImageTextDataset, collate_image_text
 
-__all__ = ["embed_dataset", "EmbeddingShards", "clip_fingerprint"]
+__all__ = ["embed_dataset", "EmbeddingShards", "clip_fingerprint", "check_shards_clip"]
 
 MANIFEST = "manifest.json"
 TENSORS = ("image_embed", "text_embed", "text_tokens", "text_mask", "index")
@@ -43,6 +43,15 @@ TENSORS = ("image_embed", "text_embed", "text_tokens", "text_mask", "index")
 def clip_fingerprint(clip: Any) -> str:
     """The identity of a CLIP's weights (`Clip.fingerprint`): embeddings from different CLIPs must never be mixed."""
     return clip.fingerprint()
+
+
+def check_shards_clip(source: str | Path, shards_fingerprint: str | None, clip: str, fingerprint: str) -> None:
+    """DataError unless the shards at `source` (whose manifest says `shards_fingerprint`) were embedded by the CLIP
+    `clip` of weights fingerprint `fingerprint`: a stage would learn one embedding space and be used with another."""
+    if shards_fingerprint != fingerprint:
+        raise DataError(f"{source} was embedded with another CLIP (fingerprint {shards_fingerprint}) than clip: {clip} "
+                        f"(fingerprint {fingerprint}); re-embed the data with `unclip embed --clip {clip}`, or set "
+                        "clip: to the CLIP that made the embeddings")
 
 
 def _shard_path(out_dir: Path, k: int) -> Path:
