@@ -76,5 +76,11 @@ def test_templates_and_class_names_are_checked_before_encoding(tiny_clip):
         classify(tiny_clip, make_shapes(1)["image"], ["circle", "square", "circle"])
     with pytest.raises(ValueError, match="class name #1 is empty"):
         zero_shot_classifier(tiny_clip, ["cat", " "])
+    positional = zero_shot_classifier(tiny_clip, ["cat", "dog"], ["{0}, a kind of {0}.", "a photo of a {0}."])
+    spelled_out = zero_shot_classifier(tiny_clip, ["cat", "dog"],
+                                       lambda c: [f"{c}, a kind of {c}.", f"a photo of a {c}."])
+    torch.testing.assert_close(positional, spelled_out)  # str.format's positional form is fine too
+    with pytest.raises(ValueError, match="exactly one"):
+        zero_shot_classifier(tiny_clip, ["cat", "dog"], ["a {} and a {0}"])  # mixed numbering: str.format fails
     single = zero_shot_classifier(tiny_clip, ["cat", "dog"], "a photo of a {}.")  # one template string, not its chars
     torch.testing.assert_close(single, zero_shot_classifier(tiny_clip, ["cat", "dog"], ["a photo of a {}."]))

@@ -56,7 +56,7 @@ def check_class_names(class_names: Sequence[str]) -> list[str]:
 
 def check_templates(templates: Templates) -> Templates:
     """`templates` checked: a function, or format strings (a single one is taken as a list of one) each with exactly
-    one "{}" for the class name; anything else is a ValueError naming the template."""
+    one "{}" for the class name, or "{0}" as often as wanted; anything else is a ValueError naming the template."""
     if callable(templates):
         return templates
     templates = [templates] if isinstance(templates, str) else list(templates)
@@ -68,10 +68,10 @@ def check_templates(templates: Templates) -> Templates:
         except ValueError as e:
             raise ValueError(f"prompt template {template!r} is not a format string ({e}); "
                              "write {} where the class name goes") from None
-        if fields != [""]:
+        if not fields or set(fields) not in ({""}, {"0"}) or (fields.count("") > 1):
             found = ", ".join("{" + name + "}" for name in fields) or "none"
             raise ValueError(f"prompt template {template!r} must contain exactly one {{}} for the class name "
-                             f"(found: {found})")
+                             f"(found: {found}; or use {{0}}, as often as wanted)")
     return templates
 
 
