@@ -53,7 +53,7 @@ class GenerationDefaults:
     best_of: int = 2  # prior samples per image; the one closest to the caption's text embedding is kept
     decoder_steps: int = 50  # the paper: 250 for the decoder
     decoder_guidance: float = 3.0
-    decoder_eta: float = 0.0  # DDIM noise of the decoder (0: deterministic given x_T); 0 with other samplers
+    decoder_eta: float = 0.0  # DDIM noise of the decoder (0: deterministic given x_T); other samplers ignore it
     upsampler_steps: tuple[int, ...] = ()  # per upsampler; () : each upsampler's own default (paper: 27 and 15)
 
     def __post_init__(self) -> None:
@@ -71,9 +71,6 @@ class GenerationDefaults:
                 raise ValueError(f"{name} must be a finite number >= 0 (1: no guidance), got {value!r}")
         if not (isinstance(self.decoder_eta, (int, float)) and 0 <= self.decoder_eta <= 1):
             raise ValueError(f"decoder_eta (DDIM noise) must lie in [0, 1], got {self.decoder_eta!r}")
-        if self.decoder_eta and self.sampler != "ddim":  # stored defaults too: an eta nothing would use
-            raise ValueError(f"decoder_eta (DDIM's noise) applies to the ddim sampler only; the sampler is "
-                             f"{self.sampler}")
 
 
 @dataclass(frozen=True)
@@ -248,9 +245,13 @@ class UnclipPipeline(nn.Module):
             if given["upsampler_steps"] and len(given["upsampler_steps"]) != len(self.upsamplers):
                 raise ValueError(f"upsampler_steps has {len(given['upsampler_steps'])} entries for "
                                  f"{len(self.upsamplers)} upsampler(s)")
-        if given.get("sampler", "ddim") != "ddim" and "decoder_eta" not in given:
-            given["decoder_eta"] = 0.0  # the stored eta of a ddim default does not carry over to another sampler
-        return replace(self.defaults, **given)  # checked again: an eta given with a sampler that ignores it fails
+        s = replace(self.defaults, **given)
+        if s.sampler != "ddim" and s.decoder_eta:
+            if "decoder_eta" in given:
+                raise ValueError(f"decoder_eta (DDIM's noise) applies to the ddim sampler only; the sampler is "
+                                 f"{s.sampler}")
+            s = replace(s, decoder_eta=0.0)  # a stored eta does not carry over to a sampler without that noise
+        return s
 
     def encode_text(self, captions: Sequence[str]):
         """The CLIP's `TextEncoding` of the captions, on the pipeline's device and dtype."""
