@@ -9,7 +9,7 @@ Layout of an embeddings directory:
 
 Each shard is written to a temporary file and renamed into place, so an interrupted run leaves only
 complete shards; running the same command again checks them, skips the sound ones and carries on. A shard
-that cannot be read back (truncated or overwritten by a copy gone wrong) is renamed aside (`*.corrupt`, kept
+that cannot be read back (truncated or overwritten by a copy gone wrong) is renamed aside (`*.corrupt-<8 hex>`, kept
 for inspection) and embedded again. Rows whose image cannot be decoded are left out of their shard (its
 `index` says which source rows it holds) and counted.
 """
