@@ -232,3 +232,17 @@ def test_resuming_with_another_lr_applies_it(tmp_path):
     records = [r for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "lr" in r]
     expected = [0.05 * lr_factor(s, warmup_steps=2, max_steps=6, schedule="cosine") for s in range(3, 6)]
     assert [r["lr"] for r in records if r["step"] > 3] == pytest.approx(expected, rel=1e-12)
+
+
+def test_resuming_with_another_schedule_floor_warns_with_the_lr_change(tmp_path):
+    from unclip.train import lr_factor
+
+    cfg = make_cfg(max_steps=6, lr=0.1, warmup_steps=2, min_lr_ratio=0.0, checkpoint_every=3)
+    Trainer(ToyTask(), cfg, tmp_path).train()
+    (tmp_path / "checkpoints" / "step-00000006").rename(tmp_path / "elsewhere")  # resume from step 3
+    floored = cfg_with(cfg, min_lr_ratio=0.5)
+    was = 0.1 * lr_factor(3, warmup_steps=2, max_steps=6, schedule="cosine", min_lr_ratio=0.0)  # the old schedule
+    now = 0.1 * lr_factor(3, warmup_steps=2, max_steps=6, schedule="cosine", min_lr_ratio=0.5)
+    with pytest.warns(UserWarning, match=rf"with a changed LR schedule \(min_lr_ratio 0.0 -> 0.5\): the lr changes "
+                                         rf"from {was:.3g} to {now:.3g}"):
+        Trainer(ToyTask(), floored, tmp_path).train()

@@ -240,7 +240,8 @@ class Checkpointing:
     def _resync_lr(self, ckpt: TrainingCheckpoint) -> None:
         """Give the next update the LR of this run's schedule: the restored optimizer holds the one the checkpoint's
         schedule gave it. They differ when max_steps changed: the cosine is then re-stretched over the new total from
-        the step reached (no new warm-up), and the LR jumps; a warning says so, with the values. A changed peak lr,
+        the step reached (no new warm-up), and the LR jumps; a warning says so, with the values (as it does for a
+        changed warm-up, floor or schedule kind). A changed peak lr,
         betas or weight decay is applied too (the restored optimizer and scheduler would keep the old ones)."""
         groups = self.optimizer.optimizer.param_groups
         self._apply_optimizer_config(ckpt)
@@ -248,12 +249,19 @@ class Checkpointing:
         for group, lr in zip(groups, lrs):
             group["lr"] = lr
         self.scheduler._last_lr = lrs  # what get_last_lr() reports
-        trained_for = (ckpt.config.get("train") or {}).get("max_steps", self.cfg.max_steps)
+        saved = ckpt.config.get("train") or {}
+        trained_for = saved.get("max_steps", self.cfg.max_steps)
         if trained_for != self.cfg.max_steps and self.cfg.lr_schedule == "cosine" and self.step < self.cfg.max_steps:
             warnings.warn(f"resuming {ckpt.path} at step {self.step} with train.max_steps {self.cfg.max_steps} (it was "
                           f"trained towards {trained_for}): the cosine LR schedule is re-stretched over "
                           f"{self.cfg.max_steps} steps, so the lr jumps from {was:.3g} to {lrs[0]:.3g} (no new "
                           "warm-up); see README, Configs and checkpoints", stacklevel=3)
+            return
+        shape = [f"{k} {saved[k]} -> {getattr(self.cfg, k)}" for k in ("warmup_steps", "min_lr_ratio", "lr_schedule")
+                 if k in saved and saved[k] != getattr(self.cfg, k)]
+        if shape:  # the schedule's other settings: the LR follows this config's schedule from the step reached
+            warnings.warn(f"resuming {ckpt.path} at step {self.step} with a changed LR schedule ({', '.join(shape)}): "
+                          f"the lr changes from {was:.3g} to {lrs[0]:.3g}", stacklevel=3)
 
     def _seed_training_rng(self, *extra: int) -> None:
         """Seed the global RNGs of this process from (seed, rank): each process draws different noise."""
