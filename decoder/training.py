@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from unclip.clip import Clip, load_clip
 from unclip.config import config_to_dict
 from unclip.data import ImageTextDataset, collate_image_text, load_image_text_dataset, make_shapes
-from unclip.data.embeddings import EmbeddingShards, check_shards_clip, clip_fingerprint
+from unclip.data.embeddings import EmbeddingShards, check_shards_clip, clip_fingerprint, read_manifest
 from unclip.diffusion import q_sample, sample_timesteps, training_loss
 from unclip.images import SquareImage, resize_images, to_signed_range
 from unclip.train import unwrap_model
@@ -91,7 +91,7 @@ class DecoderTrainTask:
         check_clip(self.clip, cfg)
         self.clip_info = {"source": cfg.clip, "fingerprint": clip_fingerprint(self.clip)}
         if cfg.data.embeddings is not None:
-            check_shards_clip(cfg.data.embeddings, EmbeddingShards(cfg.data.embeddings).manifest.get("clip"),
+            check_shards_clip(cfg.data.embeddings, read_manifest(cfg.data.embeddings).get("clip"),
                               cfg.clip, self.clip_info["fingerprint"])
         self.model: nn.Module = Decoder(cfg.model, clip_info=self.clip_info)
         self.load_side = max(self.clip.image_size, cfg.model.image_size)

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from unclip.clip import Clip, ClipWeightsError, load_clip
 from unclip.config import ConfigError, config_to_dict
 from unclip.data import ImageTextDataset, collate_image_text
-from unclip.data.embeddings import EmbeddingShards, check_shards_clip, clip_fingerprint
+from unclip.data.embeddings import EmbeddingShards, check_shards_clip, clip_fingerprint, read_manifest
 from unclip.data.sources import training_rows
 from unclip.diffusion import denoised_from_output, diffusion_loss, q_sample, sample_timesteps
 from unclip.train import unwrap_model
@@ -90,7 +90,7 @@ class PriorTrainTask:
         self.embeddings = is_embeddings_dir(cfg.data.source)
         self._clip = clip
         if self.embeddings:
-            manifest = EmbeddingShards(cfg.data.source).manifest
+            manifest = read_manifest(cfg.data.source)
             check_dims(cfg.model, manifest["embed_dim"], manifest["text_width"], manifest["context_length"],
                        f"the embeddings in {cfg.data.source}")
             fingerprint = manifest.get("clip")  # the CLIP the shards were made with

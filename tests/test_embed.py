@@ -92,3 +92,24 @@ def test_an_unreadable_manifest_is_named(tiny_clip, rows, tmp_path):
         EmbeddingShards(out)
     with pytest.raises(DataError, match="manifest.json"):
         embed_dataset(tiny_clip, rows, out, source="t", shard_size=8, progress=False)
+
+
+def test_captions_that_do_not_fit_their_rows_are_named_on_first_read(tiny_clip, rows, tmp_path):
+    """Reading a large set parses no captions up front; a shard's are checked when it is first opened."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    out = embed_dataset(tiny_clip, rows, tmp_path / "emb", source="t", shard_size=8, progress=False)
+    shard = out / "shard-000001.safetensors"
+    with safe_open(str(shard), framework="pt") as f:
+        captions = json.loads(f.metadata()["captions"])
+    save_file(load_file(str(shard)), str(shard), metadata={"captions": json.dumps(captions[:-1])})
+    shards = EmbeddingShards(out)
+    assert shards[0]["index"] == 0  # the sound shards read as before
+    with pytest.raises(DataError, match="shard-000001.* captions do not match its rows"):
+        shards[8]
+    with pytest.warns(UserWarning, match="shard-000001.*embedding it again"):  # embed checks them all
+        embed_dataset(tiny_clip, rows, out, source="t", shard_size=8, progress=False)
+    assert EmbeddingShards(out)[8]["caption"] == rows[8]["caption"]

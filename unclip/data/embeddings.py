@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import write_json_atomic
 from .image_text import DataError, ImageTextDataset, collate_image_text
 
-__all__ = ["embed_dataset", "EmbeddingShards", "clip_fingerprint", "check_shards_clip"]
+__all__ = ["embed_dataset", "EmbeddingShards", "clip_fingerprint", "check_shards_clip", "read_manifest"]
 
 MANIFEST = "manifest.json"
 TENSORS = ("image_embed", "text_embed", "text_tokens", "text_mask", "index")
@@ -58,8 +58,13 @@ def _shard_path(out_dir: Path, k: int) -> Path:
     return out_dir / f"shard-{k:06d}.safetensors"
 
 
-def _read_manifest(directory: Path) -> dict[str, Any]:
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest.json of an embeddings directory, without opening the shards (FileNotFoundError if there is none,
+    DataError if it cannot be read)."""
+    directory = Path(directory)
     path = directory / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not an embeddings directory (no {MANIFEST})")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -71,18 +76,21 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def _shard_rows(path: Path, rows: range) -> int:
-    """Rows in the shard at `path`, which must hold source rows within `rows`; DataError if it cannot be read."""
+def _shard_rows(path: Path, rows: range, *, captions: bool = True) -> int:
+    """Rows in the shard at `path`, which must hold source rows within `rows`; DataError if it cannot be read.
+    captions=False only checks that the captions are there (parsing them all is the costly part of a large set;
+    `EmbeddingShards` checks each shard's when it first opens it)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             index = f.get_tensor("index")
-            names, captions = set(f.keys()), json.loads((f.metadata() or {}).get("captions", "null"))
+            names, text = set(f.keys()), (f.metadata() or {}).get("captions")
+            parsed = json.loads(text) if captions and text is not None else None
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
         raise DataError(f"embedding shard {path} cannot be read ({type(e).__name__}: {e}); "
                         "delete it and run `unclip embed` again to remake it") from e
     n = index.shape[0]
     problem = None
-    if not isinstance(captions, list) or len(captions) != n:
+    if text is None or (captions and not _captions_fit(parsed, n)):
         problem = "its captions do not match its rows"
     elif n and not set(TENSORS) <= names:
         problem = f"it lacks {sorted(set(TENSORS) - names)}"
@@ -91,6 +99,10 @@ def _shard_rows(path: Path, rows: range) -> int:
     if problem:
         raise DataError(f"embedding shard {path} is damaged: {problem}")
     return n
+
+
+def _captions_fit(captions: Any, rows: int) -> bool:
+    return isinstance(captions, list) and len(captions) == rows
 
 
 def _set_aside_damaged(out_dir: Path, k: int, rows: range) -> bool:
@@ -111,7 +123,7 @@ def _set_aside_damaged(out_dir: Path, k: int, rows: range) -> bool:
 def _check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     path = out_dir / MANIFEST
     if path.exists():
-        old = _read_manifest(out_dir)
+        old = read_manifest(out_dir)
         differs = [k for k in manifest if old.get(k) != manifest[k]]
         if differs:
             raise ValueError(
@@ -216,9 +228,7 @@ class EmbeddingShards(Dataset):
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        if not (self.directory / MANIFEST).is_file():
-            raise FileNotFoundError(f"{self.directory} is not an embeddings directory (no {MANIFEST})")
-        self.manifest = _read_manifest(self.directory)
+        self.manifest = read_manifest(self.directory)
         self.shards = sorted(self.directory.glob("shard-*.safetensors"))
         rows, shard_size = self.manifest["rows"], self.manifest["shard_size"]
         expected = -(-rows // shard_size)
@@ -233,7 +243,8 @@ class EmbeddingShards(Dataset):
             if not k.isdigit():
                 raise DataError(f"{shard} is not a shard this library wrote (expected shard-NNNNNN.safetensors)")
             k = int(k)
-            self.offsets.append(self.offsets[-1] + _shard_rows(shard, _shard_range(k, shard_size, rows)))
+            n = _shard_rows(shard, _shard_range(k, shard_size, rows), captions=False)  # captions: checked on opening
+            self.offsets.append(self.offsets[-1] + n)
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -241,7 +252,10 @@ class EmbeddingShards(Dataset):
     @functools.lru_cache(maxsize=4)  # noqa: B019 - a handful of open shards per dataset object
     def _open(self, k: int) -> tuple[Any, list[str]]:
         handle = safe_open(str(self.shards[k]), framework="pt")
-        return handle, json.loads(handle.metadata()["captions"])
+        captions = json.loads(handle.metadata()["captions"])
+        if not _captions_fit(captions, self.offsets[k + 1] - self.offsets[k]):
+            raise DataError(f"embedding shard {self.shards[k]} is damaged: its captions do not match its rows")
+        return handle, captions
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < len(self):
