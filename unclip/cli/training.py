@@ -129,7 +129,10 @@ def training_main(prog: str, description: str | None, config_cls: type, make_tas
             dest = trainer.export_checkpoint(args.export_step, args.export_to or out / f"model-step-{args.export_step}")
             print(f"exported step {args.export_step} of {out} to {dest}")
             return 0
-        result = trainer.train(resume=not args.no_resume, stale_outputs=EVALUATION_FILES)
+        try:
+            result = trainer.train(resume=not args.no_resume, stale_outputs=EVALUATION_FILES)
+        finally:  # leaving with the process group alive let gloo's threads abort a rank at exit (SIGABRT)
+            trainer.accelerator.end_training()
         if not trainer.accelerator.is_main_process:
             return 0
         if result.losses:
