@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from unclip.checkpoint import save_pretrained_dir
 from unclip.config import load_config
-from unclip.train import TrainConfig, Trainer, unwrap_model
+from unclip.train import TrainConfig, Trainer, end_process, unwrap_model
 
 
 class SimulatedCrash(RuntimeError):
@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         save_file(params, str(args.output_dir / f"params-rank{trainer.rank}.safetensors"))
     if trainer.accelerator.is_main_process:
         print(json.dumps({"step": result.step, "losses": result.losses}), file=sys.stdout)
+    if trainer.accelerator.num_processes > 1:
+        end_process(0)
 
 
 if __name__ == "__main__":

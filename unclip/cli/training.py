@@ -110,7 +110,7 @@ def training_main(prog: str, description: str | None, config_cls: type, make_tas
     """Parse arguments, load the config, train (resuming by default), then run `after` on the main process."""
     args = build_training_parser(prog, description).parse_args(argv)
     try:
-        from ..train import Trainer
+        from ..train import Trainer, end_process
 
         if args.export_to is not None and args.export_step is None:
             raise CliError("--export-to needs --export-step")
@@ -129,18 +129,16 @@ def training_main(prog: str, description: str | None, config_cls: type, make_tas
             dest = trainer.export_checkpoint(args.export_step, args.export_to or out / f"model-step-{args.export_step}")
             print(f"exported step {args.export_step} of {out} to {dest}")
             return 0
-        try:
-            result = trainer.train(resume=not args.no_resume, stale_outputs=EVALUATION_FILES)
-        finally:  # leaving with the process group alive let gloo's threads abort a rank at exit (SIGABRT)
-            trainer.accelerator.end_training()
-        if not trainer.accelerator.is_main_process:
-            return 0
-        if result.losses:
-            print(f"trained to step {result.step}; final loss {result.losses[-1]:.4f}; model in {out / 'model'}")
-        else:
-            print(f"nothing to train: already at step {result.step}; model in {out / 'model'}")
-        if after is not None:
-            after(cfg, out)
+        result = trainer.train(resume=not args.no_resume, stale_outputs=EVALUATION_FILES)
+        if trainer.accelerator.is_main_process:
+            if result.losses:
+                print(f"trained to step {result.step}; final loss {result.losses[-1]:.4f}; model in {out / 'model'}")
+            else:
+                print(f"nothing to train: already at step {result.step}; model in {out / 'model'}")
+            if after is not None:
+                after(cfg, out)
+        if trainer.accelerator.num_processes > 1:
+            end_process(0)
     except (CliError, ConfigError, CheckpointError, DataError) as e:  # bad input: its message says it all
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

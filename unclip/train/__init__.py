@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .config import TrainConfig
 from .data import epoch_permutation
-from .device import unwrap_model
+from .device import end_process, unwrap_model
 from .ema import EMA
 from .logging import RunLogger, save_image_grid
 from .lr import build_lr_scheduler, build_optimizer, lr_factor
@@ -32,4 +32,5 @@ __all__ = [
     "load_training_checkpoint",
     "save_training_checkpoint",
     "unwrap_model",
+    "end_process",
 ]

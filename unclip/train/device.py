@@ -3,12 +3,15 @@ layouts that the TrainConfig's efficiency options ask for.
 
     acc = build_accelerator(cfg, task)     # cfg.mixed_precision "auto": bf16 on CUDA, fp32 on CPU
     batch = to_channels_last(batch)        # 4-D float tensors (b, c, h, w) stored NHWC, values unchanged
+    end_process(0)                         # the last line of a script launched as several processes
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
@@ -17,7 +20,8 @@ from torch import nn
 
 from .config import TrainConfig
 
-__all__ = ["build_accelerator", "enable_gradient_checkpointing", "step_options", "to_channels_last", "unwrap_model"]
+__all__ = ["build_accelerator", "enable_gradient_checkpointing", "end_process", "step_options", "to_channels_last",
+           "unwrap_model"]
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -85,3 +89,19 @@ def step_options(cfg: TrainConfig, device_type: str, mixed_precision: str) -> tu
     defer = cfg.defer_sync if cfg.defer_sync is not None else on_cuda and not fp16 and cfg.fused_adamw is not False
     fused = cfg.fused_adamw if cfg.fused_adamw is not None else on_cuda or defer
     return bool(defer), bool(fused)
+
+
+def end_process(code: int = 0) -> NoReturn:
+    """Exit a process of a multi-process (gloo) run at once, skipping the interpreter's shutdown.
+
+    A script launched as several processes should end this way once its files are written. gloo's worker threads
+    may still be destroying a finished collective (the last barrier) when Python finalizes; the destructor's
+    tensor decref then needs the GIL, the thread is killed inside a noexcept destructor, and the rank dies of
+    SIGABRT ("terminate called without an active exception"), so the launcher reports a complete run as failed.
+    A core dump shows ~AsyncBarrierWork in ProcessGroupGloo::runLoop; destroy_process_group does not stop those
+    threads while a DDP model still holds the group. Standard streams and logging are flushed first.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
