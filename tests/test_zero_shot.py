@@ -84,3 +84,16 @@ def test_templates_and_class_names_are_checked_before_encoding(tiny_clip):
         zero_shot_classifier(tiny_clip, ["cat", "dog"], ["a {} and a {0}"])  # mixed numbering: str.format fails
     single = zero_shot_classifier(tiny_clip, ["cat", "dog"], "a photo of a {}.")  # one template string, not its chars
     torch.testing.assert_close(single, zero_shot_classifier(tiny_clip, ["cat", "dog"], ["a photo of a {}."]))
+
+
+def test_class_names_the_tokenizer_reads_alike_are_refused(tiny_clip):
+    """open_clip's tokenizer lowercases and collapses whitespace: "Cat" and "cat  " would get one embedding, two
+    identical columns, and the image's probability split between them."""
+    tokens, _ = tiny_clip.tokenize(["a photo of a Cat.", "a photo of a cat."])
+    assert torch.equal(tokens[0], tokens[1])  # the premise: this tokenizer lowercases
+    for names, pair in ((["Cat", "dog", "cat"], "'Cat' and 'cat'"), (["cat", "big  dog", "big dog"],
+                                                                     "'big  dog' and 'big dog'")):
+        with pytest.raises(ValueError, match=f"class names {pair} give the same tokens"):
+            zero_shot_classifier(tiny_clip, names)
+    head = zero_shot_classifier(tiny_clip, ["Cat", "dog"])  # distinct classes in any case are fine
+    assert head.shape[1] == 2

@@ -82,16 +82,32 @@ def _prompts(name: str, templates: Templates) -> list[str]:
     return prompts
 
 
+def _check_tokens_differ(clip: Clip, class_names: list[str], prompts_per_class: list[list[str]]) -> None:
+    """Two classes whose prompts this CLIP's tokenizer reads as the same tokens would get one embedding: a
+    ValueError naming them (open_clip's tokenizer lowercases and collapses whitespace, and truncates long prompts)."""
+    seen: dict[bytes, str] = {}
+    for name, prompts in zip(class_names, prompts_per_class, strict=True):
+        tokens, _ = clip.tokenize(prompts)
+        key = tokens.numpy().tobytes() + bytes(str(tokens.shape), "ascii")
+        if key in seen:
+            raise ValueError(f"class names {seen[key]!r} and {name!r} give the same tokens to this CLIP's tokenizer "
+                             "(it may lowercase, normalise spaces or truncate), so they cannot be told apart: "
+                             "name each class once")
+        seen[key] = name
+
+
 @torch.no_grad()
 def zero_shot_classifier(clip: Clip, class_names: Sequence[str], templates: Templates = DEFAULT_TEMPLATES,
                          batch_size: int = 512) -> torch.Tensor:
     """Class embeddings (d, k): for each class the renormalised mean of its prompts' text embeddings.
 
-    Class names must be distinct and non-empty, and each template string must hold exactly one "{}" (ValueError)."""
+    Class names must be non-empty and distinct, also as tokens, and each template string must hold exactly one "{}"
+    (ValueError)."""
     class_names, templates = check_class_names(class_names), check_templates(templates)
+    prompts_per_class = [_prompts(name, templates) for name in class_names]
+    _check_tokens_differ(clip, class_names, prompts_per_class)
     columns = []
-    for name in class_names:
-        prompts = _prompts(name, templates)
+    for prompts in prompts_per_class:
         embeds = torch.cat([clip.encode_text(prompts[i:i + batch_size]).text_embed
                             for i in range(0, len(prompts), batch_size)])
         columns.append(F.normalize(embeds.mean(dim=0), dim=-1))
