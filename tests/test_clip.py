@@ -1,6 +1,7 @@
 """The CLIP wrapper against open_clip's own outputs, its three construction paths and its errors."""
 
 import pickle
+import socket
 
 import numpy as np
 import open_clip
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 
 from unclip.checkpoint import CheckpointError
 from unclip.clip import CaptionError, Clip, ClipConfig, load_clip
+from unclip.clip import weights as clip_weights
 
 CAPTIONS = ["a red circle on a blue background", "a green square", "cross"]
 
@@ -174,8 +176,10 @@ def tiny_name(tiny_arch, monkeypatch):
 
 @pytest.fixture()
 def offline(monkeypatch):
-    """open_clip's download as it fails without internet (after its retries), called at most `offline.calls`."""
+    """open_clip's download as it fails where names resolve but the hub cannot be reached (after its retries); the
+    calls are recorded."""
     calls = []
+    monkeypatch.setattr(clip_weights, "_resolves", lambda host: True)
 
     def download(cfg, *args, **kwargs):
         calls.append(cfg)
@@ -258,3 +262,47 @@ def test_architecture_typos_are_config_errors_naming_the_closest_key(tiny_arch, 
     for name in open_clip.list_models():  # every open_clip CLIP config passes (CoCa is another model class)
         if not name.startswith("coca"):
             check_architecture(open_clip.get_model_config(name))
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """A machine without network: no host name resolves, and huggingface_hub's retry waits are recorded (returning
+    at once) instead of slept."""
+    import huggingface_hub.utils._http as hub_http
+
+    def unresolvable(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    waits = []
+    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
+    monkeypatch.setattr(hub_http.time, "sleep", waits.append)
+    return waits
+
+
+def test_a_pretrained_tag_offline_loads_from_the_cache_or_fails_without_retrying(tiny_name, tmp_path, monkeypatch,
+                                                                                 no_network):
+    """huggingface_hub retries an unresolvable host (~25 s per file, two files) before it fails on a tag it has not
+    cached: without network that is one error at once, and a cached tag still loads."""
+    from huggingface_hub import constants
+
+    pretrained = {"hf_hub": "unclip-test/tiny-clip/", "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
+                  "interpolation": "bicubic", "resize_mode": "shortest"}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, tiny_name, {"cached": pretrained,
+                                                                     "elsewhere": {**pretrained, "hf_hub": "x/y/"}})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    source = Clip.from_open_clip(tiny_name)
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--unclip-test--tiny-clip"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    save_file(source.model.state_dict(), str(repo / "snapshots" / revision / "open_clip_model.safetensors"))
+
+    clip = Clip.from_open_clip(tiny_name, pretrained="cached")
+    assert clip.fingerprint() == source.fingerprint()
+    assert tuple(clip.preprocess_cfg.mean) == (0.5, 0.5, 0.5)  # the tag's own preprocessing, as open_clip gives it
+    assert no_network == [] and not constants.HF_HUB_OFFLINE  # no retry; offline mode was only for the load
+    with pytest.raises(CheckpointError, match="'elsewhere' of unclip-test-tiny could not be downloaded .*not in the "
+                                               "local cache and the Hugging Face Hub's host does not resolve"):
+        Clip.from_open_clip(tiny_name, pretrained="elsewhere")
+    assert no_network == []

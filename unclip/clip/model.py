@@ -32,7 +32,14 @@ from torch import nn
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_pretrained_dir, load_state_dict_strict, save_pretrained_dir
 from ..config import check_keys, config_to_dict, load_config
 from .config import ClipConfig
-from .weights import ClipNotFoundError, ClipWeightsError, read_cast_from, read_open_clip_state_dict, weights_fingerprint
+from .weights import (
+    ClipNotFoundError,
+    ClipWeightsError,
+    hub_offline_when_unreachable,
+    read_cast_from,
+    read_open_clip_state_dict,
+    weights_fingerprint,
+)
 
 __all__ = ["Clip", "TextEncoding", "CaptionError", "ClipNotFoundError", "ClipWeightsError", "check_architecture",
            "contrastive_loss", "load_clip", "read_open_clip_state_dict", "weights_fingerprint"]
@@ -120,13 +127,15 @@ class Clip(nn.Module):
             load_state_dict_strict(clip.model, read_open_clip_state_dict(file), source=file)
             return clip
         try:
-            model = open_clip.create_model(model_name, pretrained=pretrained and str(pretrained), weights_only=True,
-                                           force_preprocess_cfg=preprocess)
+            with hub_offline_when_unreachable() as offline:
+                model = open_clip.create_model(model_name, pretrained=pretrained and str(pretrained),
+                                               weights_only=True, force_preprocess_cfg=preprocess)
         except RuntimeError as e:
             if "download" not in str(e) and "HF Hub" not in str(e):
                 raise
             what = f"the open_clip weights {str(pretrained)!r} of {model_name}" if pretrained else model_name
-            reason = str(e).splitlines()[0].rpartition("Last error: ")[2][:150]
+            reason = ("they are not in the local cache and the Hugging Face Hub's host does not resolve" if offline
+                      else str(e).splitlines()[0].rpartition("Last error: ")[2][:150])
             raise ClipWeightsError(
                 f"{what} could not be downloaded (offline?): {reason}. Download them where there is internet "
                 "(open_clip caches them), or give a local open_clip weights file instead (pretrained=FILE)"
