@@ -126,13 +126,13 @@ def test_clip_arguments_that_give_no_usable_weights_are_one_line(clip_dir, pngs,
     monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)
     classify = ["classify", str(pngs[0]), "--labels", "a,b", "--clip"]
     err = _one_line_error([*classify, "unclip-test-tiny"], capsys)
-    assert "unclip-test-tiny is an architecture name; give its weights with --pretrained TAG|FILE" in err
-    assert "(its tags: openai, " in _one_line_error(["zero-shot", "ViT-B-32"], capsys)
-    assert "is an architecture name" in _one_line_error(["embed", "--clip", "ViT-B-32", "--data", "shapes", "--out",
-                                                         str(tmp_path / "e")], capsys)
+    assert "unclip-test-tiny is an open_clip architecture name without weights" in err and "--pretrained on the" in err
+    assert "(a pretrained tag (openai, " in _one_line_error(["zero-shot", "ViT-B-32"], capsys)
+    embed = ["embed", "--clip", "ViT-B-32", "--data", "shapes", "--out", str(tmp_path / "e")]
+    assert "is an open_clip architecture name without weights" in _one_line_error(embed, capsys)
     weights = tmp_path / "epoch_32.pt"
     weights.write_text("not weights")
-    assert f"--clip ARCH --pretrained {weights}" in _one_line_error([*classify, str(weights)], capsys)
+    assert f"--clip NAME --pretrained {weights}" in _one_line_error([*classify, str(weights)], capsys)
     assert "is not a readable CLIP checkpoint" in _one_line_error([*classify, "unclip-test-tiny", "--pretrained",
                                                                    str(weights)], capsys)
     missing = ["zero-shot", "unclip-test-tiny", "--pretrained", str(tmp_path / "missing.pt")]

@@ -90,19 +90,9 @@ def _add_clip_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load_clip(spec: str, pretrained: str | None, device: str):
-    """The CLIP of --clip/--pretrained for inference: an open_clip architecture name needs its weights, and an
-    open_clip weights file its architecture name."""
-    from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME
+    """The CLIP of --clip/--pretrained for inference (see `load_clip`: its errors say what to give instead)."""
     from ..clip import load_clip
-    from ..clip.model import architecture_tags
 
-    tags = architecture_tags(spec)
-    if tags is not None and pretrained is None:
-        known = f" (its tags: {', '.join(tags[:4])}{', ...' if len(tags) > 4 else ''})" if tags else ""
-        raise CliError(f"{spec} is an architecture name; give its weights with --pretrained TAG|FILE{known}")
-    if Path(spec).is_file() and Path(spec).name not in (CONFIG_NAME, WEIGHTS_NAME):
-        raise CliError(f"{spec} is a file, not a CLIP directory: an open_clip weights file needs its architecture, "
-                       f"--clip ARCH --pretrained {spec} (ARCH: an open_clip model name such as ViT-B-32)")
     try:
         return load_clip(spec, pretrained=pretrained).to(device)
     except (ValueError, FileNotFoundError, CheckpointError) as e:

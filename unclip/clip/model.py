@@ -320,7 +320,8 @@ def load_clip(spec: str | Path, pretrained: str | None = None) -> Clip:
     if tags is not None and pretrained is None:
         choices = f"a pretrained tag ({_shown(tags)}) or " if tags else ""
         raise ClipWeightsError(f"{spec} is an open_clip architecture name without weights: give them as pretrained="
-                               f"TAG|FILE ({choices}a local weights file; clip_pretrained in a training config)")
+                               f"TAG|FILE ({choices}a local weights file; --pretrained on the command line, "
+                               "clip_pretrained in a training config)")
     if tags is not None or str(spec).startswith(("hf-hub:", "local-dir:")):
         return Clip.from_open_clip(str(spec), pretrained=pretrained)
     if path.is_file():
