@@ -12,6 +12,7 @@ This is the only module in unclip that imports `open_clip`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -127,7 +128,7 @@ class Clip(nn.Module):
             load_state_dict_strict(clip.model, read_open_clip_state_dict(file), source=file)
             return clip
         try:
-            with hub_offline_when_unreachable() as offline:
+            with hub_offline_when_unreachable() if pretrained else contextlib.nullcontext(False) as offline:
                 model = open_clip.create_model(model_name, pretrained=pretrained and str(pretrained),
                                                weights_only=True, force_preprocess_cfg=preprocess)
         except RuntimeError as e:
