@@ -7,8 +7,8 @@ Each caption gets `best_of` independent samples (DDIM with eta 0, ancestral DDPM
 `steps` of the prior's timesteps); each sample's x0 is divided by its norm, which undoes the sqrt(d) scaling
 and puts it on CLIP's unit sphere, and the sample with the highest dot product with the caption's text embedding is kept
 (DALL-E 2 draws 2). Guidance (`guidance_scale` != 1) is `unclip.diffusion.cfg` on the network: one batched
-forward with the text conditioning dropped for the unconditional half. The paper found that guiding the prior
-did not help, so the default is 1.
+forward with the text conditioning dropped for the unconditional half. The default is 1 (no guidance): on
+SHAPES, guidance 2 gave the same cosine to the true image embeddings and 4 a lower one (README, Measured).
 
 By default (`use_cache=True`) the caption prefix is computed once per call (prior/cache.py): one pass over the
 b captions, plus the null prefix when guiding, gives every layer's keys and values, and each of the `steps`

@@ -77,13 +77,13 @@ def test_lr_warmup_then_cosine_values():
 
 def test_optimizer_skips_frozen_and_decays_only_matrices():
     task = ToyTask()
-    optimizer = build_optimizer(task.model, make_cfg(weight_decay=0.05, betas=(0.8, 0.9)))
+    optimizer = build_optimizer(task.model, make_cfg(weight_decay=0.05, betas=(0.8, 0.9), eps=1e-6))
     groups = {g["weight_decay"]: g["params"] for g in optimizer.param_groups}
     assert all(p.ndim >= 2 for p in groups[0.05]) and all(p.ndim < 2 for p in groups[0.0])
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert id(task.model.frozen.weight) not in in_optimizer
     assert len(in_optimizer) == sum(p.requires_grad for p in task.model.parameters())
-    assert optimizer.param_groups[0]["betas"] == (0.8, 0.9)
+    assert optimizer.param_groups[0]["betas"] == (0.8, 0.9) and optimizer.param_groups[0]["eps"] == 1e-6
 
 
 # ---------------------------------------------------------------- EMA

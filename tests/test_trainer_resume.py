@@ -220,13 +220,14 @@ def test_resuming_with_another_lr_applies_it(tmp_path):
     cfg = make_cfg(max_steps=6, lr=0.1, warmup_steps=2, checkpoint_every=3)
     Trainer(ToyTask(), cfg, tmp_path).train()
     (tmp_path / "checkpoints" / "step-00000006").rename(tmp_path / "elsewhere")  # resume from step 3
-    halved = cfg_with(cfg, lr=0.05, weight_decay=0.5, betas=(0.8, 0.9))
+    halved = cfg_with(cfg, lr=0.05, weight_decay=0.5, betas=(0.8, 0.9), eps=1e-6)
     with pytest.warns(UserWarning, match=r"changed optimizer settings, applied from step 3: lr 0.1 -> 0.05, "
-                                         r"betas \[0.9, 0.999\] -> \[0.8, 0.9\], weight_decay .* -> 0.5"):
+                                         r"betas \[0.9, 0.999\] -> \[0.8, 0.9\], eps 1e-08 -> 1e-06, "
+                                         r"weight_decay .* -> 0.5"):
         trainer = Trainer(ToyTask(), halved, tmp_path)
         trainer.train()
     groups = trainer.optimizer.optimizer.param_groups
-    assert {g["betas"] for g in groups} == {(0.8, 0.9)}
+    assert {g["betas"] for g in groups} == {(0.8, 0.9)} and {g["eps"] for g in groups} == {1e-6}
     assert [g["weight_decay"] for g in groups] == [0.5 if g["params"][0].ndim >= 2 else 0.0 for g in groups]
     assert any(g["weight_decay"] == 0.5 for g in groups)
     records = [r for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "lr" in r]

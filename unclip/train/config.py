@@ -20,6 +20,7 @@ class TrainConfig:
     lr: float = 1e-4  # peak learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW decoupled weight decay, applied only to >=2-D parameters
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates
+    eps: float = 1e-8  # AdamW denominator term (DALL-E 2's prior: 1e-6)
     warmup_steps: int = 0  # linear warm-up: update s (0-based) of the warm-up uses lr * (s + 1) / warmup_steps
     lr_schedule: Literal["cosine", "constant"] = "cosine"  # shape of the LR after warm-up
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
@@ -57,6 +58,7 @@ class TrainConfig:
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(all(0 <= b < 1 for b in self.betas), f"betas must lie in [0, 1), got {self.betas}")
+        need(self.eps > 0, f"eps must be > 0, got {self.eps}")
         need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         need(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or null, got {self.grad_clip}")

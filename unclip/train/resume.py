@@ -5,7 +5,7 @@
 
 Before a run starts, `_check_output_dir` refuses a directory it would wrongly resume from or destroy (another
 script's run, a finished model without checkpoints, checkpoints of another model / CLIP config or identity). On
-resume the optimizer takes this run's lr, betas and weight decay, and the LR schedule this run's max_steps.
+resume the optimizer takes this run's lr, betas, eps and weight decay, and the LR schedule this run's max_steps.
 `Checkpointing` is the part of `Trainer` that does this; it uses the trainer's attributes (cfg, task, accelerator,
 model, optimizer, scheduler, ema, step counters, output_dir).
 """
@@ -223,14 +223,14 @@ class Checkpointing:
         acc.print(f"resumed from {path} at step {self.step} ({self.samples_seen} samples seen)")
 
     def _apply_optimizer_config(self, ckpt: TrainingCheckpoint) -> None:
-        """Set the restored param groups' peak lr, betas and weight decay to this run's config (warning when they
-        differ from the checkpoint's); the moments and step counts are kept."""
+        """Set the restored param groups' peak lr, betas, eps and weight decay to this run's config (warning when
+        they differ from the checkpoint's); the moments and step counts are kept."""
         cfg, saved = self.cfg, ckpt.config.get("train") or {}
-        changed = [f"{k} {saved[k]} -> {v}" for k, v in (("lr", cfg.lr), ("betas", list(cfg.betas)),
+        changed = [f"{k} {saved[k]} -> {v}" for k, v in (("lr", cfg.lr), ("betas", list(cfg.betas)), ("eps", cfg.eps),
                                                           ("weight_decay", cfg.weight_decay))
                    if k in saved and saved[k] != v]
         for group in self.optimizer.optimizer.param_groups:
-            group["initial_lr"], group["betas"] = cfg.lr, tuple(cfg.betas)
+            group["initial_lr"], group["betas"], group["eps"] = cfg.lr, tuple(cfg.betas), cfg.eps
             group["weight_decay"] = cfg.weight_decay if group["params"][0].ndim >= 2 else 0.0  # as build_optimizer
         self.scheduler.base_lrs = [cfg.lr] * len(self.optimizer.optimizer.param_groups)
         if changed:
@@ -242,7 +242,7 @@ class Checkpointing:
         schedule gave it. They differ when max_steps changed: the cosine is then re-stretched over the new total from
         the step reached (no new warm-up), and the LR jumps; a warning says so, with the values (as it does for a
         changed warm-up, floor or schedule kind). A changed peak lr,
-        betas or weight decay is applied too (the restored optimizer and scheduler would keep the old ones)."""
+        betas, eps or weight decay is applied too (the restored optimizer and scheduler would keep the old ones)."""
         groups = self.optimizer.optimizer.param_groups
         self._apply_optimizer_config(ckpt)
         was, lrs = groups[0]["lr"], scheduled_lrs(self.scheduler)
