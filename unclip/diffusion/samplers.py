@@ -104,19 +104,24 @@ def ddpm_step(
     denoised: Denoised,
     alpha_bar: float,
     alpha_bar_prev: float,
-    variance: VarianceType = "fixed_small",
+    variance: VarianceType | float = "fixed_small",
     noise: Tensor | None = None,
 ) -> Tensor:
     """One ancestral step x_t -> x_prev ~ p(x_prev | x_t) = N(posterior mean at x0_pred, sigma^2): (b, *).
 
     alpha_bar, alpha_bar_prev: alpha-bar at t and at the step's target (1.0 for the clean data). sigma^2 is the
     step's beta-tilde ("fixed_small", floored at 1e-20), its beta = 1 - alpha_bar / alpha_bar_prev
-    ("fixed_large"), or their log-interpolation by `denoised.var_interp` ("learned_range"). No noise -> the mean.
+    ("fixed_large"), their log-interpolation by `denoised.var_interp` ("learned_range"), or a number given
+    (e.g. Analytic-DPM's, `unclip.diffusion.analytic`). No noise -> the mean.
     """
     coef_x0, coef_xt, var_small = posterior_coefficients(alpha_bar, alpha_bar_prev)
     mean = coef_x0 * denoised.x0 + coef_xt * x_t
     if noise is None:
         return mean
+    if isinstance(variance, (int, float)) and not isinstance(variance, bool):
+        if not variance >= 0:
+            raise ValueError(f"a step's variance must be >= 0, got {variance}")
+        return mean + math.sqrt(variance) * noise
     min_log, max_log = math.log(max(var_small, 1e-20)), math.log(1 - alpha_bar / alpha_bar_prev)
     if variance == "fixed_small":
         return mean + math.exp(0.5 * min_log) * noise
