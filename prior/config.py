@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from unclip.diffusion import Objective, SamplerName, ScheduleConfig
 from unclip.train.config import TrainConfig
 
-__all__ = ["PriorConfig", "PriorDataConfig", "PriorEvalConfig", "TrainPriorConfig", "Sampler"]
+__all__ = ["PRIOR_SAMPLERS", "PriorConfig", "PriorDataConfig", "PriorEvalConfig", "TrainPriorConfig", "Sampler"]
 
-Sampler = SamplerName  # any shared sampler, by name
+Sampler = Literal[SamplerName, "analytic_ddpm"]  # any shared sampler, or DDPM with Analytic-DPM's variances
+PRIOR_SAMPLERS: tuple[str, ...] = get_args(Sampler)
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,8 @@ class PriorEvalConfig:
     guidance_scales: tuple[float, ...] = (1.0,)  # one evaluation per scale; 1 = no guidance (paper's default)
     best_of: int = 2  # samples per caption; the one closest to the text embedding is kept
     steps: int = 64  # sampler steps
-    sampler: Sampler = "ddim"  # "ddim" (eta 0), "ddpm" (ancestral, respaced), "dpmpp_2m" or "dpmpp_2m_sde"
+    sampler: Sampler = "ddim"  # "ddim" (eta 0), "ddpm" (ancestral, respaced), "dpmpp_2m", "dpmpp_2m_sde" or
+    #   "analytic_ddpm" (ancestral with Analytic-DPM's variances; needs the calibration below)
     seed: int = 1234  # seed of the rendered images and of the sampling noise
 
     def __post_init__(self) -> None:
@@ -109,3 +112,10 @@ class TrainPriorConfig:
     data: PriorDataConfig = field(default_factory=PriorDataConfig)  # training pairs
     train: TrainConfig = field(default_factory=TrainConfig)  # optimisation, logging, checkpoints
     eval: PriorEvalConfig = field(default_factory=PriorEvalConfig)  # SHAPES evaluation after training
+    calibration_samples: int = 512  # training pairs for the Analytic-DPM moments stored with the model (0: none)
+
+    def __post_init__(self) -> None:
+        if self.calibration_samples < 0:
+            raise ValueError(f"calibration_samples must be >= 0, got {self.calibration_samples}")
+        if self.eval.sampler == "analytic_ddpm" and self.calibration_samples == 0:
+            raise ValueError("eval.sampler 'analytic_ddpm' needs the moments that calibration_samples > 0 estimates")

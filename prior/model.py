@@ -33,7 +33,7 @@ from einops import pack, repeat
 from torch import Tensor, nn
 from x_transformers import Decoder
 
-from unclip.checkpoint import load_pretrained_dir, load_state_dict_strict, save_pretrained_dir
+from unclip.checkpoint import CheckpointError, load_pretrained_dir, load_state_dict_strict, save_pretrained_dir
 from unclip.config import config_to_dict, load_config
 from unclip.diffusion import NoiseSchedule, make_schedule
 from unclip.nn.layers import timestep_embedding
@@ -45,6 +45,7 @@ __all__ = ["KIND", "DiffusionPriorNetwork", "length_groups"]
 
 KIND = "prior"
 NUM_EXTRA_SLOTS = 4  # text_embed, timestep, x_t, query
+EPS_MOMENTS = "eps_moments"  # the safetensors key of a calibrated prior's Analytic-DPM moments
 
 
 class DiffusionPriorNetwork(nn.Module):
@@ -59,6 +60,7 @@ class DiffusionPriorNetwork(nn.Module):
     def __init__(self, config: PriorConfig, clip: str | None = None, clip_fingerprint: str | None = None) -> None:
         super().__init__()
         self.config, self.clip, self.clip_fingerprint = config, clip, clip_fingerprint
+        self.eps_moments: Tensor | None = None  # (T,) float64 Analytic-DPM moments (prior/analytic.py), if calibrated
         self.schedule: NoiseSchedule = make_schedule(config.schedule.kind, config.schedule.num_timesteps)
         c, w = config, config.width
         self.text_tokens_proj = nn.Linear(c.text_width, w)
@@ -184,8 +186,11 @@ class DiffusionPriorNetwork(nn.Module):
         return {"model": config_to_dict(self.config), "clip": self.clip, "clip_fingerprint": self.clip_fingerprint}
 
     def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
-        """Write config.json (kind "prior") + model.safetensors atomically; `state_dict` overrides the weights."""
-        state = self.state_dict() if state_dict is None else state_dict
+        """Write config.json (kind "prior") + model.safetensors atomically; `state_dict` overrides the weights.
+        Calibrated eps moments are stored beside the weights, as the tensor `eps_moments`."""
+        state = dict(self.state_dict() if state_dict is None else state_dict)
+        if self.eps_moments is not None:
+            state[EPS_MOMENTS] = self.eps_moments.detach().to("cpu", torch.float64)
         return save_pretrained_dir(path, kind=KIND, config=self.pretrained_config(), state_dict=state)
 
     @classmethod
@@ -195,8 +200,19 @@ class DiffusionPriorNetwork(nn.Module):
         cfg = meta["config"]
         prior = cls(load_config(PriorConfig, cfg["model"]), clip=cfg.get("clip"),
                     clip_fingerprint=cfg.get("clip_fingerprint"))
+        moments = state.pop(EPS_MOMENTS, None)
         load_state_dict_strict(prior, state, source=path)
+        if moments is not None:
+            prior.eps_moments = check_eps_moments(moments.double(), prior.config.schedule.num_timesteps, path)
         return prior.to(device).eval()
+
+
+def check_eps_moments(moments: Tensor, num_timesteps: int, source: str | Path) -> Tensor:
+    """Stored Analytic-DPM moments, checked: one finite value >= 0 per timestep, else a CheckpointError."""
+    if moments.shape != (num_timesteps,) or not bool(torch.isfinite(moments).all() and (moments >= 0).all()):
+        raise CheckpointError(f"{source}: eps_moments must be {num_timesteps} finite values >= 0 (one per "
+                              f"timestep), got shape {tuple(moments.shape)}")
+    return moments
 
 
 def length_groups(mask: Tensor, groups: int) -> list[tuple[Tensor, int]]:

@@ -28,7 +28,8 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from unclip.clip import TextEncoding
-from unclip.diffusion import cfg, make_denoiser, randn, sample
+from unclip.diffusion import cfg, make_denoiser, randn, sample, timestep_subset
+from unclip.diffusion.analytic import sample_analytic_ddpm
 
 from .cache import PrefixCache
 from .config import Sampler
@@ -96,9 +97,22 @@ def sample_candidates(
                 "text_mask": repeat(text.text_mask, "b l -> (b n) l", n=num_samples),
             }
         denoiser = make_denoiser(model_fn, prior.schedule, prior.config.objective)
-        x0 = sample(sampler, denoiser, x_T, prior.schedule, steps, generator=generator, cond=cond,
-                    progress=progress, label="prior")
+        if sampler == "analytic_ddpm":
+            x0 = sample_analytic_ddpm(denoiser, x_T, prior.schedule, _moments(prior),
+                                      timesteps=timestep_subset(prior.schedule.num_timesteps, steps),
+                                      generator=generator, cond=cond, progress=progress, label="prior")
+        else:
+            x0 = sample(sampler, denoiser, x_T, prior.schedule, steps, generator=generator, cond=cond,
+                        progress=progress, label="prior")
     return rearrange(F.normalize(x0.float(), dim=-1), "(b n) d -> b n d", n=num_samples)
+
+
+def _moments(prior: DiffusionPriorNetwork) -> Tensor:
+    if prior.eps_moments is None:
+        raise ValueError("sampler 'analytic_ddpm' needs the prior's Analytic-DPM moments, and this prior has none: "
+                         "calibrate it (prior.analytic.calibrate_prior; train-prior does it with calibration_samples "
+                         "> 0, `unclip calibrate-prior` for a trained one) or choose another sampler")
+    return prior.eps_moments
 
 
 def cached_prior_fn(
@@ -158,7 +172,8 @@ def sample_image_embeds(
     """Sample one unit-norm CLIP image embedding per caption: (b, d), the best of `best_of` by text similarity.
 
     text: TextEncoding of b captions from the CLIP the prior was trained against. steps: sampler steps (denoiser
-    calls) out of the prior's T; sampler: "ddim" (eta 0), "ddpm" or "dpmpp_2m"; guidance_scale: classifier-free guidance
+    calls) out of the prior's T; sampler: "ddim" (eta 0), "ddpm", "dpmpp_2m", "dpmpp_2m_sde" or "analytic_ddpm" (a
+    calibrated prior's, prior/analytic.py: DALL-E 2's choice); guidance_scale: classifier-free guidance
     on the text (1: none); generator: all randomness (same seed, same embeddings); use_cache: compute each caption's
     prefix once per call (the default; False runs the whole sequence at every step, for comparison).
     """

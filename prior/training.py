@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from unclip.clip import Clip, ClipWeightsError, load_clip
+from unclip.clip import Clip, ClipWeightsError, TextEncoding, load_clip
 from unclip.config import ConfigError, config_to_dict
-from unclip.data import ImageTextDataset, collate_image_text
+from unclip.data import DataError, ImageTextDataset, collate_image_text
 from unclip.data.embeddings import EmbeddingShards, check_shards_clip, clip_fingerprint, read_manifest
 from unclip.data.sources import training_rows
 from unclip.diffusion import denoised_from_output, diffusion_loss, q_sample, sample_timesteps
@@ -31,7 +31,8 @@ from unclip.train import unwrap_model
 from .config import PriorConfig, TrainPriorConfig
 from .model import DiffusionPriorNetwork
 
-__all__ = ["prior_loss", "draw_cond_drop", "is_embeddings_dir", "check_dims", "PriorTrainTask"]
+__all__ = ["prior_loss", "draw_cond_drop", "is_embeddings_dir", "check_dims", "calibration_pairs", "encode_image_text",
+           "PriorTrainTask"]
 
 EMBEDDING_FIELDS = ("image_embed", "text_embed", "text_tokens", "text_mask")
 
@@ -78,6 +79,47 @@ def check_dims(model: PriorConfig, embed_dim: int, text_width: int, text_length:
     wrong = [f"model.{k} = {getattr(model, k)} but {where} has {v}" for k, v in found.items() if getattr(model, k) != v]
     if wrong:
         raise ConfigError("the prior does not fit its CLIP: " + "; ".join(wrong))
+
+
+@torch.no_grad()
+def encode_image_text(clip: Clip, batch: dict[str, Any]) -> dict[str, Tensor]:
+    """A `collate_image_text` batch -> the embedding fields (EMBEDDING_FIELDS), with `clip` moved to its device."""
+    if clip.device != batch["images"].device:
+        clip.to(batch["images"].device)
+    enc = clip.encode_text(batch["captions"])
+    return {"image_embed": clip.encode_pixels(batch["images"]), "text_embed": enc.text_embed,
+            "text_tokens": enc.text_tokens, "text_mask": enc.text_mask}
+
+
+@torch.no_grad()
+def calibration_pairs(cfg: TrainPriorConfig, n: int, clip: Clip | None = None, *, seed: int = 0,
+                      batch_size: int = 256) -> tuple[TextEncoding, Tensor]:
+    """Up to n (caption encoding, image embedding) pairs drawn at random (seeded) from `cfg`'s training data, for
+    `prior.analytic.calibrate_prior`: (TextEncoding of n captions, (n, d) image embeddings), on the CPU.
+
+    Embedding shards are read as they are; SHAPES and image-text datasets are encoded by `clip` (loaded from
+    `cfg.clip` when not given). Samples the data loader would skip (unreadable images) are skipped here too."""
+    if is_embeddings_dir(cfg.data.source):
+        dataset: Dataset = EmbeddingShards(cfg.data.source)
+    else:
+        clip = clip if clip is not None else load_clip(cfg.clip, cfg.clip_pretrained)
+        dataset = ImageTextDataset(training_rows(cfg.data), clip.image_transform, image_column=cfg.data.image_column,
+                                   caption_column=cfg.data.caption_column)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    parts: dict[str, list[Tensor]] = {name: [] for name in EMBEDDING_FIELDS}
+    for start in range(0, len(order), batch_size):
+        items = [dataset[i] for i in order[start:start + batch_size]]
+        if isinstance(dataset, EmbeddingShards):
+            fields = {name: torch.stack([it[name] for it in items]) for name in EMBEDDING_FIELDS}
+        else:
+            batch = collate_image_text(items)
+            fields = encode_image_text(clip, batch) if batch["captions"] else {}
+        for name, value in fields.items():
+            parts[name].append(value.cpu())
+    if not parts["image_embed"]:
+        raise DataError(f"no usable training pairs in {cfg.data.source} to calibrate the prior with")
+    image_embed, text_embed, text_tokens, text_mask = (torch.cat(parts[name]) for name in EMBEDDING_FIELDS)
+    return TextEncoding(text_embed.float(), text_tokens.float(), text_mask.bool()), image_embed.float()
 
 
 class PriorTrainTask:
@@ -139,15 +181,9 @@ class PriorTrainTask:
             return collate_image_text(items)
         return {name: torch.stack([it[name] for it in items]) for name in EMBEDDING_FIELDS}
 
-    @torch.no_grad()
     def encode(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """An image-text batch -> the embedding fields, with the frozen CLIP on the batch's device."""
-        clip = self.clip
-        if clip.device != batch["images"].device:
-            clip.to(batch["images"].device)
-        enc = clip.encode_text(batch["captions"])
-        return {"image_embed": clip.encode_pixels(batch["images"]), "text_embed": enc.text_embed,
-                "text_tokens": enc.text_tokens, "text_mask": enc.text_mask}
+        return encode_image_text(self.clip, batch)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         fields = batch if self.embeddings else self.encode(batch)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from prior import (
     DiffusionPriorNetwork,
@@ -274,3 +275,40 @@ def test_best_of_n_samples_keep_the_candidate_closest_to_the_text():
     assert not torch.equal(candidates[:, 0], candidates[:, 1])  # independent draws per caption
     scores = torch.einsum("bnd,bd->bn", candidates, text.text_embed)
     torch.testing.assert_close(best, candidates[torch.arange(4), scores.argmax(dim=1)])
+
+
+# ----- Analytic-DPM ------------------------------------------------------------------------------------------
+def test_analytic_sampling_needs_calibrated_moments_which_are_saved_with_the_prior(tmp_path):
+    """DALL-E 2's prior sampler: the moments come from `calibrate_prior`, travel in model.safetensors (kept at full
+    precision when a pipeline stores float16), and a prior without them says how to get them."""
+    from prior.analytic import calibrate_prior
+    from unclip.checkpoint import CheckpointError
+
+    prior, text = tiny_prior(), random_text(3)
+    with pytest.raises(ValueError, match="needs the prior's Analytic-DPM moments, and this prior has none"):
+        sample_image_embeds(prior, text, best_of=2, steps=4, sampler="analytic_ddpm", progress=False)
+    calibration = random_text(10, seed=1)
+    moments = calibrate_prior(prior, calibration, F.normalize(torch.randn(10, D), dim=-1), batch_size=4,
+                              generator=torch.Generator().manual_seed(0), progress=False)
+    assert moments.shape == (100,) and moments.dtype == torch.float64 and bool((moments > 0).all())
+    assert prior.eps_moments is moments and not prior.training
+    prior.save_pretrained(tmp_path / "p")
+    loaded = DiffusionPriorNetwork.from_pretrained(tmp_path / "p")
+    torch.testing.assert_close(loaded.eps_moments, moments, rtol=0, atol=0)
+    g = torch.Generator().manual_seed(3)
+    embeds = sample_image_embeds(loaded, text, best_of=2, steps=4, sampler="analytic_ddpm", generator=g,
+                                 progress=False)
+    assert embeds.shape == (3, D) and torch.allclose(embeds.norm(dim=-1), torch.ones(3))
+    assert moments[:50].min() > 1  # an untrained prior's x0 says nothing: Gamma >= 1, DDPM's variances
+    g = torch.Generator().manual_seed(3)
+    ddpm = sample_image_embeds(loaded, text, best_of=2, steps=4, sampler="ddpm", generator=g, progress=False)
+    loaded.eps_moments = torch.full_like(moments, 0.5)  # one that knows something: larger variances
+    g = torch.Generator().manual_seed(3)
+    wider = sample_image_embeds(loaded, text, best_of=2, steps=4, sampler="analytic_ddpm", generator=g,
+                                progress=False)
+    assert not torch.allclose(wider, ddpm, atol=1e-3)  # the same noise, other variances
+
+    state = load_file(str(tmp_path / "p" / "model.safetensors"))
+    save_file({**state, "eps_moments": moments[:50]}, str(tmp_path / "p" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"eps_moments must be 100 finite values >= 0 .*got shape \(50,\)"):
+        DiffusionPriorNetwork.from_pretrained(tmp_path / "p")

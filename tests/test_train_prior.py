@@ -48,6 +48,36 @@ def test_loss_falls_and_the_prior_exports(trained):
     assert prior.clip_fingerprint == json.loads((Path(source) / "manifest.json").read_text())["clip"]
 
 
+def test_the_exported_prior_is_calibrated_for_analytic_sampling(trained, tiny_clip):
+    """train-prior stores Analytic-DPM's moments (from the 64 embedded pairs: fewer than calibration_samples)."""
+    from prior import sample_image_embeds
+
+    prior = DiffusionPriorNetwork.from_pretrained(trained[1] / "model")
+    moments = prior.eps_moments
+    assert moments is not None and moments.shape == (100,) and bool(torch.isfinite(moments).all())
+    assert bool((moments > 0).all())
+    embeds = sample_image_embeds(prior, tiny_clip.encode_text(["a red circle on a blue background"]), steps=4,
+                                 sampler="analytic_ddpm", generator=torch.Generator().manual_seed(0), progress=False)
+    assert embeds.shape == (1, 32) and torch.isfinite(embeds).all()
+
+
+def test_calibration_pairs_from_shapes_on_the_fly(tiny_clip, clip_dir):
+    from prior.training import calibration_pairs
+
+    cfg = load_config(TrainPriorConfig, {"clip": str(clip_dir), "model": MODEL,
+                                         "data": {"source": "shapes", "shapes_samples": 8}})
+    text, image_embed = calibration_pairs(cfg, 5, tiny_clip, batch_size=2)
+    assert image_embed.shape == (5, 32) and text.text_tokens.shape == (5, 16, 48)
+    rows = make_shapes(8, split="train", seed=0, resolution=64)
+    drawn = torch.randperm(8, generator=torch.Generator().manual_seed(0))[:5].tolist()
+    torch.testing.assert_close(text.text_embed, tiny_clip.encode_text([rows[i]["caption"] for i in drawn]).text_embed)
+    with pytest.raises(ValueError, match="calibration_samples must be >= 0"):
+        load_config(TrainPriorConfig, {"clip": str(clip_dir), "model": MODEL, "calibration_samples": -1})
+    with pytest.raises(ValueError, match="'analytic_ddpm' needs the moments"):
+        load_config(TrainPriorConfig, {"clip": str(clip_dir), "model": MODEL, "calibration_samples": 0,
+                                       "eval": {"sampler": "analytic_ddpm"}})
+
+
 def test_shapes_evaluation_is_written_for_each_guidance_scale(trained, capsys):
     path, run = trained
     result = json.loads((run / "eval.json").read_text())

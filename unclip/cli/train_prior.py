@@ -5,7 +5,8 @@
     train-prior configs/prior/shapes-tiny.yaml --set data.source=runs/embeddings    # from `unclip embed` shards
     accelerate launch --multi_gpu --num_processes 8 -m unclip.cli.train_prior configs/prior/vit-l-14.yaml
 
-The trained prior is written to OUTPUT_DIR/model (config.json + model.safetensors); an interrupted run resumes
+The trained prior is written to OUTPUT_DIR/model (config.json + model.safetensors), with the Analytic-DPM
+moments estimated from `calibration_samples` training pairs (prior/analytic.py); an interrupted run resumes
 from its last checkpoint when started again with the same output directory. On SHAPES (data.source "shapes",
 or embeddings made from it) the held-out evaluation of prior/evaluation.py runs at the end for every
 `eval.guidance_scales`, is printed and is saved to OUTPUT_DIR/eval.json; a finished run only re-evaluates (the
@@ -69,8 +70,30 @@ def _evaluate(cfg: TrainPriorConfig, out: Path) -> None:
                   f"{r['prior_retrieval']:.1%}"] for r in results])
 
 
+def _calibrate(cfg: TrainPriorConfig, out: Path) -> None:
+    """Store Analytic-DPM's moments with the exported prior, from `calibration_samples` training pairs."""
+    from prior import DiffusionPriorNetwork
+    from prior.analytic import calibrate_prior
+    from prior.training import calibration_pairs
+
+    if cfg.calibration_samples == 0:
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    prior = DiffusionPriorNetwork.from_pretrained(out / "model", device=device)
+    text, image_embed = calibration_pairs(cfg, cfg.calibration_samples)
+    calibrate_prior(prior, text, image_embed, generator=torch.Generator().manual_seed(0),
+                    progress=cfg.train.progress)
+    prior.save_pretrained(out / "model")
+    print(f"Analytic-DPM moments from {image_embed.shape[0]} training pairs stored with {out / 'model'}")
+
+
+def _after(cfg: TrainPriorConfig, out: Path) -> None:
+    _calibrate(cfg, out)
+    _evaluate(cfg, out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return training_main("train-prior", __doc__, TrainPriorConfig, PriorTrainTask, argv, after=_evaluate)
+    return training_main("train-prior", __doc__, TrainPriorConfig, PriorTrainTask, argv, after=_after)
 
 
 if __name__ == "__main__":

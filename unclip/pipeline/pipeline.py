@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from decoder import Decoder, decode
 from prior import DiffusionPriorNetwork, sample_image_embeds
+from prior.model import EPS_MOMENTS
 from upsamplers import Upsampler
 
 from ..checkpoint import CheckpointError, atomic_directory, write_json_atomic
@@ -309,10 +310,12 @@ class UnclipPipeline(nn.Module):
 
 
 def _cast_safetensors(path: Path, dtype: torch.dtype) -> None:
-    """Rewrite a safetensors file with its floating-point tensors cast to `dtype` (in place; the caller's
-    directory is a temporary one that is renamed into place only when everything is written)."""
+    """Rewrite a safetensors file with its floating-point weights cast to `dtype` (in place; the caller's
+    directory is a temporary one that is renamed into place only when everything is written). A prior's
+    Analytic-DPM moments keep their precision: 1 - Gamma_t near 0 would not survive float16."""
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    tensors = {k: v.to(dtype) if v.is_floating_point() and k != EPS_MOMENTS else v
+               for k, v in load_file(str(path)).items()}
     save_file(tensors, str(path), metadata=metadata)
 
