@@ -153,6 +153,7 @@ DELETE = object()
         ("defaults.decoder_steps", "ten", "defaults.decoder_steps: expected an integer, got 'ten'"),
         ("defaults.decoder_stpes", 5, "unknown config key 'defaults.decoder_stpes'.*Did you mean 'decoder_steps'"),
         ("defaults.sampler", "euler", "defaults.sampler: 'euler' is not one of 'ddim'"),
+        ("defaults.upsampler_sampler", "dpm", "defaults.upsampler_sampler: 'dpm' is not one of 'ddim'"),
         ("defaults.decoder_steps", 0, "defaults: decoder_steps must be a whole number >= 1, got 0"),
         ("defaults.upsampler_steps", [3], r"defaults.upsampler_steps gives 1 step count\(s\) for 2 upsampler"),
         ("format_version", "1", "format_version: expected an integer"),
@@ -415,7 +416,9 @@ def test_eval_with_a_fixed_judge(cascade, cascade_dir, tiny_arch, tmp_path, caps
         ({"best_of": 0}, "best_of must be a whole number >= 1"),
         ({"upsampler_steps": 0}, r"upsampler_steps\[0\] must be a whole number >= 1"),
         ({"upsampler_steps": [3]}, "upsampler_steps has 1 entries for 2 upsampler"),
-        ({"sampler": "euler"}, "sampler must be one of"),
+        ({"sampler": "euler"}, "^sampler must be one of"),
+        ({"prior_sampler": "euler"}, "^prior_sampler must be one of"),
+        ({"upsampler_sampler": "euler"}, "^upsampler_sampler must be one of"),
     ],
 )
 def test_bad_generation_settings_fail_before_sampling(cascade, setting, message, monkeypatch):

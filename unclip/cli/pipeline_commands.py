@@ -134,20 +134,27 @@ def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (default: the pipeline's own settings)")
-    g.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="sampler of every stage")
+    g.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+                   help="the decoder's sampler, and the prior's and upsamplers' unless set apart below")
+    g.add_argument("--prior-sampler", choices=SAMPLER_NAMES, default=None,
+                   help="the prior's sampler (default: the pipeline's prior_sampler, or where that is None, the "
+                        "decoder's sampler)")
+    g.add_argument("--upsampler-sampler", choices=SAMPLER_NAMES, default=None,
+                   help="every upsampler's sampler (default: the pipeline's upsampler_sampler, or where that is "
+                        "None, the decoder's sampler)")
     g.add_argument("--prior-steps", type=int, default=None)
     g.add_argument("--prior-guidance", type=float, default=None)
     g.add_argument("--best-of", type=int, default=None, help="prior samples per image, the closest to the text kept")
     g.add_argument("--decoder-steps", type=int, default=None)
     g.add_argument("--decoder-guidance", type=float, default=None)
     g.add_argument("--decoder-eta", type=float, default=None,
-                   help="DDIM noise of the decoder in [0, 1] (0: deterministic); with the ddim sampler only")
+                   help="DDIM noise of the decoder in [0, 1] (0: deterministic); when the decoder samples with ddim")
     g.add_argument("--upsampler-steps", type=int, nargs="+", default=None, help="steps of each upsampler")
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("sampler", "prior_steps", "prior_guidance", "best_of", "decoder_steps", "decoder_guidance",
-             "decoder_eta", "upsampler_steps")
+    names = ("sampler", "prior_sampler", "upsampler_sampler", "prior_steps", "prior_guidance", "best_of",
+             "decoder_steps", "decoder_guidance", "decoder_eta", "upsampler_steps")
     return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
 
 

@@ -149,7 +149,7 @@ def evaluate_pipeline(pipe: UnclipPipeline, *, images_per_caption: int = 4, seed
     score, and FID / KID of those images against `real_samples` real held-out SHAPES images (features: the judge's
     CLIP image features by default). `judge`: the CLIP that judges (default: the pipeline's own); the report's
     "judge" names it ({"source": "pipeline" or "given", "fingerprint"}). `settings` go to
-    `UnclipPipeline.generate_tensors` (steps, guidance, sampler)."""
+    `UnclipPipeline.generate_tensors` (steps, guidance, samplers)."""
     if images_per_caption < 1:
         raise ValueError(f"images_per_caption must be >= 1, got {images_per_caption}")
     if real_samples < 2:

@@ -7,7 +7,8 @@
 An image is encoded as z_i, its CLIP image embedding (b, d), and x_T, the decoder latent that DDIM inversion
 under z_i gives (b, 3, s, s): decoding (z_i, x_T) with DDIM eta = 0 gives the image back, closely at guidance 1 (the
 inversion runs unguided), approximately at the decoder's guidance (the default). Every function returns
-PIL images at the pipeline's output side (the decoder's output runs through the upsamplers).
+PIL images at the pipeline's output side (the decoder's output runs through the upsamplers, with the pipeline's
+default upsampler steps and sampler: `upsampler_sampler`, else `sampler`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -48,7 +48,9 @@ FORMAT_VERSION = 1
 class GenerationDefaults:
     """Sampling settings a pipeline directory ships with (each `generate` argument left as None takes these)."""
 
-    sampler: SamplerName = "ddim"  # sampler of every stage: "ddim", "ddpm", "dpmpp_2m" or "dpmpp_2m_sde"
+    sampler: SamplerName = "ddim"  # "ddim", "ddpm", "dpmpp_2m" or "dpmpp_2m_sde": the decoder's, the others' default
+    prior_sampler: SamplerName | None = None  # the prior's (None: `sampler`; the paper: DDPM, analytic variance)
+    upsampler_sampler: SamplerName | None = None  # every upsampler's (None: `sampler`; the paper: DDIM)
     prior_steps: int = 64  # the paper's prior used 64 steps
     prior_guidance: float = 1.0  # 1: no guidance (on SHAPES, guidance 2 gave the same cosine, 4 a lower one)
     best_of: int = 2  # prior samples per image; the one closest to the caption's text embedding is kept
@@ -59,8 +61,11 @@ class GenerationDefaults:
 
     def __post_init__(self) -> None:
         """Every value in range, so that a bad setting fails before any sampling, naming the setting."""
-        if self.sampler not in SAMPLER_NAMES:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLER_NAMES)}, got {self.sampler!r}")
+        for name in ("sampler", "prior_sampler", "upsampler_sampler"):
+            value = getattr(self, name)
+            if value not in SAMPLER_NAMES and not (value is None and name != "sampler"):
+                none = "" if name == "sampler" else " (or None: use `sampler`)"
+                raise ValueError(f"{name} must be one of {', '.join(SAMPLER_NAMES)}{none}, got {value!r}")
         counts = {"prior_steps": self.prior_steps, "decoder_steps": self.decoder_steps, "best_of": self.best_of,
                   **{f"upsampler_steps[{i}]": n for i, n in enumerate(self.upsampler_steps)}}
         for name, n in counts.items():
@@ -72,6 +77,11 @@ class GenerationDefaults:
                 raise ValueError(f"{name} must be a finite number >= 0 (1: no guidance), got {value!r}")
         if not (isinstance(self.decoder_eta, (int, float)) and 0 <= self.decoder_eta <= 1):
             raise ValueError(f"decoder_eta (DDIM noise) must lie in [0, 1], got {self.decoder_eta!r}")
+
+    def sampler_of(self, stage: Literal["prior", "decoder", "upsampler"]) -> SamplerName:
+        """The sampler `stage` runs with: its own setting when given, else `sampler`."""
+        own = {"prior": self.prior_sampler, "decoder": None, "upsampler": self.upsampler_sampler}[stage]
+        return own or self.sampler
 
 
 @dataclass(frozen=True)
@@ -233,8 +243,9 @@ class UnclipPipeline(nn.Module):
     def settings(self, **overrides: Any) -> GenerationDefaults:
         """The pipeline's defaults with the non-None `overrides` applied (unknown names are errors).
 
-        A non-zero `decoder_eta` given here with a sampler other than DDIM (given or the default) is an error: only
-        DDIM has that noise. A stored default eta is simply not used when the sampler given is not DDIM."""
+        A non-zero `decoder_eta` given here with a decoder sampler (`sampler`, given or the default) other than DDIM
+        is an error: only DDIM has that noise. A stored default eta is simply not used when the sampler given is not
+        DDIM. `prior_sampler` / `upsampler_sampler` have nothing to do with eta (their stages never take it)."""
         unknown = sorted(set(overrides) - set(GenerationDefaults.__dataclass_fields__))
         if unknown:
             raise TypeError(f"unknown generation settings {unknown}")
@@ -274,35 +285,40 @@ class UnclipPipeline(nn.Module):
         text = self.encode_text(captions)  # (n, ...), caption-major
         with self.autocast():
             image_embed = sample_image_embeds(self.prior, text, best_of=s.best_of, steps=s.prior_steps,
-                                              sampler=s.sampler, guidance_scale=s.prior_guidance, generator=generator,
-                                              progress=progress)
+                                              sampler=s.sampler_of("prior"), guidance_scale=s.prior_guidance,
+                                              generator=generator, progress=progress)
             base = decode(self.decoder, image_embed.to(self.dtype), text if self.decoder.text_proj else None,
-                          steps=s.decoder_steps, sampler=s.sampler, eta=s.decoder_eta,
+                          steps=s.decoder_steps, sampler=s.sampler_of("decoder"), eta=s.decoder_eta,
                           guidance_scale=s.decoder_guidance, generator=generator, progress=progress)
         return self.upsample(base, generator=generator, progress=progress, settings=s)
 
     def upsample(self, base: Tensor, *, generator: torch.Generator | None = None, progress: bool = False,
                  settings: GenerationDefaults | None = None) -> Tensor:
-        """Run the upsamplers on base images (b, 3, s, s) in [0, 1]: (b, 3, S, S) in [0, 1]."""
+        """Run the upsamplers on base images (b, 3, s, s) in [0, 1]: (b, 3, S, S) in [0, 1]. Steps and sampler are
+        `settings`' (default: the pipeline's defaults): `upsampler_steps`, and `upsampler_sampler`, else `sampler`."""
         if not len(self.upsamplers):
             return base
         s = settings or self.defaults
         steps = list(s.upsampler_steps) or None
         with self.autocast():
-            outputs = run_cascade(base.to(self.dtype), list(self.upsamplers), steps=steps, sampler=s.sampler,
-                                  generator=generator, progress=progress)
+            outputs = run_cascade(base.to(self.dtype), list(self.upsamplers), steps=steps,
+                                  sampler=s.sampler_of("upsampler"), generator=generator, progress=progress)
         return outputs[-1].float()
 
     def generate(self, texts: str | Sequence[str], num_images: int = 1, *, seed: int | None = None,
-                 sampler: SamplerName | None = None, prior_steps: int | None = None,
+                 sampler: SamplerName | None = None, prior_sampler: SamplerName | None = None,
+                 upsampler_sampler: SamplerName | None = None, prior_steps: int | None = None,
                  prior_guidance: float | None = None, best_of: int | None = None, decoder_steps: int | None = None,
                  decoder_guidance: float | None = None, decoder_eta: float | None = None,
                  upsampler_steps: int | Sequence[int] | None = None, progress: bool = False) -> list[Image.Image]:
         """Generate `num_images` PIL images per caption (len(texts) * num_images, caption-major).
 
-        Every setting left None takes the pipeline's `defaults`; `seed` makes the whole run reproducible.
+        Every setting left None takes the pipeline's `defaults`; `seed` makes the whole run reproducible. `sampler`
+        is the decoder's, and the prior's and upsamplers' too unless `prior_sampler` / `upsampler_sampler` (given
+        here or stored in the defaults) name their own.
         """
         images = self.generate_tensors(texts, num_images, seed=seed, progress=progress, sampler=sampler,
+                                       prior_sampler=prior_sampler, upsampler_sampler=upsampler_sampler,
                                        prior_steps=prior_steps, prior_guidance=prior_guidance, best_of=best_of,
                                        decoder_steps=decoder_steps, decoder_guidance=decoder_guidance,
                                        decoder_eta=decoder_eta, upsampler_steps=upsampler_steps)
