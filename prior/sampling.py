@@ -110,8 +110,8 @@ def sample_candidates(
 def _moments(prior: DiffusionPriorNetwork) -> Tensor:
     if prior.eps_moments is None:
         raise ValueError("sampler 'analytic_ddpm' needs the prior's Analytic-DPM moments, and this prior has none: "
-                         "calibrate it (prior.analytic.calibrate_prior; train-prior does it with calibration_samples "
-                         "> 0, `unclip calibrate-prior` for a trained one) or choose another sampler")
+                         "calibrate it (train-prior does it with calibration_samples > 0; prior.analytic."
+                         "calibrate_prior for any prior) or choose another sampler")
     return prior.eps_moments
 
 

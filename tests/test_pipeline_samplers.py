@@ -118,7 +118,8 @@ def test_pipeline_json_records_the_stage_samplers_and_loads_without_them(cascade
 
 @pytest.mark.parametrize("key", ["prior_sampler", "upsampler_sampler"])
 def test_a_bad_stage_sampler_is_a_value_error_naming_its_key(cascade, key):
-    message = rf"^{key} must be one of ddim, ddpm, dpmpp_2m, dpmpp_2m_sde \(or None: use `sampler`\), got 'euler'$"
+    names = "ddim, ddpm, dpmpp_2m, dpmpp_2m_sde" + (", analytic_ddpm" if key == "prior_sampler" else "")
+    message = rf"^{key} must be one of {names} \(or None: use `sampler`\), got 'euler'$"
     with pytest.raises(ValueError, match=message):
         GenerationDefaults(**{key: "euler"})
     with pytest.raises(ValueError, match=message):
@@ -167,6 +168,33 @@ def test_cli_generate_and_eval_take_per_stage_samplers(cascade_dir, tmp_path, mo
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "--prior-sampler {ddim,ddpm,dpmpp_2m,dpmpp_2m_sde} the prior's sampler (default: the pipeline's " \
-           "prior_sampler, or where that is None, the decoder's sampler)" in help_text
+    assert "--prior-sampler {ddim,ddpm,dpmpp_2m,dpmpp_2m_sde,analytic_ddpm} the prior's sampler (default: the " \
+           "pipeline's prior_sampler, or where that is None, the decoder's sampler)" in help_text
     assert "every upsampler's sampler (default: the pipeline's upsampler_sampler, or where that is None" in help_text
+
+
+def test_the_prior_samples_with_analytic_variances_once_calibrated(tiny_clip, tmp_path):
+    """prior_sampler "analytic_ddpm" (the paper's) needs a calibrated prior: refused before sampling without the
+    moments, honoured with them, and the moments survive a float16 pipeline at full precision."""
+    from prior.analytic import calibrate_prior
+
+    pipe = build_tiny_pipeline(tiny_clip)
+    with pytest.raises(ValueError, match="analytic_ddpm needs the prior's Analytic-DPM moments"):
+        pipe.generate([CAPTION], prior_sampler="analytic_ddpm", progress=False)
+    with pytest.raises(ValueError, match="prior_sampler must be one of .*analytic_ddpm"):
+        GenerationDefaults(prior_sampler="analytic")
+    with pytest.raises(ValueError, match="upsampler_sampler must be one of ddim, ddpm, dpmpp_2m, dpmpp_2m_sde \\("):
+        GenerationDefaults(upsampler_sampler="analytic_ddpm")  # the prior's alone
+    text = tiny_clip.encode_text([CAPTION, "a blue square on a red background"])
+    calibrate_prior(pipe.prior, text, text.text_embed, progress=False)
+    moments = pipe.prior.eps_moments.clone()
+    pipe.prior.eps_moments = torch.full_like(moments, 0.25)  # wide variances: visibly not DDPM's
+    images = {s: pipe.generate_tensors([CAPTION], prior_sampler=s, seed=0, progress=False)
+              for s in ("ddpm", "analytic_ddpm")}
+    assert images["analytic_ddpm"].shape == images["ddpm"].shape
+    assert not torch.allclose(images["analytic_ddpm"], images["ddpm"])
+    pipe.prior.eps_moments = moments
+    stored = with_defaults(pipe, prior_sampler="analytic_ddpm").save_pretrained(tmp_path / "p", dtype=torch.float16)
+    loaded = UnclipPipeline.from_pretrained(stored)
+    assert loaded.defaults.prior_sampler == "analytic_ddpm"
+    torch.testing.assert_close(loaded.prior.eps_moments, moments, rtol=0, atol=0)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from prior.config import PRIOR_SAMPLERS
+
 from ..checkpoint import CheckpointError, write_json_atomic
 from ..diffusion import SAMPLER_NAMES
 from .common import (
@@ -136,9 +138,9 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (default: the pipeline's own settings)")
     g.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
                    help="the decoder's sampler, and the prior's and upsamplers' unless set apart below")
-    g.add_argument("--prior-sampler", choices=SAMPLER_NAMES, default=None,
+    g.add_argument("--prior-sampler", choices=PRIOR_SAMPLERS, default=None,
                    help="the prior's sampler (default: the pipeline's prior_sampler, or where that is None, the "
-                        "decoder's sampler)")
+                        "decoder's sampler); analytic_ddpm: the paper's, for a prior calibrated by train-prior")
     g.add_argument("--upsampler-sampler", choices=SAMPLER_NAMES, default=None,
                    help="every upsampler's sampler (default: the pipeline's upsampler_sampler, or where that is "
                         "None, the decoder's sampler)")

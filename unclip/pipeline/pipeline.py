@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from decoder import Decoder, decode
 from prior import DiffusionPriorNetwork, sample_image_embeds
+from prior.config import PRIOR_SAMPLERS
+from prior.config import Sampler as PriorSampler
 from prior.model import EPS_MOMENTS
 from upsamplers import Upsampler
 
@@ -49,7 +51,7 @@ class GenerationDefaults:
     """Sampling settings a pipeline directory ships with (each `generate` argument left as None takes these)."""
 
     sampler: SamplerName = "ddim"  # "ddim", "ddpm", "dpmpp_2m" or "dpmpp_2m_sde": the decoder's, the others' default
-    prior_sampler: SamplerName | None = None  # the prior's (None: `sampler`; the paper: DDPM, analytic variance)
+    prior_sampler: PriorSampler | None = None  # the prior's (None: `sampler`); also "analytic_ddpm", the paper's
     upsampler_sampler: SamplerName | None = None  # every upsampler's (None: `sampler`; the paper: DDIM)
     prior_steps: int = 64  # the paper's prior used 64 steps
     prior_guidance: float = 1.0  # 1: no guidance (on SHAPES, guidance 2 gave the same cosine, 4 a lower one)
@@ -62,10 +64,10 @@ class GenerationDefaults:
     def __post_init__(self) -> None:
         """Every value in range, so that a bad setting fails before any sampling, naming the setting."""
         for name in ("sampler", "prior_sampler", "upsampler_sampler"):
-            value = getattr(self, name)
-            if value not in SAMPLER_NAMES and not (value is None and name != "sampler"):
+            value, allowed = getattr(self, name), PRIOR_SAMPLERS if name == "prior_sampler" else SAMPLER_NAMES
+            if value not in allowed and not (value is None and name != "sampler"):
                 none = "" if name == "sampler" else " (or None: use `sampler`)"
-                raise ValueError(f"{name} must be one of {', '.join(SAMPLER_NAMES)}{none}, got {value!r}")
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}{none}, got {value!r}")
         counts = {"prior_steps": self.prior_steps, "decoder_steps": self.decoder_steps, "best_of": self.best_of,
                   **{f"upsampler_steps[{i}]": n for i, n in enumerate(self.upsampler_steps)}}
         for name, n in counts.items():
@@ -78,7 +80,7 @@ class GenerationDefaults:
         if not (isinstance(self.decoder_eta, (int, float)) and 0 <= self.decoder_eta <= 1):
             raise ValueError(f"decoder_eta (DDIM noise) must lie in [0, 1], got {self.decoder_eta!r}")
 
-    def sampler_of(self, stage: Literal["prior", "decoder", "upsampler"]) -> SamplerName:
+    def sampler_of(self, stage: Literal["prior", "decoder", "upsampler"]) -> PriorSampler:
         """The sampler `stage` runs with: its own setting when given, else `sampler`."""
         own = {"prior": self.prior_sampler, "decoder": None, "upsampler": self.upsampler_sampler}[stage]
         return own or self.sampler
@@ -138,6 +140,7 @@ class UnclipPipeline(nn.Module):
         self.upsamplers = nn.ModuleList(list(upsamplers)).eval()
         self.defaults = defaults or GenerationDefaults()
         self._check_stages()
+        self._check_prior_sampler(self.defaults)
 
     # ----- construction -------------------------------------------------------------------------------------
     def _check_stages(self) -> None:
@@ -263,7 +266,14 @@ class UnclipPipeline(nn.Module):
                 raise ValueError(f"decoder_eta (DDIM's noise) applies to the ddim sampler only; the sampler is "
                                  f"{s.sampler}")
             s = replace(s, decoder_eta=0.0)  # a stored eta does not carry over to a sampler without that noise
+        self._check_prior_sampler(s)
         return s
+
+    def _check_prior_sampler(self, s: GenerationDefaults) -> None:
+        if s.sampler_of("prior") == "analytic_ddpm" and self.prior.eps_moments is None:
+            raise ValueError("the prior sampler analytic_ddpm needs the prior's Analytic-DPM moments, which this "
+                             "pipeline's prior lacks (train-prior stores them; prior.analytic.calibrate_prior adds "
+                             "them to any prior); choose another prior_sampler")
 
     def encode_text(self, captions: Sequence[str]):
         """The CLIP's `TextEncoding` of the captions, on the pipeline's device and dtype."""
