@@ -308,6 +308,20 @@ def test_resuming_with_another_model_config_is_refused(tmp_path):
     assert result.step == 4
 
 
+def test_a_model_key_added_since_the_checkpoint_does_not_block_resuming(tmp_path):
+    """A run made before the library gained a model setting (say, the prior's length_buckets) resumes with this
+    run's value and a warning naming the key; a changed old key still refuses."""
+    from unclip.checkpoint import CheckpointError
+
+    Trainer(ConfiguredToyTask({"width": 16, "block": {"depth": 2}}), make_cfg(max_steps=2), tmp_path).train()
+    newer = {"width": 16, "block": {"depth": 2, "groups": 4}, "buckets": 4}
+    with pytest.warns(UserWarning, match=r"predates the config key\(s\) model.block.groups, model.buckets; resuming"):
+        assert Trainer(ConfiguredToyTask(newer), make_cfg(max_steps=3), tmp_path).train().step == 3
+    with pytest.raises(CheckpointError, match="made with another model config"):
+        Trainer(ConfiguredToyTask({**newer, "block": {"depth": 3, "groups": 4}}), make_cfg(max_steps=4),
+                tmp_path).train()
+
+
 class IdentifiedToyTask(ToyTask):
     """A task bound to inputs beyond its config (say, the fingerprint of the CLIP it learns embeddings of)."""
 

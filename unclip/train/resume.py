@@ -40,6 +40,21 @@ from .state import (
 __all__ = ["Checkpointing"]
 
 
+def _added_keys(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the keys of nested dict `current` that `saved` lacks (both dicts, else none)."""
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return []
+    return [name for k, v in current.items() for name in (
+        [f"{prefix}{k}"] if k not in saved else _added_keys(saved[k], v, f"{prefix}{k}."))]
+
+
+def _without(current: Any, saved: Any) -> Any:
+    """`current` without the keys (at any depth of nested dicts) that `saved` lacks."""
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return current
+    return {k: _without(v, saved[k]) for k, v in current.items() if k in saved}
+
+
 class Checkpointing:
     """Run-directory checks, training checkpoints (save, restore, export) and the training RNG seed of `Trainer`."""
 
@@ -69,7 +84,11 @@ class Checkpointing:
         changes (more steps, another log interval, ...) are what resuming is for, and are listed."""
         task_config = getattr(self.task, "config_dict", None)
         current = task_config() if task_config else {}
-        changed = sorted(k for k in set(saved) & set(current) if saved[k] != current[k])
+        added = [f"{k}.{name}" for k in ("model", "clip") for name in _added_keys(saved.get(k), current.get(k))]
+        if added:  # settings the library gained after the checkpoint was made: this run's values apply
+            warnings.warn(f"{path} predates the config key(s) {', '.join(added)}; resuming with this run's values",
+                          stacklevel=3)
+        changed = sorted(k for k in set(saved) & set(current) if _without(current[k], saved[k]) != saved[k])
         fixed = [k for k in changed if k in ("model", "clip")]
         if fixed:
             raise CheckpointError(f"{path} was made with another {' and '.join(fixed)} config than this run's; resume "
