@@ -9,11 +9,12 @@ See `unclip.pipeline.cascade.cascade_agreement` for what is measured.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from ..checkpoint import CheckpointError, write_json_atomic
 from ..diffusion import SAMPLER_NAMES
-from .common import CliError, add_device_argument, positive_int, print_table, resolve_device
+from .common import CliError, add_device_argument, check_writable, file_path, positive_int, print_table, resolve_device
 
 __all__ = ["add_cascade_parser"]
 
@@ -37,7 +38,7 @@ def add_cascade_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-size", type=positive_int, default=50)
     add_device_argument(p)
-    p.add_argument("--out", type=Path, default=None, help="also write the report to this JSON file")
+    p.add_argument("--out", type=file_path, default=None, help="also write the report to this JSON file")
     p.set_defaults(func=_eval_cascade)
     return p
 
@@ -49,6 +50,8 @@ def _eval_cascade(args: argparse.Namespace) -> None:
     from ..pipeline.cascade import cascade_agreement
 
     device = resolve_device(args.device)
+    if args.out is not None:
+        check_writable(args.out)
     try:
         ups = [Upsampler.from_pretrained(path, map_location=device) for path in args.upsamplers]
         clip = load_clip(args.clip).to(device)
@@ -64,6 +67,10 @@ def _eval_cascade(args: argparse.Namespace) -> None:
     print(f"cascade {' -> '.join(map(str, report['sizes']))} on {report['samples']} held-out SHAPES images:")
     print_table(["", "shape", "fg", "bg", "all"], [[r[0], *(f"{v:.1%}" for v in r[1:])] for r in rows])
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.out, {"upsamplers": [str(p) for p in args.upsamplers], "clip": args.clip, **report})
+        result = {"upsamplers": [str(p) for p in args.upsamplers], "clip": args.clip, **report}
+        try:
+            write_json_atomic(args.out, result)
+        except OSError as e:
+            print(json.dumps(result, indent=2))  # the evaluation is not lost
+            raise CliError(f"could not write {args.out}: {e} (the report is printed above)") from None
         print(f"wrote {args.out}")

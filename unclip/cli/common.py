@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["CliError", "add_device_argument", "resolve_device", "print_table", "int_at_least", "positive_int",
-           "image_path", "read_image"]
+           "image_path", "file_path", "check_writable", "save_image", "read_image"]
 
 
 class CliError(Exception):
@@ -36,16 +36,63 @@ positive_int = int_at_least(1)  # an argparse type: a whole number >= 1
 
 
 def image_path(text: str) -> Path:
-    """An argparse type: an output image file whose extension PIL can write (checked before any work is done)."""
-    path = Path(text)
+    """An argparse type: an output image file in a format PIL can write RGB images in (checked before any work)."""
+    import io
+
     from PIL import Image
 
+    path = Path(text)
     Image.init()
-    if path.suffix.lower() not in Image.EXTENSION:
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
         raise argparse.ArgumentTypeError(f"{text!r} has no image file extension PIL can write (e.g. .png, .jpg)")
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+    except (OSError, KeyError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: PIL cannot write RGB images as {fmt} ({e}); use .png or .jpg") \
+            from None
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a directory; give an image file name")
     return path
+
+
+def file_path(text: str) -> Path:
+    """An argparse type: an output file (not an existing directory)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file name")
+    return path
+
+
+def check_writable(path: Path, *, directory: bool = False) -> None:
+    """Make sure `path` (a file, or with `directory` a directory) can be written, before any work is done: its
+    directory is created if missing, and a probe file is written there and removed. A CliError says why not."""
+    import tempfile
+
+    folder = path if directory else path.parent
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise CliError(f"cannot write {path}: {folder} is a file, not a directory")
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".unclip-write-check-"):
+            pass
+    except OSError as e:
+        raise CliError(f"cannot write {path}: {e.strerror or e} ({folder})") from None
+
+
+def save_image(image, path: Path) -> None:
+    """Write a PIL image to `path` atomically (a temporary file, then a rename): a failed write leaves an existing
+    file as it was. An OSError is a CliError naming the file."""
+    import os
+    import uuid
+
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        image.save(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CliError(f"could not write {path}: {e}") from None
 
 
 def read_image(path: Path):

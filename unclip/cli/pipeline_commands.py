@@ -26,12 +26,15 @@ from ..diffusion import SAMPLER_NAMES
 from .common import (
     CliError,
     add_device_argument,
+    check_writable,
+    file_path,
     image_path,
     int_at_least,
     positive_int,
     print_table,
     read_image,
     resolve_device,
+    save_image,
 )
 
 __all__ = ["add_pipeline_parsers"]
@@ -49,7 +52,9 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the whole run (default 0)")
     p.add_argument("--out", type=image_path, default=Path("generated.png"),
                    help="grid PNG to write (default generated.png)")
-    p.add_argument("--out-dir", type=Path, default=None, help="also write every image as its own PNG here")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="also write every image as its own PNG, with captions.json, into this directory: a new or "
+                        "empty one, or an earlier --out-dir (its images are replaced)")
     _add_pipeline_arguments(p)
     _add_sampling_arguments(p)
     p.set_defaults(func=_generate)
@@ -106,7 +111,7 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--judge", default=None, metavar="CLIP_DIR",
                    help="the CLIP that judges (a directory written by train-clip; default: the pipeline's own)")
     p.add_argument("--batch-size", type=positive_int, default=25)
-    p.add_argument("--out", type=Path, default=None, help="write the full report as JSON here")
+    p.add_argument("--out", type=file_path, default=None, help="write the full report as JSON here")
     _add_pipeline_arguments(p)
     _add_sampling_arguments(p)
     p.set_defaults(func=_eval)
@@ -178,9 +183,35 @@ def _pipeline(args: argparse.Namespace):
 def _write_grid(images, path: Path, nrow: int, labels=None) -> None:
     from ..images import image_grid
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, nrow, labels=labels).save(path)
+    check_writable(path)
+    save_image(image_grid(images, nrow, labels=labels), path)
     print(f"wrote {path}")
+
+
+CAPTIONS_FILE = "captions.json"
+
+
+def _image_name(index: int, num_images: int) -> str:
+    return f"{index // num_images:03d}-{index % num_images:02d}.png"
+
+
+def _check_out_dir(out_dir: Path) -> list[Path]:
+    """--out-dir must be new, empty, or an earlier --out-dir of `generate` (its captions.json); returns the images
+    that earlier run wrote, which this run replaces (so that no stale image sits beside the new captions.json)."""
+    check_writable(out_dir, directory=True)
+    record = out_dir / CAPTIONS_FILE
+    if not record.is_file():
+        if any(out_dir.iterdir()):
+            raise CliError(f"--out-dir {out_dir} holds other files; give a new or empty directory (nothing was "
+                           "written)")
+        return []
+    try:
+        earlier = json.loads(record.read_text())
+        count = len(earlier["captions"]) * int(earlier["num_images"])
+    except (ValueError, KeyError, TypeError):
+        raise CliError(f"--out-dir {out_dir}: {record} is not a captions.json that generate wrote; give a new or "
+                       "empty directory") from None
+    return [out_dir / _image_name(i, int(earlier["num_images"])) for i in range(count)]
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -188,6 +219,8 @@ def _generate(args: argparse.Namespace) -> None:
 
     if args.num_images < 1:
         raise CliError(f"--num-images must be >= 1, got {args.num_images}")
+    check_writable(args.out)  # before any work: a place the images cannot be written is found now
+    earlier = _check_out_dir(args.out_dir) if args.out_dir is not None else []
     pipe = _pipeline(args)
     try:
         images = pipe.generate(args.captions, args.num_images, seed=args.seed, progress=True, **_settings(args))
@@ -196,17 +229,20 @@ def _generate(args: argparse.Namespace) -> None:
     labels = [c for c in args.captions for _ in range(args.num_images)]
     _write_grid(images, args.out, args.num_images, labels)
     if args.out_dir is not None:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        for i, im in enumerate(images):
-            im.save(args.out_dir / f"{i // args.num_images:03d}-{i % args.num_images:02d}.png")
-        write_json_atomic(args.out_dir / "captions.json", {"captions": args.captions, "seed": args.seed,
-                                                           "num_images": args.num_images, **_settings(args)})
+        names = [args.out_dir / _image_name(i, args.num_images) for i in range(len(images))]
+        for stale in set(earlier) - set(names):
+            stale.unlink(missing_ok=True)
+        for im, name in zip(images, names, strict=True):
+            save_image(im, name)
+        write_json_atomic(args.out_dir / CAPTIONS_FILE, {"captions": args.captions, "seed": args.seed,
+                                                         "num_images": args.num_images, **_settings(args)})
         print(f"wrote {len(images)} images to {args.out_dir}")
 
 
 def _vary(args: argparse.Namespace) -> None:
     from ..pipeline.manipulations import vary
 
+    check_writable(args.out)
     image = read_image(args.image)
     try:
         images = vary(_pipeline(args), image, args.n, eta=args.eta, seed=args.seed, progress=True)
@@ -218,6 +254,7 @@ def _vary(args: argparse.Namespace) -> None:
 def _interpolate(args: argparse.Namespace) -> None:
     from ..pipeline.manipulations import interpolate
 
+    check_writable(args.out)
     a, b = read_image(args.image_a), read_image(args.image_b)
     try:
         images = interpolate(_pipeline(args), a, b, args.n, seed=args.seed, progress=True)
@@ -233,6 +270,7 @@ def _text_diff(args: argparse.Namespace) -> None:
     for option, caption in (("--from", args.from_text), ("--to", args.to_text)):
         if not caption.strip():
             raise CliError(f"{option} is empty; give a caption")
+    check_writable(args.out)
     image = read_image(args.image)
     try:
         images = text_diff(_pipeline(args), image, args.from_text, args.to_text, args.n, max_angle=args.max_angle,
@@ -245,6 +283,8 @@ def _text_diff(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from ..pipeline.evaluation import evaluate_pipeline, inception_features
 
+    if args.out is not None:
+        check_writable(args.out)
     pipe = _pipeline(args)
     judge = None
     if args.judge is not None:
@@ -282,8 +322,11 @@ def _eval(args: argparse.Namespace) -> None:
         [f"KID ({args.features} features)", f"{report['kid']['mean']:.5f} +- {report['kid']['std']:.5f}"],
     ])
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.out, json.loads(json.dumps(report, default=list)))
+        try:
+            write_json_atomic(args.out, json.loads(json.dumps(report, default=list)))
+        except OSError as e:
+            print(json.dumps(report, default=list, indent=2))  # the evaluation is not lost
+            raise CliError(f"could not write {args.out}: {e} (the report is printed above)") from None
         print(f"wrote {args.out}")
 
 
