@@ -123,3 +123,17 @@ def test_other_directories_and_files_say_what_they_are_and_what_to_give(tmp_path
     assert str(e.value).endswith(f"its clip is {shipped / 'clip'}")
     with pytest.raises(CheckpointError, match="upsampler-1.*upsampler-2"):
         load_pretrained_dir(shipped, kind="upsampler")
+
+
+def test_written_files_get_the_umask_s_permissions(tmp_path):
+    """safetensors writes its files 0600; a model directory must be as readable as any file the user writes."""
+    import os
+
+    from unclip.checkpoint import save_pretrained_dir
+
+    mask = os.umask(0o022)
+    try:
+        out = save_pretrained_dir(tmp_path / "m", kind="toy", config={}, state_dict={"w": torch.ones(2)})
+    finally:
+        os.umask(mask)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o644)}

@@ -93,6 +93,7 @@ def atomic_directory(final: str | Path, *, replaces: str | None = None) -> Itera
     tmp.mkdir()
     try:
         yield tmp
+        _default_permissions(tmp)
         _fsync_tree(tmp)
         if final.exists():
             old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
@@ -105,6 +106,16 @@ def atomic_directory(final: str | Path, *, replaces: str | None = None) -> Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _default_permissions(root: Path) -> None:
+    """Give every file under `root` the permissions the umask gives a new file (safetensors writes 0600 files
+    through its own temporary file, which would make a model directory unreadable to the user's group)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in root.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
 
 
 def clean_stale_temporaries(parent: str | Path) -> list[Path]:
