@@ -229,6 +229,7 @@ def test_the_shipped_pipeline_reassembles_from_its_stages():
 
     pipe = UnclipPipeline.from_stages(d / "clip", d / "prior", d / "decoder", [d / "upsampler-1", d / "upsampler-2"])
     assert pipe.clip.fingerprint() == json.loads((d / "pipeline.json").read_text())["clip_fingerprint"]
+    assert pipe.prior.eps_moments is not None  # calibrated by train-prior: the paper's analytic_ddpm is available
 
 
 def test_slerp_keeps_norms_and_hits_both_ends():
