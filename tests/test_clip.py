@@ -146,6 +146,9 @@ def test_files_needing_full_unpickling_are_refused(tiny_arch, tmp_path):
 def test_caption_errors(tiny_clip):
     with pytest.raises(CaptionError, match="caption #1 is empty"):
         tiny_clip.encode_text(["ok", "   "])
+    with pytest.raises(CaptionError, match=r"caption #0 is empty: it has no printable characters \('\\x01\\x02'\)"):
+        tiny_clip.encode_text(["\x01\x02", "ok"])  # the tokenizer would read start and end tokens alone
+    assert tiny_clip.encode_text(["...", "ünïcode 🙂"]).text_embed.shape[0] == 2  # punctuation, emoji: fine
     with pytest.raises(CaptionError, match="no captions"):
         tiny_clip.encode_text([])
     long = " ".join(["red"] * 40)

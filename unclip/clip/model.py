@@ -408,4 +408,6 @@ def _check_captions(captions: Sequence[str]) -> list[str]:
             raise CaptionError(f"caption #{i} is a {type(c).__name__}, not a string")
         if not c.strip():
             raise CaptionError(f"caption #{i} is empty")
+        if not any(ch.isprintable() and not ch.isspace() for ch in c):  # e.g. only control characters
+            raise CaptionError(f"caption #{i} is empty: it has no printable characters ({c!r})")
     return captions
