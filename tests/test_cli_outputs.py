@@ -90,3 +90,13 @@ def test_out_dir_holds_exactly_the_images_of_the_last_run(pipeline_dir, tmp_path
     assert generate(pipeline_dir, "--out", str(tmp_path / "g.png"), "--out-dir", str(mine)) == 2
     assert "holds other files; give a new or empty directory" in capsys.readouterr().err
     assert [p.name for p in mine.iterdir()] == ["holiday.png"]
+
+
+def test_a_training_output_dir_that_cannot_be_written_is_refused_at_once(tmp_path, capsys):
+    from unclip.cli.train_clip import main as train_clip
+
+    (tmp_path / "a-file").write_text("not a directory")
+    for out in (tmp_path / "a-file", tmp_path / "a-file" / "run"):
+        assert train_clip(["configs/clip/shapes-tiny.yaml", "--output-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "train-clip: error: cannot write" in err and "is a file, not a directory" in err, err

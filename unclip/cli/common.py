@@ -70,9 +70,10 @@ def check_writable(path: Path, *, directory: bool = False) -> None:
     import tempfile
 
     folder = path if directory else path.parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == Path(p.anchor or "."))
+    if existing.exists() and not existing.is_dir():
+        raise CliError(f"cannot write {path}: {existing} is a file, not a directory")
     try:
-        if folder.exists() and not folder.is_dir():
-            raise CliError(f"cannot write {path}: {folder} is a file, not a directory")
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".unclip-write-check-"):
             pass

@@ -23,7 +23,7 @@ import yaml
 from ..checkpoint import CheckpointError, write_json_atomic
 from ..config import ConfigError, UnknownKeyError, load_config, replace_config
 from ..data.image_text import DataError
-from .common import CliError, positive_int
+from .common import CliError, check_writable, positive_int
 
 __all__ = ["training_main", "parse_overrides", "build_training_parser", "write_eval", "EVALUATION_FILES"]
 
@@ -124,6 +124,7 @@ def training_main(prog: str, description: str | None, config_cls: type, make_tas
             raise CliError(f"{args.config} is a {script} config, not a {prog} one: {hint}") from None
         cfg = replace_config(loaded, parse_overrides(args.overrides))
         out = args.output_dir or Path("runs") / f"{prog.removeprefix('train-')}-{args.config.stem}"
+        check_writable(out, directory=True)  # before the task loads its data and models
         trainer = Trainer(make_task(cfg), cfg.train, out)
         if args.export_step is not None:
             dest = trainer.export_checkpoint(args.export_step, args.export_to or out / f"model-step-{args.export_step}")
