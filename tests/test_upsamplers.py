@@ -1,6 +1,7 @@
 """The upsamplers: fully convolutional sampling, seeded degradations, crops, training, checkpoints, configs, CLI."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,23 @@ def test_bsr_degrade_is_seeded_and_deterministic():
     assert torch.equal(corrupt(x, levels, "bsr", generator=torch.Generator().manual_seed(5)), mixed)
     with pytest.raises(ValueError, match="augmentation"):
         corrupt(x, 0.5, "noise")
+
+
+def test_the_bsr_blur_kernel_is_an_oriented_gaussian():
+    """Isotropic, it is the separable Gaussian blur; anisotropic, it blurs along its angle: a horizontal line stays
+    sharp under a kernel long along x, and spreads when the kernel turns by 90 degrees."""
+    from upsamplers.degradations import anisotropic_blur
+
+    x = images(2, 32)
+    for sigma in (0.7, 1.5):
+        torch.testing.assert_close(anisotropic_blur(x[0], sigma, sigma, 0.3), gaussian_blur(x[:1], sigma)[0],
+                                   atol=1e-5, rtol=0)
+    assert torch.equal(anisotropic_blur(x[0], 0.0, 0.0, 1.0), x[0])
+    line = torch.zeros(1, 16, 16)
+    line[0, 8, 2:14] = 1.0  # a horizontal line
+    along, across = anisotropic_blur(line, 2.0, 0.01, 0.0), anisotropic_blur(line, 2.0, 0.01, math.pi / 2)
+    assert float(along[0, 7].abs().max()) < 1e-6 and float(along[0, 8, 8]) > 0.9  # blurred along itself only
+    assert float(across[0, 7, 8]) > 0.1 and float(across[0, 8, 8]) < 0.5  # spread across rows
 
 
 def test_random_crops_cut_the_same_aligned_window():

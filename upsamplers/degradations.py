@@ -27,11 +27,11 @@ from unclip.images import pil_to_tensor, tensor_to_pil
 
 from .config import Augmentation
 
-__all__ = ["gaussian_blur", "bsr_degrade", "corrupt", "BSR_MAX"]
+__all__ = ["gaussian_blur", "anisotropic_blur", "bsr_degrade", "corrupt", "BSR_MAX"]
 
 # The strength of each BSR step at level 1 (each row draws its own fraction of it, uniformly):
 BSR_MAX = {
-    "blur_sigma": 1.5,  # Gaussian blur sigma, pixels
+    "blur_sigma": 1.5,  # Gaussian blur sigma along each of the kernel's axes, pixels
     "down_factor": 2.0,  # the image is resized down by up to this factor and back (area, bilinear or bicubic)
     "noise_std": 0.08,  # additive Gaussian noise std in [0, 1] units
     "jpeg_quality": 30,  # lowest JPEG quality (level 0: no JPEG; level l: quality between 95 and 95 - l * 65)
@@ -90,30 +90,59 @@ def _resize_down_up(image: Tensor, factor: float, mode: str) -> Tensor:
     return F.interpolate(down, size=(h, w), mode="bicubic", align_corners=False)[0]
 
 
-def bsr_degrade(images: Tensor, level: float | Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """BSR-style degradation of images (b, 3, h, w) in [0, 1] -> (b, 3, h, w) in [0, 1], at level(s) in [0, 1].
+def anisotropic_blur(image: Tensor, sigma_x: float, sigma_y: float, angle: float) -> Tensor:
+    """One image (c, h, w) blurred by a Gaussian with std `sigma_x` along the direction `angle` (radians) and
+    `sigma_y` across it (pixels), reflect padding; both sigmas 0 return it unchanged. BSR's blur kernel."""
+    c, h, w = image.shape
+    if max(sigma_x, sigma_y) == 0:
+        return image
+    radius = min(max(1, math.ceil(3 * max(sigma_x, sigma_y))), h - 1, w - 1)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    yy, xx = torch.meshgrid(x, x, indexing="ij")
+    u, v = xx * math.cos(angle) + yy * math.sin(angle), -xx * math.sin(angle) + yy * math.cos(angle)
+    kernel = torch.exp(-0.5 * ((u / max(sigma_x, 1e-3)) ** 2 + (v / max(sigma_y, 1e-3)) ** 2))  # (k, k)
+    kernel = repeat(kernel / kernel.sum(), "kh kw -> c 1 kh kw", c=c).to(image.device, image.dtype)
+    padded = F.pad(image[None], (radius, radius, radius, radius), mode="reflect")
+    return F.conv2d(padded, kernel, groups=c)[0]
 
-    In order: Gaussian blur, a down-and-up resize, additive Gaussian noise, JPEG compression; each row draws the
-    strength of every step (a uniform fraction of `BSR_MAX` scaled by its level), the resize mode and the noise
-    from `generator`. The generator is consumed the same way whatever the level; level 0 returns the row unchanged.
+
+def bsr_degrade(images: Tensor, level: float | Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """BSR degradation (Zhang et al. 2021) of images (b, 3, h, w) in [0, 1] -> (b, 3, h, w) in [0, 1], at
+    level(s) in [0, 1].
+
+    Each row gets three steps in its own random order: an anisotropic Gaussian blur (random sigmas and angle), a
+    down-and-up resize (area, bilinear or bicubic), additive Gaussian noise (the same on every channel for 40% of
+    rows, as grey sensor noise, else per channel); then JPEG compression, as images are compressed last. Each
+    strength is a uniform fraction of `BSR_MAX` scaled by the row's level. Every random choice comes from
+    `generator`, consumed the same way whatever the level; level 0 returns the row unchanged.
     """
     b = images.shape[0]
     level = _per_row(level, b)
     assert ((level >= 0) & (level <= 1)).all(), "levels must lie in [0, 1]"
     device = generator.device if generator is not None else images.device
-    u = torch.rand(b, 5, generator=generator, device=device).cpu()  # per row: blur, down, mode, noise, jpeg
+    draws = torch.rand(b, 8, generator=generator, device=device).cpu()  # per row: see _bsr_row
+    order = torch.rand(b, 3, generator=generator, device=device).argsort(dim=1).cpu()  # (b, 3) per-row step order
     noise = torch.randn(images.shape, generator=generator, device=device).to(images.device, images.dtype)
-    out = gaussian_blur(images, level * (0.5 + 0.5 * u[:, 0]) * BSR_MAX["blur_sigma"])
-    rows = []
-    for i in range(b):
-        x = out[i]
-        if level[i] > 0:
-            factor = 1 + float(level[i] * u[i, 1]) * (BSR_MAX["down_factor"] - 1)
-            x = _resize_down_up(x, factor, _DOWN_MODES[int(u[i, 2] * len(_DOWN_MODES)) % len(_DOWN_MODES)])
-            x = (x + noise[i] * float(level[i] * u[i, 3]) * BSR_MAX["noise_std"]).clamp(0, 1)
-            x = _jpeg(x, round(95 - float(level[i] * u[i, 4]) * (95 - BSR_MAX["jpeg_quality"])))
-        rows.append(x)
+    rows = [_bsr_row(images[i], float(level[i]), draws[i].tolist(), order[i].tolist(), noise[i]) if level[i] > 0
+            else images[i] for i in range(b)]
     return torch.stack(rows)
+
+
+def _bsr_row(x: Tensor, level: float, draws: list[float], order: list[int], noise: Tensor) -> Tensor:
+    """One image (3, h, w) through BSR at `level` > 0; draws: 8 uniforms (blur sigma x, sigma y, angle, resize
+    factor, resize mode, noise std, grey noise, JPEG quality); order: the permutation of (blur, resize, noise)."""
+    sigma_x, sigma_y = (level * (0.1 + 0.9 * d) * BSR_MAX["blur_sigma"] for d in draws[:2])
+    factor = 1 + level * draws[3] * (BSR_MAX["down_factor"] - 1)
+    mode = _DOWN_MODES[int(draws[4] * len(_DOWN_MODES)) % len(_DOWN_MODES)]
+    noise = noise[:1].expand_as(x) if draws[6] < 0.4 else noise  # grey (40% of rows) or colour noise
+    for step in order:
+        if step == 0:
+            x = anisotropic_blur(x, sigma_x, sigma_y, math.pi * draws[2])
+        elif step == 1:
+            x = _resize_down_up(x, factor, mode)
+        else:
+            x = (x + noise * level * draws[5] * BSR_MAX["noise_std"]).clamp(0, 1)
+    return _jpeg(x.clamp(0, 1), round(95 - level * draws[7] * (95 - BSR_MAX["jpeg_quality"])))
 
 
 def corrupt(images: Tensor, level: float | Tensor, kind: Augmentation, *, blur_sigma: float = 0.6,
