@@ -3,10 +3,10 @@
     grid = image_variations(decoder, clip, pil_images, n=4, eta=1.0, seed=0)   # (b, 4, 3, s, s) in [0, 1]
 
 The embedding keeps what CLIP saw (shape, colours, ...); DDIM with eta > 0 re-randomises the rest. With
-`invert=True` the start noise x_T is not drawn but obtained by DDIM-inverting the source image (resized to the
-decoder's side) under its own embedding: the paper's bipartite latent (z_i, x_T). Then eta = 0 gives about the
-source back (closely at guidance_scale 1, as the inversion runs unguided; approximately at the default 3) and
-larger eta strays further from it.
+`invert=True` the start noise x_T is not drawn but obtained by DDIM-inverting the source image (its centred
+square, resized to the decoder's side) under its own embedding: the paper's bipartite latent (z_i, x_T). Then eta = 0
+gives about the source back (closely at guidance_scale 1, as the inversion runs unguided; approximately at the
+default 3) and larger eta strays further from it.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def image_variations(
 ) -> Tensor:
     """n variations of each image: (b, n, 3, s, s) in [0, 1], with s the decoder's side.
 
-    images: PIL images or a (b, 3, h, w) tensor in [0, 1]. eta: DDIM noise (> 0 for variety). invert: start
+    images: PIL images or a (b, 3, h, w) tensor in [0, 1], each cut to its centred square as training images are
+    (`unclip.images.as_image_batch`). eta: DDIM noise (> 0 for variety). invert: start
     from the DDIM inversion of each image instead of fresh noise. seed: all randomness (None: nondeterministic).
     """
     device = next(decoder.parameters()).device

@@ -504,3 +504,20 @@ def test_manipulations_take_image_paths(cascade, tmp_path):
         vary(cascade, tmp_path / "bad.png", 1)
     with pytest.raises(TypeError, match="PIL images, image file paths or a"):
         vary(cascade, 42, 1)
+
+
+def test_manipulations_cut_a_wide_image_to_its_centre_square(tiny_pipeline, tmp_path):
+    """As the decoder's and CLIP's training images are cut (SquareImage), not stretched to a square."""
+    from unclip.images import pil_to_tensor, tensor_to_pil
+
+    wide = torch.rand(3, 16, 32, generator=torch.Generator().manual_seed(0))
+    wide = pil_to_tensor(tensor_to_pil(wide))[None]  # (1, 3, h, w) on the 8-bit grid, as a PNG holds it
+    centre = encode_image(tiny_pipeline, wide[..., 8:24], steps=3)
+    tensor_to_pil(wide[0]).save(tmp_path / "wide.png")
+    for image in (wide, tmp_path / "wide.png", Image.open(tmp_path / "wide.png")):
+        latent = encode_image(tiny_pipeline, image, steps=3)
+        assert torch.allclose(latent.image_embed, centre.image_embed, atol=1e-5), type(image)
+        assert torch.allclose(latent.x_T, centre.x_T, atol=1e-5), type(image)
+    square = tensor_to_pil(wide[0, :, :, 8:24])
+    assert vary(tiny_pipeline, tmp_path / "wide.png", 1, eta=0.0)[0].tobytes() == vary(tiny_pipeline, square, 1,
+                                                                                           eta=0.0)[0].tobytes()

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_pretrained_dir, load_state_dict_strict, save_pretrained_dir
 from ..config import check_keys, config_to_dict, load_config
+from ..images import to_rgb
 from .config import ClipConfig
 from .weights import (
     ClipNotFoundError,
@@ -277,15 +278,16 @@ class Clip(nn.Module):
         return F.normalize(self.model.encode_image(pixels.to(self.device)).float(), dim=-1)
 
     def preprocess(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
-        """CLIP input pixels (b, 3, s, s): open_clip's own transform for PIL images; for tensors in [0, 1]
-        a bicubic resize of the short side to s, a centre crop and the same mean/std normalisation."""
+        """CLIP input pixels (b, 3, s, s): for PIL images `unclip.images.to_rgb` (as the data loader reads them:
+        EXIF orientation, transparency onto white...) then open_clip's own transform; for tensors in [0, 1] a
+        bicubic resize of the short side to s, a centre crop and the same mean/std normalisation."""
         if isinstance(images, torch.Tensor):
             return self._preprocess_tensor(images)
         if isinstance(images, Image.Image):
             images = [images]
         if len(images) == 0:
             raise ValueError("no images to encode")
-        return torch.stack([self.image_transform(im.convert("RGB")) for im in images])
+        return torch.stack([self.image_transform(to_rgb(im)) for im in images])
 
     def _preprocess_tensor(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:

@@ -25,9 +25,12 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-__all__ = ["DataError", "load_image_text_dataset", "decode_image", "ImageTextDataset", "collate_image_text"]
+from ..images import ImageTooLargeError, decode_image_file, to_rgb
+
+__all__ = ["DataError", "load_image_text_dataset", "decode_image", "decode_image_or_reason", "ImageTextDataset",
+           "collate_image_text"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,44 +177,33 @@ def _undecoded(ds: datasets.Dataset, image_column: str) -> datasets.Dataset:
 def decode_image(value: Any) -> Image.Image | None:
     """An RGB PIL image from a PIL image, a {"bytes", "path"} dict, raw bytes, a path or a (h, w[, c]) uint8 array.
 
-    Transparent images are composited onto white, 16-bit ones rescaled, EXIF rotation applied. Returns None
-    when the image cannot be read (missing, truncated, corrupt or not an image).
+    Converted with `unclip.images.to_rgb` (as the CLI and the CLIP read images): EXIF rotation applied, transparent
+    images composited onto white, 16-bit ones rescaled. Returns None when the image cannot be read (missing,
+    truncated, corrupt, not an image or too large); `decode_image_or_reason` says why.
     """
+    return decode_image_or_reason(value)[0]
+
+
+def decode_image_or_reason(value: Any) -> tuple[Image.Image | None, str | None]:
+    """(the RGB image, None) as `decode_image` reads `value`, or (None, why) when it cannot be read: "image is too
+    large: N pixels, over the limit of M ..." or "image could not be decoded"."""
     try:
         if isinstance(value, Image.Image):
-            return _to_rgb(value)
+            return to_rgb(value), None
         if isinstance(value, np.ndarray):
-            return _to_rgb(Image.fromarray(value))
+            return to_rgb(Image.fromarray(value)), None
         if isinstance(value, dict):
             value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
         if isinstance(value, (bytes, bytearray, memoryview)):
             value = io.BytesIO(bytes(value))
         elif not isinstance(value, (str, os.PathLike)):
-            return None
-        with Image.open(value) as img:
-            img.load()  # decodes now, so a truncated file fails here rather than later
-            return _to_rgb(ImageOps.exif_transpose(img))
+            return None, "image could not be decoded"
+        return decode_image_file(value), None
+    except ImageTooLargeError as e:
+        return None, f"image is too large: {e}"
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, struct.error ... on bad files
         logger.debug("could not decode image: %s", e)
-        return None
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit integer or float grey: rescale to 8 bits
-        pixels = np.asarray(img, dtype=np.float64)
-        peak = pixels.max(initial=0.0)
-        if img.mode.startswith("I;16") or (img.mode == "I" and peak > 255):
-            pixels = pixels / 257.0
-        elif img.mode == "F" and peak <= 1.0:
-            pixels = pixels * 255.0
-        img = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
+        return None, "image could not be decoded"
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
@@ -257,10 +249,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
         if not caption:
             reason = "caption is empty"
         else:
-            pil = decode_image(row[self.image_column])
-            if pil is None:
-                reason = "image could not be decoded"
-            else:
+            pil, reason = decode_image_or_reason(row[self.image_column])
+            if pil is not None:
                 image = self.image_transform(pil)
         extra = {c: row[c] for c in self.extra_columns}
         return {"image": image, "caption": caption, "index": int(i), "skip_reason": reason, **extra}

@@ -37,8 +37,8 @@ def generate(text: str | Sequence[str], num_images: int = 1, *, pipeline: Pipeli
 
 def vary(image: ImageLike, n: int = 4, *, pipeline: PipelineSpec = None, device: str | torch.device | None = None,
          **kwargs: Any) -> list[Image.Image]:
-    """n variations of an image (a PIL image or a file path; eta=1.0 by default, eta=0 gives about the image
-    itself). See `manipulations.vary`."""
+    """n variations of an image (a PIL image or a file path, read as training images are and cut to its centred
+    square; eta=1.0 by default, eta=0 gives about the image itself). See `manipulations.vary`."""
     return manipulations.vary(load_pipeline(pipeline, device=device), image, n, **kwargs)
 
 

@@ -9,6 +9,11 @@ under z_i gives (b, 3, s, s): decoding (z_i, x_T) with DDIM eta = 0 gives the im
 inversion runs unguided), approximately at the decoder's guidance (the default). Every function returns
 PIL images at the pipeline's output side (the decoder's output runs through the upsamplers, with the pipeline's
 default upsampler steps and sampler: `upsampler_sampler`, else `sampler`).
+
+Input images (PIL images, file paths or a (b, 3, h, w) tensor in [0, 1]) are read as the data loader reads training
+images (`unclip.images.to_rgb`: EXIF orientation, transparency onto white, 16-bit grey...) and cut to their centred
+square, as the decoder's and CLIP's training images are (`unclip.images.as_image_batch`): a wide image loses its
+sides, it is not stretched.
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ class BipartiteLatent:
 @torch.no_grad()
 def encode_image(pipe: UnclipPipeline, images: ImageInput, *, steps: int | None = None,
                  progress: bool = False) -> BipartiteLatent:
-    """The bipartite latent of images (PIL or a (b, 3, h, w) tensor in [0, 1]); `steps` of DDIM inversion."""
+    """The bipartite latent of images (PIL, file paths or a (b, 3, h, w) tensor in [0, 1], each cut to its centred
+    square: see the module docstring); `steps` of DDIM inversion."""
     pixels = as_image_batch(images).to(pipe.device)
     image_embed = pipe.clip.encode_image(pixels).to(pipe.device, pipe.dtype)  # (b, d)
     with pipe.autocast():
