@@ -131,10 +131,11 @@ def clean_stale_temporaries(parent: str | Path) -> list[Path]:
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to `path` via a temporary file and a rename."""
+    """Write JSON to `path` (creating its directory) via a temporary file and a rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("w") as f:
             json.dump(data, f, indent=2, sort_keys=False)
             f.write("\n")

@@ -65,8 +65,9 @@ def file_path(text: str) -> Path:
 
 
 def check_writable(path: Path, *, directory: bool = False) -> None:
-    """Make sure `path` (a file, or with `directory` a directory) can be written, before any work is done: its
-    directory is created if missing, and a probe file is written there and removed. A CliError says why not."""
+    """Make sure `path` (a file, or with `directory` a directory) can be written, before any work is done, without
+    creating anything: its nearest existing directory must be one where a probe file can be written (and
+    removed). A CliError says why not."""
     import tempfile
 
     folder = path if directory else path.parent
@@ -74,11 +75,10 @@ def check_writable(path: Path, *, directory: bool = False) -> None:
     if existing.exists() and not existing.is_dir():
         raise CliError(f"cannot write {path}: {existing} is a file, not a directory")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".unclip-write-check-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".unclip-write-check-"):
             pass
     except OSError as e:
-        raise CliError(f"cannot write {path}: {e.strerror or e} ({folder})") from None
+        raise CliError(f"cannot write {path}: {e.strerror or e} ({existing})") from None
 
 
 def save_image(image, path: Path) -> None:
@@ -89,6 +89,7 @@ def save_image(image, path: Path) -> None:
 
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         image.save(tmp)
         os.replace(tmp, path)
     except OSError as e:

@@ -201,7 +201,7 @@ def _check_out_dir(out_dir: Path) -> list[Path]:
     check_writable(out_dir, directory=True)
     record = out_dir / CAPTIONS_FILE
     if not record.is_file():
-        if any(out_dir.iterdir()):
+        if out_dir.is_dir() and any(out_dir.iterdir()):
             raise CliError(f"--out-dir {out_dir} holds other files; give a new or empty directory (nothing was "
                            "written)")
         return []
