@@ -123,13 +123,13 @@ class DecoderTrainTask:
     def collate_fn(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return collate_image_text(items)
 
-    def _clip_conditioning(self, images: Tensor, captions: list[str]) -> dict[str, Tensor]:
-        """Frozen-CLIP conditioning of images (k, 3, S, S) in [0, 1] and their k captions."""
+    def _clip_conditioning(self, images: Tensor, captions: list[str], rows: Tensor) -> dict[str, Tensor]:
+        """Frozen-CLIP conditioning of images (k, 3, S, S) in [0, 1] and their k captions, of dataset rows (k,)."""
         if self.clip.device != images.device:
             self.clip.to(images.device)
         out = {"image_embed": self.clip.encode_image(images)}
         if self.cfg.model.text_width is not None:
-            enc = self.clip.encode_text(captions)
+            enc = self.clip.encode_text(captions, rows=rows)
             out["text_tokens"], out["text_mask"] = enc.text_tokens, enc.text_mask
         return out
 
@@ -140,10 +140,10 @@ class DecoderTrainTask:
             keys = ("image_embed", "text_tokens", "text_mask") if self.cfg.model.text_width else ("image_embed",)
             return {k: batch[k].to(images.device) for k in keys}
         if self._cache is None:
-            return self._clip_conditioning(images, captions)
+            return self._clip_conditioning(images, captions, batch["index"])
         index = batch["index"].to(images.device)
         return self._cache.get(index, lambda rows: self._clip_conditioning(
-            images[rows], [captions[int(r)] for r in rows]))
+            images[rows], [captions[int(r)] for r in rows], index[rows]))
 
     # ----- loss ---------------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:

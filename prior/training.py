@@ -86,7 +86,7 @@ def encode_image_text(clip: Clip, batch: dict[str, Any]) -> dict[str, Tensor]:
     """A `collate_image_text` batch -> the embedding fields (EMBEDDING_FIELDS), with `clip` moved to its device."""
     if clip.device != batch["images"].device:
         clip.to(batch["images"].device)
-    enc = clip.encode_text(batch["captions"])
+    enc = clip.encode_text(batch["captions"], rows=batch["index"])
     return {"image_embed": clip.encode_pixels(batch["images"]), "text_embed": enc.text_embed,
             "text_tokens": enc.text_tokens, "text_mask": enc.text_mask}
 

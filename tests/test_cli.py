@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 
@@ -75,7 +76,7 @@ def test_zero_shot_command(clip_dir, capsys):
 def test_embed_command(clip_dir, tmp_path, capsys):
     args = ["embed", "--clip", str(clip_dir), "--data", "shapes", "--shapes-samples", "6", "--out", str(tmp_path / "e")]
     assert main(args) == 0
-    assert "embeddings of 6 rows" in capsys.readouterr().out
+    assert "embeddings of 6 of 6 rows" in capsys.readouterr().out
     args[4] = str(tmp_path / "missing-folder") + "/"
     assert main(args) == 2
     assert "error" in capsys.readouterr().err
@@ -94,7 +95,36 @@ def test_embed_counts_the_rows_it_kept(clip_dir, tmp_path, capsys):
     with pytest.warns(UserWarning):
         assert main(["embed", "--clip", str(clip_dir), "--data", str(folder), "--out", str(tmp_path / "e")]) == 0
     out = capsys.readouterr().out
-    assert "embeddings of 2 rows" in out and "(1 unusable rows skipped)" in out
+    assert "embeddings of 2 of 3 rows" in out
+    assert ("1 unusable rows skipped (the warnings above say why); running the same command again tries them "
+            "again") in out
+    (folder / "c.png").write_bytes((folder / "a.png").read_bytes())  # fixed: the rerun embeds it
+    assert main(["embed", "--clip", str(clip_dir), "--data", str(folder), "--out", str(tmp_path / "e")]) == 0
+    assert "embeddings of 3 of 3 rows" in capsys.readouterr().out
+
+
+def test_embed_of_a_dataset_with_no_usable_row_fails(clip_dir, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(b"")
+    (folder / "metadata.jsonl").write_text("".join(f'{{"file_name": "{i}.png", "caption": "a red square"}}\n'
+                                                   for i in range(3)))
+    assert main(["embed", "--clip", str(clip_dir), "--data", str(folder), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err  # the progress bar, then one line
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("unclip embed: error: no row of ")
+    assert f"no row of {folder} could be embedded: all 3 were skipped" in err
+    assert f"row 0: {folder / '0.png'}: empty file (0 bytes)" in err
+    urls = tmp_path / "urls.parquet"
+    datasets.Dataset.from_dict({"url": ["https://example.com/a.jpg"], "caption": ["a cat"], "id": [1]}).to_parquet(
+        str(urls))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # the arrow files it builds
+    assert main(["embed", "--clip", str(clip_dir), "--data", str(urls), "--image-column", "id", "--out",
+                 str(tmp_path / "u")]) == 2
+    err = capsys.readouterr().err  # the progress bars of `datasets`, then one line
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith("unclip embed: error: column 'id' holds int64 values, which cannot be read "
+                                           "as images")
 
 
 def test_console_scripts_are_installed_and_teach():

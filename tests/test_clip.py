@@ -157,6 +157,8 @@ def test_caption_errors(tiny_clip):
     assert enc.text_mask.all()  # truncated to fill the whole context
     with pytest.raises(CaptionError, match="longer than"):
         tiny_clip.encode_text([long], truncate=False)
+    with pytest.warns(UserWarning, match=r"first: row 7 'red red"):  # a data loader's captions: their dataset row
+        tiny_clip.encode_text(["ok", long], rows=torch.tensor([3, 7]))
 
 
 def test_config_validation_and_unknown_sources(tmp_path):

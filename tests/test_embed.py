@@ -1,6 +1,7 @@
 """`unclip embed`: shards hold exactly what the CLIP computes, resume after interruption, skip bad rows."""
 
 import io
+import json
 
 import datasets
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from unclip.data import make_shapes
 from unclip.data.embeddings import EmbeddingShards, embed_dataset
-from unclip.data.image_text import DataError
+from unclip.data.image_text import DataError, decode_image, load_image_text_dataset
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +114,56 @@ def test_captions_that_do_not_fit_their_rows_are_named_on_first_read(tiny_clip, 
     with pytest.warns(UserWarning, match="shard-000001.*embedding it again"):  # embed checks them all
         embed_dataset(tiny_clip, rows, out, source="t", shard_size=8, progress=False)
     assert EmbeddingShards(out)[8]["caption"] == rows[8]["caption"]
+
+
+def image_folder(root, files: dict[str, bytes | None], caption: str = "a red circle on a blue background"):
+    """An image folder whose metadata lists `files` in order; a None file is listed but not written."""
+    root.mkdir()
+    for name, data in files.items():
+        if data is not None:
+            (root / name).write_bytes(data)
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "caption": caption}) + "\n"
+                                                 for n in files))
+    return root
+
+
+def png_bytes(seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    make_shapes(1, seed=seed)[0]["image"].save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_dataset_with_no_usable_row_is_an_error_naming_it(tiny_clip, tmp_path):
+    folder = image_folder(tmp_path / "data", {f"b{i}.png": b"" for i in range(3)})
+    data = load_image_text_dataset(folder)
+    with pytest.raises(DataError, match=rf"no row of {folder} could be embedded: all 3 were skipped \(first: row 0: "
+                                        rf"{folder / 'b0.png'}: empty file \(0 bytes\); row 1: "):
+        embed_dataset(tiny_clip, data, tmp_path / "emb", source=str(folder), progress=False)
+    with pytest.raises(DataError, match=rf"{tmp_path / 'emb'} holds no embeddings: none of the 3 rows of {folder}"):
+        EmbeddingShards(tmp_path / "emb")  # what train-prior reads: not "the training dataset is empty"
+
+
+def test_a_rerun_embeds_the_rows_skipped_before(tiny_clip, tmp_path):
+    good = png_bytes()
+    files = {"r0.png": None, "r1.png": good, "r2.png": good, "r3.png": b"", "r4.png": good}
+    folder = image_folder(tmp_path / "data", files)
+    data = load_image_text_dataset(folder)
+    out = tmp_path / "emb"
+    with pytest.warns(UserWarning, match="2 row.* skipped .*running the same command again tries them again"):
+        embed_dataset(tiny_clip, data, out, source="d", shard_size=2, batch_size=1, progress=False)
+    assert [int(item["index"]) for item in EmbeddingShards(out)] == [1, 2, 4]
+    shards = sorted(out.glob("shard-*.safetensors"))
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    with pytest.warns(UserWarning, match="2 row"):  # still unusable: tried again, nothing is rewritten
+        embed_dataset(tiny_clip, data, out, source="d", shard_size=2, batch_size=1, progress=False)
+    assert [p.stat().st_mtime_ns for p in shards] == stamps
+    (folder / "r0.png").write_bytes(png_bytes(seed=1))  # the user fixes the images
+    (folder / "r3.png").write_bytes(good)
+    embed_dataset(tiny_clip, data, out, source="d", shard_size=2, batch_size=1, progress=False)
+    assert shards[2].stat().st_mtime_ns == stamps[2]  # the shard that lacked nothing is left alone
+    reread = EmbeddingShards(out)
+    assert [int(item["index"]) for item in reread] == [0, 1, 2, 3, 4]
+    direct = tiny_clip.encode_image([decode_image(folder / f"r{i}.png") for i in range(5)])
+    for i, item in enumerate(reread):
+        assert item["caption"] == "a red circle on a blue background"
+        torch.testing.assert_close(item["image_embed"].float(), direct[i], atol=2e-3, rtol=0)

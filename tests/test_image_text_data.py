@@ -108,9 +108,13 @@ def test_collate_skips_bad_images_with_a_warning(folder_with_bad_images, caplog)
     assert batch["index"].tolist() == [0, 2, 5] and batch["index"].dtype == torch.long
     assert batch["captions"] == [items[i]["caption"] for i in (0, 2, 5)]
     assert batch["fg"].tolist() == [items[i]["fg"] for i in (0, 2, 5)]
-    assert "skipping sample 1: image could not be decoded" in caplog.text
-    assert "skipping sample 3: image could not be decoded" in caplog.text
-    assert len([r for r in caplog.records if "skipping sample" in r.getMessage()]) == 3
+    images = folder_with_bad_images / "images"
+    reasons = [f"row 1: {images / '000001.png'}: truncated PNG", f"row 3: {images / '000003.png'}: cannot identify "
+               "image file", f"row 4: {images / '000004.png'}: file not found"]
+    assert [r[: len(want)] for r, want in zip(batch["skip_reasons"], reasons, strict=True)] == reasons
+    lines = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert [line[: len(want) + 9] for line, want in zip(lines, reasons, strict=True)] == [
+        f"skipping {r}" for r in reasons]
 
 
 def test_all_bad_batch_is_empty(folder_with_bad_images):
@@ -134,11 +138,75 @@ def test_empty_captions_are_bad_samples(caplog):
     ds = ds.add_column("caption", ["  a photo \n", "", "   ", None])
     items = [ImageTextDataset(ds, pil_to_tensor)[i] for i in range(4)]
     assert items[0]["caption"] == "a photo" and items[0]["image"].shape == (3, 4, 4)
-    assert all(it["image"] is None and it["skip_reason"] == "caption is empty" for it in items[1:])
+    assert all(it["image"] is None for it in items[1:])
+    assert [it["skip_reason"] for it in items[1:]] == ["caption is empty", "caption is empty", "caption is missing"]
     with caplog.at_level(logging.WARNING):
         batch = collate_image_text(items)
     assert batch["captions"] == ["a photo"] and batch["num_skipped"] == 3
-    assert "skipping sample 2: caption is empty" in caplog.text
+    assert "skipping row 2: caption is empty" in caplog.text and "skipping row 3: caption is missing" in caplog.text
+
+
+def test_a_caption_that_is_no_string_is_named(tmp_path):
+    random_image(4, 4).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "caption": 42}\n')  # a number, not "42"
+    item = ImageTextDataset(load_image_text_dataset(tmp_path), pil_to_tensor)[0]
+    assert item["image"] is None and item["skip_reason"] == "not a string caption: 42"
+
+
+def test_skip_reasons_name_the_file_and_what_is_wrong(tmp_path, monkeypatch):
+    png = encoded(random_image(8, 8))
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "page.jpg").write_text("<html><body>404 Not Found</body></html>\n")
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "link.png").symlink_to(tmp_path / "gone.png")
+    monkeypatch.chdir(tmp_path)
+    cases = {
+        str(tmp_path / "missing.png"): f"{tmp_path / 'missing.png'}: file not found",
+        "sub/missing.png": f"sub/missing.png: file not found (a relative path is read from the current directory, "
+                           f"{tmp_path})",
+        str(tmp_path / "link.png"): f"{tmp_path / 'link.png'}: file not found (a link to a missing file)",
+        str(tmp_path / "empty.png"): f"{tmp_path / 'empty.png'}: empty file (0 bytes)",
+        str(tmp_path / "page.jpg"): f"{tmp_path / 'page.jpg'}: cannot identify image file: it holds HTML or XML text "
+                                    "('<html><body>404 Not Found</body></html>'), not an image",
+        str(tmp_path / "folder.png"): f"{tmp_path / 'folder.png'}: a directory, not an image file",
+        "https://example.com/a.jpg": "https://example.com/a.jpg: a URL, not a local file (download the images first)",
+    }
+    images = [{"bytes": None, "path": path} for path in cases]
+    images += [{"bytes": png[:-40], "path": None}, {"bytes": b"GIF89a\x00", "path": "x.gif"}]
+    features = datasets.Features({"image": datasets.Image(decode=False), "caption": datasets.Value("string")})
+    rows = datasets.Dataset.from_dict({"image": images, "caption": ["a cat"] * len(images)}, features=features)
+    ds = ImageTextDataset(rows, pil_to_tensor)
+    got = [ds[i]["skip_reason"] for i in range(len(ds))]
+    assert got[: len(cases)] == list(cases.values())
+    assert got[-2].startswith("truncated PNG (") and got[-1].startswith("x.gif: ")
+    assert all(ds[i]["image"] is None for i in range(len(ds)))
+
+
+def test_an_image_column_of_another_type_is_a_data_error(shapes):
+    ds = shapes.add_column("id", list(range(len(shapes))))
+    with pytest.raises(DataError, match=r"column 'id' holds int64 values, which cannot be read as images.*--image-col"):
+        load_image_text_dataset(ds, image_column="id")
+
+
+def test_csv_metadata_as_spreadsheets_write_it(tmp_path):
+    """A UTF-8 byte-order mark (Excel) and a space after each comma are read as the plain header."""
+    random_image(4, 4).save(tmp_path / "a.png")
+    (tmp_path / "metadata.csv").write_bytes("\ufefffile_name, caption\na.png, un chat gris\n".encode())
+    loaded = load_image_text_dataset(tmp_path)
+    assert loaded["caption"] == ["un chat gris"] and decode_image(loaded[0]["image"]).size == (4, 4)
+    (tmp_path / "metadata.csv").write_bytes("file_name,caption\na.png,un chat \xe0 Paris\n".encode("latin-1"))
+    with pytest.raises(DataError, match="metadata.csv is not UTF-8 text"):
+        load_image_text_dataset(tmp_path)
+
+
+def test_windows_file_names_and_relative_folders(tmp_path, monkeypatch):
+    (tmp_path / "data" / "imgs").mkdir(parents=True)
+    random_image(4, 4).save(tmp_path / "data" / "imgs" / "a.png")
+    (tmp_path / "data" / "metadata.jsonl").write_text('{"file_name": "imgs\\\\a.png", "caption": "a cat"}\n')
+    monkeypatch.chdir(tmp_path)
+    loaded = load_image_text_dataset("data/")
+    assert loaded[0]["image"]["path"] == str(tmp_path / "data" / "imgs" / "a.png")  # absolute: cwd may change
+    assert decode_image(loaded[0]["image"]).size == (4, 4)
 
 
 def encoded(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -189,7 +257,8 @@ def test_decode_image_returns_none_for_unreadable_input(tmp_path):
 
 
 def test_missing_columns_name_what_is_there(shapes):
-    with pytest.raises(DataError, match=r"no column 'text'.*available columns: image, caption.*caption_column"):
+    with pytest.raises(DataError, match=r"no column 'text'.*available columns: image, caption.*caption_column in the "
+                                         r"data config \(--caption-column for unclip embed\)"):
         load_image_text_dataset(shapes, caption_column="text")
     with pytest.raises(DataError, match=r"no column 'jpg'.*image_column"):
         load_image_text_dataset(shapes, image_column="jpg")
@@ -218,6 +287,33 @@ def test_bad_paths_are_clear_errors_without_hub_lookup(tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match="is not a dataset directory"):
         load_image_text_dataset(tmp_path)
+
+
+def test_a_hub_name_fails_at_once_when_the_hub_cannot_be_reached(tmp_path, monkeypatch):
+    """A mistyped local path ("mydata") is not retried against an unreachable hub for half a minute."""
+    from huggingface_hub import constants
+
+    from unclip.clip import weights
+
+    asked = []
+
+    def load_dataset(name, **kwargs):  # the hub offline, as `datasets` is then: only its cache is asked
+        asked.append(datasets.config.HF_HUB_OFFLINE)
+        if not datasets.config.HF_HUB_OFFLINE:
+            raise AssertionError("would retry the unreachable hub for ~30 s")
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(weights, "_resolves", lambda host: False)
+    for variable in weights.PROXY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=rf"'mydata' is not a local dataset \(there is no file or directory "
+                                        rf"{tmp_path / 'mydata'}\).*the hub cannot be reached"):
+        load_image_text_dataset("mydata")
+    assert asked == [True] and not datasets.config.HF_HUB_OFFLINE and not constants.HF_HUB_OFFLINE
 
 
 def test_image_folder_metadata_without_file_name(tmp_path):

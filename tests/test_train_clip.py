@@ -73,3 +73,21 @@ def test_trains_on_an_image_folder_with_a_corrupt_file(tiny_arch, tmp_path, caps
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 3 and records[-1]["skipped_samples"] == 1
     assert Clip.from_pretrained(tmp_path / "run" / "model").embed_dim == tiny_arch["embed_dim"]
+
+
+def test_a_folder_without_one_usable_row_is_a_one_line_error(tiny_arch, tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(b"")  # as a download gone wrong leaves them
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "caption": "a red square"})
+                                                   + "\n" for i in range(4)))
+    config = {"model": {"architecture": tiny_arch}, "data": {"source": str(folder)},
+              "train": {"max_steps": 3, "batch_size": 2, "progress": False}}
+    path = tmp_path / "folder.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main([str(path), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("train-clip: error: no usable sample in a whole epoch of the training data (4 rows)")
+    assert f"{folder / '0.png'}: empty file (0 bytes)" in err

@@ -11,7 +11,7 @@ from conftest import refuse_resume_after_clip_retrain
 from prior import DiffusionPriorNetwork, PriorTrainTask, TrainPriorConfig
 from unclip.cli.train_prior import main
 from unclip.config import ConfigError, load_config
-from unclip.data import make_shapes
+from unclip.data import load_image_text_dataset, make_shapes
 from unclip.data.embeddings import embed_dataset
 
 MODEL = {"embed_dim": 32, "text_width": 48, "text_length": 16, "width": 64, "depth": 2, "heads": 2, "dim_head": 32,
@@ -235,3 +235,22 @@ def test_a_bad_set_or_a_missing_key_is_not_blamed_on_another_script(tmp_path, ca
     assert main([str(minimal), "--output-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "missing required config key 'model'" in err and "config, not a" not in err
+
+
+def test_embeddings_without_one_row_are_a_one_line_error_naming_them(tiny_clip, clip_dir, tmp_path, capsys):
+    from unclip.data import DataError
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"")
+    (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "caption": "a red square"}\n')
+    with pytest.raises(DataError, match="no row of"):
+        embed_dataset(tiny_clip, load_image_text_dataset(folder), tmp_path / "emb", source=str(folder),
+                      progress=False)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"clip": str(clip_dir), "model": MODEL, "data": {"source": str(tmp_path / "emb")},
+                                    "train": {**TRAIN, "max_steps": 2, "batch_size": 4}}))
+    assert main([str(path), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{tmp_path / 'emb'} holds no embeddings: none of the 1 rows of {folder}" in err

@@ -177,6 +177,25 @@ def test_skipped_samples_and_empty_batches(tmp_path):
     assert read_log(tmp_path)[-1]["skipped_samples"] == expected
 
 
+class ExplainedToyTask(ToyTask):
+    """Its collate says why it drops each item, as `collate_image_text` does."""
+
+    def collate_fn(self, items):
+        return {**super().collate_fn(items), "skip_reasons": ["a bad item" for it in items if it is None]}
+
+
+@pytest.mark.parametrize("task", [ToyTask(n=8, bad=tuple(range(8))), ExplainedToyTask(n=8, bad=tuple(range(8)))])
+def test_a_dataset_without_one_usable_sample_is_a_data_error(task, tmp_path):
+    from unclip.data import DataError
+
+    reasons = "the collate_fn gave no reason" if type(task) is ToyTask else "a bad item; a bad item; a bad item\\)"
+    with pytest.raises(DataError, match=rf"no usable sample in a whole epoch of the training data \(8 rows\): every "
+                                        rf"one was skipped \({reasons}"):
+        Trainer(task, make_cfg(max_steps=3, batch_size=2), tmp_path).train()
+    with pytest.raises(DataError, match="the training dataset is empty"):
+        Trainer(ToyTask(n=0), make_cfg(max_steps=3, batch_size=2), tmp_path / "empty").train()
+
+
 # ---------------------------------------------------------------- checkpoints
 def test_checkpoint_rotation_keeps_the_newest(tmp_path):
     Trainer(ToyTask(), make_cfg(max_steps=10, checkpoint_every=2, keep_checkpoints=3), tmp_path).train()

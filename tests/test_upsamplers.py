@@ -219,7 +219,7 @@ def test_collate_makes_the_models_conditioning_and_crops(augmentation):
     rng = torch.get_rng_state()
     batch = task.collate_fn(items)
     assert torch.equal(torch.get_rng_state(), rng), "the collate draws from its own generator only"
-    assert set(batch) == {"x0", "low_res_up", "aug_level", "index", "num_skipped"}, "no full-size images"
+    assert set(batch) == {"x0", "low_res_up", "aug_level", "index", "num_skipped", "skip_reasons"}, "no full images"
     assert batch["x0"].shape == batch["low_res_up"].shape == (6, 3, crop, crop) == (6, 3, 4, 4)
     assert batch["x0"].dtype == batch["low_res_up"].dtype == batch["aug_level"].dtype == torch.float32
     assert batch["aug_level"].shape == (6,) and ((batch["aug_level"] >= 0) & (batch["aug_level"] < 0.4)).all()
@@ -232,8 +232,9 @@ def test_collate_makes_the_models_conditioning_and_crops(augmentation):
     x0, cond = random_crops([images * 2 - 1, cond], crop, align=scale, generator=g)
     assert torch.equal(batch["aug_level"], level)
     assert torch.equal(batch["low_res_up"], cond) and torch.equal(batch["x0"], x0)
-    empty = task.collate_fn([{**items[0], "image": None}])
+    empty = task.collate_fn([{**items[0], "image": None, "skip_reason": "a.png: file not found"}])
     assert empty["x0"].shape == (0, 3, crop, crop) and empty["aug_level"].shape == (0,) and empty["num_skipped"] == 1
+    assert empty["skip_reasons"] == ["row 0: a.png: file not found"]  # for the trainer's error on a bad dataset
 
 
 def test_augmentation_follows_the_stream_position_with_or_without_workers():

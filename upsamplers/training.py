@@ -109,7 +109,8 @@ class UpsamplerTrainTask:
 
     def collate_fn(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """Ready training inputs (made in the DataLoader workers): x0 and low_res_up (b, 3, c, c), aug_level (b,),
-        index (b,) and num_skipped, by `training_crops` with a generator seeded from the items' aug_seeds."""
+        index (b,), num_skipped and skip_reasons, by `training_crops` with a generator seeded from the items'
+        aug_seeds."""
         batch, crop = collate_image_text(items), self.cfg.crop_size
         if len(batch["index"]):
             generator = torch.Generator().manual_seed(mix_seed(*batch["aug_seed"].tolist()))
@@ -117,7 +118,7 @@ class UpsamplerTrainTask:
         else:  # every item was bad: an empty batch, which the trainer skips
             x0, cond, level = torch.empty(0, 3, crop, crop), torch.empty(0, 3, crop, crop), torch.empty(0)
         return {"x0": x0, "low_res_up": cond, "aug_level": level, "index": batch["index"],
-                "num_skipped": batch["num_skipped"]}
+                "num_skipped": batch["num_skipped"], "skip_reasons": batch["skip_reasons"]}
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """The diffusion loss on a `collate_fn` batch, whose crops, conditioning and levels are ready."""

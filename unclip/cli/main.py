@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="precompute CLIP embeddings of a dataset into resumable shards",
                        description="Write CLIP image embeddings, text embeddings and per-token text encodings of "
                                    "every row into safetensors shards (for training the prior at scale). Re-running "
-                                   "the same command resumes after the last complete shard.")
+                                   "the same command resumes after the last complete shard and tries the rows it "
+                                   "skipped (unreadable images, empty captions) again.")
     _add_clip_arguments(p)
     p.add_argument("--data", required=True,
                    help='"shapes" (built-in training split), an image folder with metadata.jsonl/csv, '
@@ -143,11 +144,13 @@ def _embed(args: argparse.Namespace) -> None:
         out = embed_dataset(clip, data, args.out, source=source, shard_size=args.shard_size,
                             batch_size=args.batch_size, image_column=args.image_column,
                             caption_column=args.caption_column, num_workers=args.num_workers)
+        kept = len(EmbeddingShards(out))
     except (DataError, ValueError) as e:
         raise CliError(str(e)) from None
-    kept = len(EmbeddingShards(out))
-    dropped = f" ({len(data) - kept} unusable rows skipped)" if kept < len(data) else ""
-    print(f"embeddings of {kept} rows in {out}{dropped}")
+    skipped = len(data) - kept
+    dropped = (f"; {skipped} unusable rows skipped (the warnings above say why); running the same command again "
+               "tries them again") if skipped else ""
+    print(f"embeddings of {kept} of {len(data)} rows in {out}{dropped}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -239,17 +239,20 @@ class Clip(nn.Module):
         return next(self.model.parameters()).device
 
     # ----- encoding -----------------------------------------------------------------------------------
-    def tokenize(self, captions: Sequence[str], truncate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokenize(self, captions: Sequence[str], truncate: bool = True,
+                 rows: Sequence[int] | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (b, l) long and padding mask (b, l) bool for `captions`.
 
         An empty caption is an error. A caption longer than the context is cut to fit with a warning, or
-        raises CaptionError when `truncate=False`.
+        raises CaptionError when `truncate=False`; the message names it by its dataset row when `rows` (b,) gives
+        the captions' rows (read only then: a device tensor costs no sync), else by its position.
         """
         captions = _check_captions(captions)
         too_long = [i for i, c in enumerate(captions) if self._token_count(c) > self.context_length]
         if too_long:
+            first = f"row {int(rows[too_long[0]])}" if rows is not None else f"#{too_long[0]}"
             msg = (f"{len(too_long)} caption(s) longer than the {self.context_length}-token context "
-                   f"(first: #{too_long[0]} {captions[too_long[0]][:60]!r}...)")
+                   f"(first: {first} {captions[too_long[0]][:60]!r}...)")
             if not truncate:
                 raise CaptionError(msg)
             warnings.warn(msg + "; they are truncated", stacklevel=2)
@@ -257,9 +260,11 @@ class Clip(nn.Module):
         return tokens, tokens != _pad_id(self.tokenizer)
 
     @torch.no_grad()
-    def encode_text(self, captions: Sequence[str], truncate: bool = True) -> TextEncoding:
-        """Encode captions: pooled embedding (b, d), per-token states (b, l, w) and their mask (b, l)."""
-        tokens, mask = self.tokenize(captions, truncate=truncate)
+    def encode_text(self, captions: Sequence[str], truncate: bool = True,
+                    rows: Sequence[int] | torch.Tensor | None = None) -> TextEncoding:
+        """Encode captions: pooled embedding (b, d), per-token states (b, l, w) and their mask (b, l). `rows`: the
+        captions' dataset rows, which a warning about a caption too long names (see `tokenize`)."""
+        tokens, mask = self.tokenize(captions, truncate=truncate, rows=rows)
         tokens, mask = tokens.to(self.device), mask.to(self.device)
         out = self.model.forward_intermediates(text=tokens, text_indices=1, normalize=True,
                                                normalize_intermediates=True)

@@ -65,7 +65,7 @@ class ClipTrainTask:
     def collate_fn(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch = collate_image_text(items)
         if batch["captions"]:
-            batch["tokens"], _ = self.clip.tokenize(batch["captions"])
+            batch["tokens"], _ = self.clip.tokenize(batch["captions"], rows=batch["index"])
         return batch
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -10,8 +10,10 @@ Layout of an embeddings directory:
 Each shard is written to a temporary file and renamed into place, so an interrupted run leaves only
 complete shards; running the same command again checks them, skips the sound ones and carries on. A shard
 that cannot be read back (truncated or overwritten by a copy gone wrong) is renamed aside (`*.corrupt-<8 hex>`, kept
-for inspection) and embedded again. Rows whose image cannot be decoded are left out of their shard (its
-`index` says which source rows it holds) and counted.
+for inspection) and embedded again. Rows whose image or caption cannot be used are left out of their shard (its
+`index` says which source rows it holds), each named in a warning and counted; running the command again tries
+them again (after the images are fixed, say) and adds those that now work to their shard. A dataset of which no
+row can be used is an error that names it and the first reasons.
 """
 
 from __future__ import annotations
@@ -76,8 +78,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _shard_rows(path: Path, rows: range, *, captions: bool = True) -> int:
-    """Rows in the shard at `path`, which must hold source rows within `rows`; DataError if it cannot be read.
+def _shard_index(path: Path, rows: range, *, captions: bool = True) -> torch.Tensor:
+    """The source rows (n,) long the shard at `path` holds, which must lie within `rows`; DataError if it cannot be
+    read.
     captions=False only checks that the captions are there (parsing them all is the costly part of a large set;
     `EmbeddingShards` checks each shard's when it first opens it)."""
     try:
@@ -98,26 +101,42 @@ def _shard_rows(path: Path, rows: range, *, captions: bool = True) -> int:
         problem = f"it holds source rows outside {rows.start}..{rows.stop - 1}"
     if problem:
         raise DataError(f"embedding shard {path} is damaged: {problem}")
-    return n
+    return index
 
 
 def _captions_fit(captions: Any, rows: int) -> bool:
     return isinstance(captions, list) and len(captions) == rows
 
 
-def _set_aside_damaged(out_dir: Path, k: int, rows: range) -> bool:
-    """True if shard k is present and sound. A damaged one is renamed to *.corrupt (kept, with a warning)."""
+def _sound_shard_index(out_dir: Path, k: int, rows: range) -> torch.Tensor | None:
+    """The source rows shard k holds if it is present and sound, else None. A damaged one is renamed to *.corrupt
+    (kept, with a warning)."""
     path = _shard_path(out_dir, k)
     if not path.exists():
-        return False
+        return None
     try:
-        _shard_rows(path, rows)
-        return True
+        return _shard_index(path, rows)
     except DataError as e:
         aside = path.with_name(f"{path.name}.corrupt-{uuid.uuid4().hex[:8]}")
         os.replace(path, aside)
-        warnings.warn(f"{e}; moved it to {aside.name} and embedding it again", stacklevel=3)
-        return False
+        # the frames up: _rows_to_embed, embed_dataset, torch.no_grad's wrapper, its caller
+        warnings.warn(f"{e}; moved it to {aside.name} and embedding it again", stacklevel=5)
+        return None
+
+
+def _rows_to_embed(out_dir: Path, rows: int, shard_size: int) -> list[tuple[int, list[int], bool]]:
+    """(shard k, source rows it lacks, whether the shard exists) for every shard with rows to embed: all of a
+    missing or damaged shard's, and the rows a sound one left out (skipped by an earlier run)."""
+    todo = []
+    for k in range(-(-rows // shard_size)):
+        wanted = _shard_range(k, shard_size, rows)
+        index = _sound_shard_index(out_dir, k, wanted)
+        if index is None:
+            todo.append((k, list(wanted), False))
+        elif len(index) < len(wanted):
+            have = set(index.tolist())
+            todo.append((k, [i for i in wanted if i not in have], True))
+    return todo
 
 
 def _check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
@@ -152,12 +171,13 @@ def embed_dataset(
 ) -> Path:
     """Embed every (image, caption) row of an HF dataset with `clip` into shards under `out_dir`.
 
-    Resumable: complete shards already present are skipped. Returns `out_dir`.
+    Resumable: complete shards already present are kept, and only the rows they left out (unusable images or
+    captions, each warned about) are tried again. Returns `out_dir`; DataError when no row of the dataset is usable.
     """
     out_dir = Path(out_dir)
     rows = len(dataset)
     if rows == 0:
-        raise ValueError(f"dataset {source!r} has no rows to embed")
+        raise DataError(f"dataset {source!r} has no rows to embed")
     manifest = {
         "source": source,
         "rows": rows,
@@ -169,43 +189,57 @@ def embed_dataset(
         "dtype": str(dtype).removeprefix("torch."),
     }
     _check_manifest(out_dir, manifest)
-    num_shards = (rows + shard_size - 1) // shard_size
-    todo = [k for k in range(num_shards) if not _set_aside_damaged(out_dir, k, _shard_range(k, shard_size, rows))]
+    todo = _rows_to_embed(out_dir, rows, shard_size)
     wrapped = ImageTextDataset(dataset, clip.image_transform, image_column=image_column, caption_column=caption_column)
-    skipped = 0
-    bar = tqdm(
-        total=rows,
-        initial=rows - sum(min(shard_size, rows - k * shard_size) for k in todo),
-        desc="embed",
-        unit="img",
-        disable=not progress,
-    )
-    for k in todo:
-        part = torch.utils.data.Subset(wrapped, _shard_range(k, shard_size, rows))
+    skipped, reasons = 0, []
+    bar = tqdm(total=rows, initial=rows - sum(len(wanted) for _, wanted, _ in todo), desc="embed", unit="img",
+               disable=not progress)
+    for k, wanted, exists in todo:
+        part = torch.utils.data.Subset(wrapped, wanted)
         loader = DataLoader(part, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_image_text)
         chunks: dict[str, list[torch.Tensor]] = {name: [] for name in TENSORS}
         captions: list[str] = []
         for batch in loader:
             skipped += batch["num_skipped"]
+            reasons += batch["skip_reasons"][: max(0, 3 - len(reasons))]
             bar.update(len(batch["captions"]) + batch["num_skipped"])
             if not batch["captions"]:
                 continue
-            enc = clip.encode_text(batch["captions"])
+            enc = clip.encode_text(batch["captions"], rows=batch["index"])
             chunks["image_embed"].append(clip.encode_pixels(batch["images"]).to("cpu", dtype))  # already preprocessed
             chunks["text_embed"].append(enc.text_embed.to("cpu", dtype))
             chunks["text_tokens"].append(enc.text_tokens.to("cpu", dtype))
             chunks["text_mask"].append(enc.text_mask.cpu())
             chunks["index"].append(batch["index"].long())
             captions += batch["captions"]
-        _write_shard(_shard_path(out_dir, k), chunks, captions)
+        path = _shard_path(out_dir, k)
+        if exists and captions:  # rows an earlier run skipped that can be used now: the shard gains them
+            chunks, captions = _with_shard_rows(path, chunks, captions)
+        if captions or not exists:
+            _write_shard(path, chunks, captions)
     bar.close()
+    if skipped == rows:  # every row was tried in this run (a shard keeps the rows that worked before)
+        raise DataError(f"no row of {source} could be embedded: all {rows} were skipped (first: {'; '.join(reasons)}"
+                        "); fix them and run the same command again")
     if skipped:
-        warnings.warn(f"embed: {skipped} row(s) skipped because their image or caption was unusable", stacklevel=2)
+        warnings.warn(f"embed: {skipped} row(s) of {source} skipped because their image or caption was unusable (the "
+                      "warnings above name each); running the same command again tries them again", stacklevel=3)
     return out_dir
 
 
 def _shard_range(k: int, shard_size: int, rows: int) -> range:
     return range(k * shard_size, min((k + 1) * shard_size, rows))
+
+
+def _with_shard_rows(path: Path, chunks: dict[str, list[torch.Tensor]],
+                     captions: list[str]) -> tuple[dict[str, list[torch.Tensor]], list[str]]:
+    """New rows (`chunks`, `captions`) joined with those already in the shard at `path`, in source row order."""
+    with safe_open(str(path), framework="pt") as f:
+        old = {name: f.get_tensor(name) for name in f.keys()}
+        captions = json.loads(f.metadata()["captions"]) + captions
+    tensors = {name: torch.cat(([old[name]] if name in old else []) + chunks[name]) for name in TENSORS}
+    order = torch.argsort(tensors["index"])
+    return {name: [t[order]] for name, t in tensors.items()}, [captions[i] for i in order.tolist()]
 
 
 def _write_shard(path: Path, chunks: dict[str, list[torch.Tensor]], captions: list[str]) -> None:
@@ -243,8 +277,12 @@ class EmbeddingShards(Dataset):
             if not k.isdigit():
                 raise DataError(f"{shard} is not a shard this library wrote (expected shard-NNNNNN.safetensors)")
             k = int(k)
-            n = _shard_rows(shard, _shard_range(k, shard_size, rows), captions=False)  # captions: checked on opening
+            n = len(_shard_index(shard, _shard_range(k, shard_size, rows), captions=False))  # captions: on opening
             self.offsets.append(self.offsets[-1] + n)
+        if self.offsets[-1] == 0:
+            raise DataError(f"{self.directory} holds no embeddings: none of the {rows} rows of "
+                            f"{self.manifest.get('source')} were usable when it was embedded (or its shards are "
+                            "missing); fix the data and run the same `unclip embed` command again")
 
     def __len__(self) -> int:
         return self.offsets[-1]

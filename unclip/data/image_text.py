@@ -6,8 +6,9 @@
 
 Images are never decoded when a row is read from the HF dataset (the image column is cast to
 `Image(decode=False)`), only in `ImageTextDataset.__getitem__`, where a truncated, corrupt or missing file
-(or an empty caption) marks the sample bad instead of raising. `collate_image_text` drops bad samples,
-logs one warning line per sample, and reports how many it skipped.
+(or an empty, missing or non-string caption) marks the sample bad instead of raising, with the reason in words
+(`skip_reasons.py`). `collate_image_text` drops bad samples, logs one warning line per sample naming its row,
+file and reason, and reports how many it skipped and why.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 
 from ..images import ImageTooLargeError, decode_image_file, to_rgb
+from .skip_reasons import caption_problem, unreadable_image_reason
 
 __all__ = ["DataError", "load_image_text_dataset", "decode_image", "decode_image_or_reason", "ImageTextDataset",
            "collate_image_text"]
@@ -66,9 +69,10 @@ def load_image_text_dataset(
         raise DataError(f"{where} has no rows")
     for key, column in (("image_column", image_column), ("caption_column", caption_column)):
         if column not in ds.column_names:
+            flag = "--" + key.replace("_", "-")
             raise DataError(
-                f"{where} has no column '{column}'; available columns: {', '.join(ds.column_names)}. "
-                f"Set `{key}` in the data config to the column that holds the {key.split('_')[0]}s."
+                f"{where} has no column '{column}'; available columns: {', '.join(ds.column_names)}. Name the "
+                f"column that holds the {key.split('_')[0]}s with {key} in the data config ({flag} for unclip embed)"
             )
     return _undecoded(ds, image_column)
 
@@ -86,13 +90,32 @@ def _load_source(source: str, *, image_column: str, split: str) -> datasets.Data
         return _load_tables(files, where=source)
     if _looks_local(source):
         raise DataError(f"dataset path not found: {source}")
-    try:  # a hub dataset name, e.g. "user/dataset"
-        ds = datasets.load_dataset(source, split=split)
-    except Exception as e:  # the hub raises connection, not-found and config errors of many types
-        raise DataError(f"'{source}' is not a local path and could not be loaded from the hub: {e}") from e
+    ds = _load_from_hub(source, split)
     if not isinstance(ds, datasets.Dataset):
         raise DataError(f"'{source}' split '{split}' loaded as {type(ds).__name__}, not a map-style Dataset")
     return ds
+
+
+def _load_from_hub(source: str, split: str) -> Any:
+    """`source` as a hub dataset name, e.g. "user/dataset". When the hub's host does not resolve (no network), only
+    the local cache is asked, so a mistyped local path fails at once instead of after ~30 s of retries."""
+    from ..clip.weights import hub_offline_when_unreachable  # lazily: it is needed only for hub names
+
+    local = f"there is no file or directory {Path(source).expanduser().absolute()}"
+    with hub_offline_when_unreachable() as unreachable:
+        saved = datasets.config.HF_HUB_OFFLINE
+        datasets.config.HF_HUB_OFFLINE = saved or unreachable  # `datasets` keeps its own copy of the setting
+        try:
+            return datasets.load_dataset(source, split=split)
+        except Exception as e:  # the hub raises connection, not-found and config errors of many types
+            if unreachable:
+                raise DataError(f"'{source}' is not a local dataset ({local}), and as a Hugging Face Hub dataset "
+                                "name it is not cached here and the hub cannot be reached (its host name does "
+                                "not resolve on this machine)") from None
+            raise DataError(f"'{source}' is neither a local dataset ({local}) nor a dataset the Hugging Face Hub "
+                            f"could give: {e}") from e
+        finally:
+            datasets.config.HF_HUB_OFFLINE = saved
 
 
 def _looks_local(source: str) -> bool:
@@ -109,7 +132,7 @@ def _looks_local(source: str) -> bool:
 def _load_directory(path: Path, *, image_column: str, split: str) -> datasets.Dataset:
     for name in ("metadata.jsonl", "metadata.csv"):
         if (path / name).is_file():
-            return _load_image_folder(path, path / name, image_column=image_column)
+            return _load_image_folder(path.absolute(), path.absolute() / name, image_column=image_column)
     if any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
         ds = datasets.load_from_disk(str(path))
         return _pick_split(ds, split, str(path)) if isinstance(ds, datasets.DatasetDict) else ds
@@ -125,14 +148,19 @@ def _load_directory(path: Path, *, image_column: str, split: str) -> datasets.Da
 
 def _load_image_folder(root: Path, metadata: Path, *, image_column: str) -> datasets.Dataset:
     """An image folder's metadata as a Dataset whose `image_column` holds absolute file paths."""
-    try:
+    try:  # utf-8-sig: also UTF-8 with a byte-order mark, as Excel writes CSV
         if metadata.suffix == ".jsonl":
-            with metadata.open() as f:
+            with metadata.open(encoding="utf-8-sig") as f:
                 records = [json.loads(line) for line in f if line.strip()]
         else:
-            with metadata.open(newline="") as f:
-                records = list(csv.DictReader(f))
-    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
+            with metadata.open(newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f, skipinitialspace=True)  # "file_name, caption": the header has no spaces
+                if reader.fieldnames:
+                    reader.fieldnames = [name.strip() for name in reader.fieldnames]
+                records = list(reader)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{metadata} is not UTF-8 text ({e}); save it as UTF-8") from None
+    except (json.JSONDecodeError, csv.Error) as e:
         raise DataError(f"{metadata} could not be parsed: {e}") from None
     if not records:
         raise DataError(f"{metadata} has no rows")
@@ -140,7 +168,7 @@ def _load_image_folder(root: Path, metadata: Path, *, image_column: str) -> data
         if not isinstance(r, dict) or not r.get("file_name"):
             raise DataError(f"{metadata}: row {n} has no 'file_name' (the image folder convention): {r!r}")
     keys = list(dict.fromkeys(k for r in records for k in r))
-    columns: dict[str, list[Any]] = {image_column: [str(root / r["file_name"]) for r in records]}
+    columns: dict[str, list[Any]] = {image_column: [_image_path(root, str(r["file_name"])) for r in records]}
     for key in keys:
         if key not in ("file_name", image_column):
             columns[key] = [r.get(key) for r in records]
@@ -148,6 +176,16 @@ def _load_image_folder(root: Path, metadata: Path, *, image_column: str) -> data
         return datasets.Dataset.from_dict(columns)
     except (ValueError, TypeError) as e:  # pyarrow's ArrowInvalid / ArrowTypeError: mixed types in a column
         raise DataError(f"{metadata} could not be read as a table (a column with mixed types?): {e}") from None
+
+
+def _image_path(root: Path, file_name: str) -> str:
+    """root / file_name; a Windows-style name (images\\0001.png) is read with "/" where only that form exists."""
+    path = root / file_name
+    if "\\" in file_name and os.sep == "/" and not path.exists():
+        posix = root / file_name.replace("\\", "/")
+        if posix.exists():
+            return str(posix)
+    return str(path)
 
 
 def _load_tables(files: Sequence[Path], *, where: str) -> datasets.Dataset:
@@ -170,8 +208,11 @@ def _undecoded(ds: datasets.Dataset, image_column: str) -> datasets.Dataset:
         return ds
     try:
         return ds.cast_column(image_column, datasets.Image(decode=False))
-    except (TypeError, ValueError) as e:
-        raise DataError(f"column '{image_column}' ({feature}) cannot be read as images: {e}") from None
+    except (TypeError, ValueError, NotImplementedError, pa.ArrowException) as e:  # int64 -> image: NotImplemented
+        kind = feature.dtype if isinstance(feature, datasets.Value) else str(feature)
+        raise DataError(f"column '{image_column}' holds {kind} values, which cannot be read as images (image files, "
+                        "bytes or paths); name the column that holds the images with image_column in the data "
+                        f"config (--image-column for unclip embed) ({type(e).__name__}: {e})") from None
 
 
 def decode_image(value: Any) -> Image.Image | None:
@@ -211,7 +252,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
     `image_transform` maps an RGB PIL image to a (3, h, w) tensor of a fixed size. Item i is
     `{"image": (3, h, w) tensor or None, "caption": str, "index": i, "skip_reason": None or str, **extra}`,
-    with `image` None (and `skip_reason` saying why) when the image cannot be decoded or the caption is empty.
+    with `image` None and `skip_reason` saying why (the file and the cause, e.g. "/data/a.png: file not found", or
+    "caption is empty") when the image cannot be decoded or the caption cannot be used.
     """
 
     def __init__(
@@ -230,7 +272,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
                 raise DataError(
                     f"the dataset has no column '{column}' ({key}); available: {', '.join(dataset.column_names)}"
                 )
-        clashes = set(extra_columns) & {"image", "caption", "index", "skip_reason"}
+        clashes = set(extra_columns) & {"image", "caption", "index", "skip_reason", "skip_reasons", "num_skipped"}
         if clashes:
             raise DataError(f"extra_columns may not be named {', '.join(sorted(clashes))}")
         self.dataset = _undecoded(dataset, image_column)
@@ -243,36 +285,37 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.dataset[int(i)]
-        caption = row[self.caption_column]
-        caption = caption.strip() if isinstance(caption, str) else ""
-        image, reason = None, None
-        if not caption:
-            reason = "caption is empty"
-        else:
+        caption, reason = caption_problem(row[self.caption_column])
+        image = None
+        if reason is None:
             pil, reason = decode_image_or_reason(row[self.image_column])
-            if pil is not None:
+            if pil is None and not reason.startswith("image is too large"):
+                reason = unreadable_image_reason(row[self.image_column])  # the file and the cause
+            elif pil is not None:
                 image = self.image_transform(pil)
         extra = {c: row[c] for c in self.extra_columns}
         return {"image": image, "caption": caption, "index": int(i), "skip_reason": reason, **extra}
 
 
 def collate_image_text(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Batch `ImageTextDataset` items, dropping bad ones with one warning line each.
+    """Batch `ImageTextDataset` items, dropping bad ones with one warning line each (row, file and reason).
 
     Returns `{"images": (b, 3, h, w) float, "captions": list of b str, "index": (b,) long, "num_skipped": int,
-    **extra}`, each extra column stacked into a (b, ...) tensor when numeric, else a list. When every item is
-    bad the batch is empty: b = 0 and images is (0, 3, 0, 0); the trainer skips such batches.
+    "skip_reasons": list of "row i: why" str, one per dropped item, **extra}`, each extra column stacked into a
+    (b, ...) tensor when numeric, else a list. When every item is bad the batch is empty: b = 0 and images is
+    (0, 3, 0, 0); the trainer skips such batches.
     """
     good = [it for it in items if it["image"] is not None]
-    for it in items:
-        if it["image"] is None:
-            logger.warning("skipping sample %d: %s", it["index"], it.get("skip_reason") or "image is missing")
+    reasons = [f"row {it['index']}: {it.get('skip_reason') or 'image is missing'}" for it in items
+               if it["image"] is None]
+    for reason in reasons:
+        logger.warning("skipping %s", reason)
     skipped = len(items) - len(good)
     extra_keys = [k for k in (items[0] if items else {}) if k not in ("image", "caption", "index", "skip_reason")]
     if not good:
         extras = {k: _stack([it[k] for it in items])[:0] for k in extra_keys}
         empty = {"images": torch.empty(0, 3, 0, 0), "captions": [], "index": torch.empty(0, dtype=torch.long)}
-        return {**empty, "num_skipped": skipped, **extras}
+        return {**empty, "num_skipped": skipped, "skip_reasons": reasons, **extras}
     shapes = {tuple(it["image"].shape) for it in good}
     if len(shapes) != 1:
         raise ValueError(f"images in a batch differ in shape {sorted(shapes)}; make image_transform resize to one size")
@@ -281,6 +324,7 @@ def collate_image_text(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "captions": [it["caption"] for it in good],
         "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
         "num_skipped": skipped,
+        "skip_reasons": reasons,
         **{k: _stack([it[k] for it in good]) for k in extra_keys},
     }
 

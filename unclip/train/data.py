@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from ..data.image_text import DataError
+
 __all__ = [
     "epoch_permutation",
     "GlobalOrder",
@@ -63,7 +65,7 @@ class GlobalOrder:
 
     def __init__(self, n: int, seed: int):
         if n < 1:
-            raise ValueError("the training dataset is empty")
+            raise DataError("the training dataset is empty")
         self.n, self.seed = n, seed
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
@@ -139,12 +141,13 @@ class PositionedDataset(Dataset):
             return self.dataset[index]
 
 
-def split_skipped(batch: Any) -> tuple[Any, int]:
-    """(batch without its "num_skipped" entry, that count); batches without one count 0."""
-    if isinstance(batch, Mapping) and "num_skipped" in batch:
+def split_skipped(batch: Any) -> tuple[Any, int, list[str]]:
+    """(batch without its "num_skipped" and "skip_reasons" entries, that count, those reasons); batches without
+    them count 0 and give no reasons."""
+    if isinstance(batch, Mapping) and ("num_skipped" in batch or "skip_reasons" in batch):
         batch = dict(batch)
-        return batch, int(batch.pop("num_skipped"))
-    return batch, 0
+        return batch, int(batch.pop("num_skipped", 0)), list(batch.pop("skip_reasons", []))
+    return batch, 0, []
 
 
 def is_empty_batch(batch: Any) -> bool:

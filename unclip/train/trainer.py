@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..checkpoint import clean_stale_temporaries
+from ..data.image_text import DataError
 from .config import TrainConfig
 from .data import build_train_loader, is_empty_batch, split_skipped
 from .device import build_accelerator, enable_gradient_checkpointing, step_options, to_channels_last
@@ -65,8 +66,10 @@ class TrainTask(Protocol):
             `model(...)` for the forward (so gradients synchronise) and `unwrap_model(model)` for attributes.
             Noise and dropout should come from the global torch RNG, which the checkpoints save and restore.
     Optional (looked up with getattr):
-        collate_fn(items) -> batch dict; may hold "num_skipped": int (bad samples dropped, logged) and may be
-            empty (first tensor dimension 0): it is then skipped and the next micro-batch drawn.
+        collate_fn(items) -> batch dict; may hold "num_skipped": int (bad samples dropped, logged) and
+            "skip_reasons": list of str (why each was dropped), and may be empty (first tensor dimension 0): it is
+            then skipped and the next micro-batch drawn. A whole epoch of empty batches is a DataError that gives
+            the first reasons.
         sample_images(model, step) -> (b, 3, h, w) in [0, 1]; called on the main process (on all under FSDP)
             with the EMA model (if any) in eval mode under torch.no_grad; it does not disturb the training RNG.
         export(model, out_dir: Path, state_dict): write the final model in the stage's format; state_dict holds the
@@ -369,10 +372,10 @@ class Trainer(Checkpointing):
             world_size=self.world_size, rank=self.rank, start=self.samples_seen, num_workers=cfg.num_workers,
             pin_memory=acc.device.type == "cuda",
         )  # fmt: skip
-        chunk, empty_run = self.micro_batch * self.world_size, 0
+        chunk, empty_run, reasons = self.micro_batch * self.world_size, 0, []
         for batch in loader:
             self.samples_seen += chunk
-            batch, skipped = split_skipped(batch)
+            batch, skipped, why = split_skipped(batch)
             empty = is_empty_batch(batch)
             if self.world_size > 1:  # every process must agree to skip, or DDP would hang
                 flags = torch.tensor([float(empty), float(skipped)])  # host values, summed over a host group
@@ -382,10 +385,15 @@ class Trainer(Checkpointing):
             if empty:
                 self.empty_batches += 1
                 empty_run += 1
+                reasons += why[: max(0, 3 - len(reasons))]
                 if empty_run * chunk > len(dataset) + chunk:
-                    raise RuntimeError("the collate_fn dropped every sample of a whole epoch; check the dataset")
+                    raise DataError(
+                        f"no usable sample in a whole epoch of the training data ({len(dataset)} rows): every one was "
+                        f"skipped ({'; '.join(reasons) or 'the collate_fn gave no reason'}); fix the data or point "
+                        "data.source at another dataset"
+                    )
                 continue
-            empty_run = 0
+            empty_run, reasons = 0, []
             batch = send_to_device(batch, acc.device, non_blocking=True)
             yield to_channels_last(batch) if cfg.channels_last else batch
 
