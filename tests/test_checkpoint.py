@@ -137,3 +137,17 @@ def test_written_files_get_the_umask_s_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o644)}
+
+
+def test_embedding_shards_get_the_umask_s_permissions(tmp_path, tiny_clip):
+    import os
+
+    from unclip.data import make_shapes
+    from unclip.data.embeddings import embed_dataset
+
+    mask = os.umask(0o022)
+    try:
+        out = embed_dataset(tiny_clip, make_shapes(4, seed=1), tmp_path / "emb", source="shapes:4", progress=False)
+    finally:
+        os.umask(mask)
+    assert {oct(p.stat().st_mode & 0o777) for p in Path(out).iterdir()} == {oct(0o644)}

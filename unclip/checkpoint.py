@@ -29,6 +29,7 @@ __all__ = [
     "CheckpointError",
     "atomic_directory",
     "check_replaceable",
+    "default_permissions",
     "save_pretrained_dir",
     "load_pretrained_dir",
     "load_state_dict_strict",
@@ -93,7 +94,7 @@ def atomic_directory(final: str | Path, *, replaces: str | None = None) -> Itera
     tmp.mkdir()
     try:
         yield tmp
-        _default_permissions(tmp)
+        default_permissions(tmp)
         _fsync_tree(tmp)
         if final.exists():
             old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
@@ -108,14 +109,15 @@ def atomic_directory(final: str | Path, *, replaces: str | None = None) -> Itera
         raise
 
 
-def _default_permissions(root: Path) -> None:
-    """Give every file under `root` the permissions the umask gives a new file (safetensors writes 0600 files
-    through its own temporary file, which would make a model directory unreadable to the user's group)."""
+def default_permissions(path: str | Path) -> None:
+    """Give the file `path`, or every file under the directory `path`, the permissions the umask gives a new file
+    (safetensors writes 0600 files through its own temporary file, unreadable to the user's group)."""
     mask = os.umask(0)
     os.umask(mask)
-    for path in root.rglob("*"):
-        if path.is_file():
-            path.chmod(0o666 & ~mask)
+    path = Path(path)
+    for file in path.rglob("*") if path.is_dir() else [path]:
+        if file.is_file():
+            file.chmod(0o666 & ~mask)
 
 
 def clean_stale_temporaries(parent: str | Path) -> list[Path]:

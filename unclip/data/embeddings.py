@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..checkpoint import write_json_atomic
+from ..checkpoint import default_permissions, write_json_atomic
 from .image_text import DataError, ImageTextDataset, collate_image_text
 
 __all__ = ["embed_dataset", "EmbeddingShards", "clip_fingerprint", "check_shards_clip", "read_manifest"]
@@ -248,6 +248,7 @@ def _write_shard(path: Path, chunks: dict[str, list[torch.Tensor]], captions: li
         tensors = {"index": torch.zeros(0, dtype=torch.long)}
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     save_file(tensors, str(tmp), metadata={"captions": json.dumps(captions)})
+    default_permissions(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
