@@ -106,3 +106,15 @@ def tiny_upsampler(low: int, high: int):
 @pytest.fixture()
 def tiny_pipeline(tiny_clip):
     return build_tiny_pipeline(tiny_clip)
+
+
+@pytest.fixture(scope="module")
+def cascade(tiny_clip):
+    """A tiny random pipeline 8 -> 16 -> 32 px (default sampler: ddim), shared by a test module."""
+    return build_tiny_pipeline(tiny_clip, upsampler_sides=(16, 32))
+
+
+@pytest.fixture(scope="module")
+def cascade_dir(cascade, tmp_path_factory):
+    """`cascade` saved as a pipeline directory."""
+    return cascade.save_pretrained(tmp_path_factory.mktemp("pipe") / "pipeline")

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny_pipeline
 from PIL import Image
 
 import unclip
@@ -20,17 +19,6 @@ from unclip.pipeline.manipulations import encode_image, interpolate, slerp, text
 from unclip.pipeline.pipeline import GenerationDefaults, UnclipPipeline
 
 CAPTIONS = ["a red circle on a blue background", "a green cross on a white background"]
-
-
-@pytest.fixture(scope="module")
-def cascade(tiny_clip):
-    """A tiny random pipeline 8 -> 16 -> 32 px."""
-    return build_tiny_pipeline(tiny_clip, upsampler_sides=(16, 32))
-
-
-@pytest.fixture(scope="module")
-def cascade_dir(cascade, tmp_path_factory):
-    return cascade.save_pretrained(tmp_path_factory.mktemp("pipe") / "pipeline")
 
 
 def test_generate_gives_caption_major_pil_images_at_the_last_stage_side(cascade):

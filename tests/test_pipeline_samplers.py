@@ -20,17 +20,6 @@ CAPTION = "a red circle on a blue background"
 STAGES = ("clip", "prior", "decoder", "upsampler-1", "upsampler-2")
 
 
-@pytest.fixture(scope="module")
-def cascade(tiny_clip):
-    """A tiny random pipeline 8 -> 16 -> 32 px (default sampler: ddim)."""
-    return build_tiny_pipeline(tiny_clip, upsampler_sides=(16, 32))
-
-
-@pytest.fixture(scope="module")
-def cascade_dir(cascade, tmp_path_factory):
-    return cascade.save_pretrained(tmp_path_factory.mktemp("pipe") / "pipeline")
-
-
 def with_defaults(pipe: UnclipPipeline, **defaults) -> UnclipPipeline:
     """The same stages with other generation defaults."""
     return UnclipPipeline(pipe.clip, pipe.prior, pipe.decoder, pipe.upsamplers, replace(pipe.defaults, **defaults))

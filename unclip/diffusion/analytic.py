@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from unclip.diffusion.denoiser import Denoised, Denoiser
+from unclip.diffusion.denoiser import Denoiser
 from unclip.diffusion.gaussian import q_sample
-from unclip.diffusion.samplers import Callback, _check_timesteps, _noise_like, _run, ddpm_step
+from unclip.diffusion.samplers import Callback, _check_timesteps, _noise_like, sample_ddpm
 from unclip.diffusion.schedule import NoiseSchedule, alphas_cumprod_at, posterior_coefficients
 
 __all__ = ["analytic_variance", "eps_moments", "sample_analytic_ddpm"]
@@ -97,11 +97,5 @@ def sample_analytic_ddpm(
                          "estimate them at the timesteps you sample (eps_moments)")
     prev = ts[1:] + [-1]
     variances = [analytic_variance(schedule, t, s, float(moments[t])) for t, s in zip(ts, prev, strict=True)]
-
-    def step(i: int, x: Tensor, d: Denoised) -> Tensor:
-        noise = _noise_like(x, generator) if prev[i] >= 0 else None
-        a, a_prev = alphas_cumprod_at(schedule, ts[i]), alphas_cumprod_at(schedule, prev[i])
-        return ddpm_step(x, d, a, a_prev, variances[i], noise)
-
-    return _run(denoiser, x_T, ts, step, cond=cond, progress=progress, callback=callback, label=label,
-                desc="analytic ddpm")
+    return sample_ddpm(denoiser, x_T, schedule, timesteps=ts, variance=variances, generator=generator, cond=cond,
+                       progress=progress, callback=callback, label=label, desc="analytic ddpm")

@@ -205,28 +205,33 @@ def sample_ddpm(
     schedule: NoiseSchedule,
     *,
     timesteps: Sequence[int] | Tensor | None = None,
-    variance: VarianceType = "fixed_small",
+    variance: VarianceType | Sequence[float] = "fixed_small",
     generator: torch.Generator | None = None,
     cond: Mapping[str, Any] | None = None,
     progress: bool = True,
     callback: Callback | None = None,
     label: str | None = None,
+    desc: str = "ddpm",
 ) -> Tensor:
     """Ancestral DDPM sampling (Ho et al. 2020) from x_T (b, *) to x0 (b, *).
 
     timesteps: descending subset to walk (default all T: T-1 .. 0; e.g. `timestep_subset(T, 250)` respaces with
-    the subset's own betas, as improved-DDPM does). variance: see `ddpm_step`. No noise is added on the last step.
+    the subset's own betas, as improved-DDPM does). variance: see `ddpm_step`, or one variance per step walked
+    (e.g. Analytic-DPM's, `unclip.diffusion.analytic`). No noise is added on the last step. desc: the progress
+    bar's sampler name.
     """
     ts = _check_timesteps(range(schedule.num_timesteps - 1, -1, -1) if timesteps is None else timesteps,
                           schedule.num_timesteps)
     prev = ts[1:] + [-1]
+    if not isinstance(variance, str) and len(variance) != len(ts):
+        raise ValueError(f"variance gives {len(variance)} values for {len(ts)} steps")
 
     def step(i: int, x: Tensor, d: Denoised) -> Tensor:
         noise = _noise_like(x, generator) if prev[i] >= 0 else None
         a, a_prev = alphas_cumprod_at(schedule, ts[i]), alphas_cumprod_at(schedule, prev[i])
-        return ddpm_step(x, d, a, a_prev, variance, noise)
+        return ddpm_step(x, d, a, a_prev, variance if isinstance(variance, str) else float(variance[i]), noise)
 
-    return _run(denoiser, x_T, ts, step, cond=cond, progress=progress, callback=callback, label=label, desc="ddpm")
+    return _run(denoiser, x_T, ts, step, cond=cond, progress=progress, callback=callback, label=label, desc=desc)
 
 
 @torch.no_grad()
