@@ -162,8 +162,8 @@ def test_skip_reasons_name_the_file_and_what_is_wrong(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cases = {
         str(tmp_path / "missing.png"): f"{tmp_path / 'missing.png'}: file not found",
-        "sub/missing.png": "sub/missing.png: file not found (a relative path is read beside its table, or else from "
-                           f"the current directory, {tmp_path})",
+        "sub/missing.png": f"sub/missing.png: file not found (a relative path is read from the current directory, "
+                           f"{tmp_path})",
         str(tmp_path / "link.png"): f"{tmp_path / 'link.png'}: file not found (a link to a missing file)",
         str(tmp_path / "empty.png"): f"{tmp_path / 'empty.png'}: empty file (0 bytes)",
         str(tmp_path / "page.jpg"): f"{tmp_path / 'page.jpg'}: cannot identify image file: it holds HTML or XML text "
@@ -330,22 +330,3 @@ def test_write_image_folder_reencodes_non_png(tmp_path):
         b"\x89PNG"
     )
     assert np.array_equal(np.asarray(decode_image(loaded[0]["image"])), np.asarray(decode_image(jpeg)))
-
-
-def test_relative_image_paths_in_a_table_are_read_beside_it(tmp_path, monkeypatch):
-    """A parquet file listing images by paths relative to its own folder loads from any working directory (it
-    gave 0 usable rows from elsewhere); absolute paths and paths that exist only from the working directory are
-    read as written."""
-    data = tmp_path / "data"
-    (data / "imgs").mkdir(parents=True)
-    for i, color in enumerate(("red", "blue")):
-        Image.new("RGB", (8, 8), color).save(data / "imgs" / f"{i}.png")
-    elsewhere = tmp_path / "work"
-    (elsewhere / "cwd-imgs").mkdir(parents=True)
-    Image.new("RGB", (8, 8), "green").save(elsewhere / "cwd-imgs" / "g.png")
-    rows = {"image": ["imgs/0.png", str(data / "imgs" / "1.png"), "cwd-imgs/g.png"], "caption": ["a", "b", "c"]}
-    datasets.Dataset.from_dict(rows).to_parquet(str(data / "table.parquet"))
-    monkeypatch.chdir(elsewhere)
-    ds = ImageTextDataset(load_image_text_dataset(str(data / "table.parquet")), pil_to_tensor)
-    colors = [tuple(int(v) for v in (ds[i]["image"][:, 0, 0] * 255).round()) for i in range(3)]
-    assert colors == [(255, 0, 0), (0, 0, 255), (0, 128, 0)]

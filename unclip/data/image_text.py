@@ -82,12 +82,12 @@ def _load_source(source: str, *, image_column: str, split: str) -> datasets.Data
     if path.is_dir():
         return _load_directory(path, image_column=image_column, split=split)
     if path.is_file():
-        return _load_tables([path], where=source, image_column=image_column)
+        return _load_tables([path], where=source)
     if glob.has_magic(source):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
         if not files:
             raise DataError(f"no files match {source}")
-        return _load_tables(files, where=source, image_column=image_column)
+        return _load_tables(files, where=source)
     if _looks_local(source):
         raise DataError(f"dataset path not found: {source}")
     ds = _load_from_hub(source, split)
@@ -139,7 +139,7 @@ def _load_directory(path: Path, *, image_column: str, split: str) -> datasets.Da
     for suffix in _TABLE_SUFFIXES:
         files = sorted(path.rglob(f"*{suffix}"))
         if files:
-            return _load_tables(files, where=str(path), image_column=image_column)
+            return _load_tables(files, where=str(path))
     raise DataError(
         f"{path} is not a dataset directory: it has no metadata.jsonl / metadata.csv (image folder), no "
         "dataset_info.json / state.json (save_to_disk) and no .parquet / .arrow files"
@@ -188,29 +188,11 @@ def _image_path(root: Path, file_name: str) -> str:
     return str(path)
 
 
-def _load_tables(files: Sequence[Path], *, where: str, image_column: str) -> datasets.Dataset:
-    """The rows of .parquet or .arrow files. When the image column holds paths and the files share one folder, a
-    relative path is read from that folder where the image is there (else from the current directory, as before),
-    so a table and its images can move together."""
+def _load_tables(files: Sequence[Path], *, where: str) -> datasets.Dataset:
     kinds = {_TABLE_SUFFIXES.get(f.suffix.lower()) for f in files}
     if None in kinds or len(kinds) != 1:
         raise DataError(f"{where}: expected .parquet or .arrow files (one kind), got {', '.join(map(str, files[:5]))}")
-    ds = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
-    folders = {f.resolve().parent for f in files}
-    feature = ds.features.get(image_column)
-    if len(folders) != 1 or not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-        return ds
-    folder = folders.pop()
-    return ds.map(lambda batch: {image_column: [_table_path(folder, p) for p in batch[image_column]]}, batched=True,
-                  desc="image paths")
-
-
-def _table_path(folder: Path, path: str | None) -> str | None:
-    """A table's image path: relative to the table's folder when the file is there, else as written."""
-    if not path or os.path.isabs(path) or "://" in path:
-        return path
-    beside = folder / path
-    return str(beside) if beside.is_file() else path
+    return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
 
 
 def _pick_split(ds: datasets.DatasetDict, split: str, where: str) -> datasets.Dataset:

@@ -59,8 +59,7 @@ def _file_problem(path: str) -> str | None:
         if os.path.islink(path):
             return "file not found (a link to a missing file)"
         if not os.path.isabs(path):
-            return (f"file not found (a relative path is read beside its table, or else from the current directory, "
-                    f"{os.getcwd()})")
+            return f"file not found (a relative path is read from the current directory, {os.getcwd()})"
         return "file not found"
     if os.path.isdir(path):
         return "a directory, not an image file"
