@@ -134,15 +134,16 @@ def test_data_loader_batches(shapes):
 def test_empty_captions_are_bad_samples(caplog):
     pixels = io.BytesIO()
     random_image(4, 4).save(pixels, format="PNG")
-    ds = datasets.Dataset.from_dict({"image": [{"bytes": pixels.getvalue(), "path": None}] * 4})
-    ds = ds.add_column("caption", ["  a photo \n", "", "   ", None])
-    items = [ImageTextDataset(ds, pil_to_tensor)[i] for i in range(4)]
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": pixels.getvalue(), "path": None}] * 5})
+    ds = ds.add_column("caption", ["  a photo \n", "", "   ", None, "\x00\x01"])
+    items = [ImageTextDataset(ds, pil_to_tensor)[i] for i in range(5)]
     assert items[0]["caption"] == "a photo" and items[0]["image"].shape == (3, 4, 4)
     assert all(it["image"] is None for it in items[1:])
-    assert [it["skip_reason"] for it in items[1:]] == ["caption is empty", "caption is empty", "caption is missing"]
-    with caplog.at_level(logging.WARNING):
+    assert [it["skip_reason"] for it in items[1:]] == ["caption is empty", "caption is empty", "caption is missing",
+                                                        "caption has no printable characters ('\\x00\\x01')"]
+    with caplog.at_level(logging.WARNING):  # skipped here, so the CLIP never sees a caption it refuses
         batch = collate_image_text(items)
-    assert batch["captions"] == ["a photo"] and batch["num_skipped"] == 3
+    assert batch["captions"] == ["a photo"] and batch["num_skipped"] == 4
     assert "skipping row 2: caption is empty" in caplog.text and "skipping row 3: caption is missing" in caplog.text
 
 

@@ -33,6 +33,7 @@ from torch import nn
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_pretrained_dir, load_state_dict_strict, save_pretrained_dir
 from ..config import check_keys, config_to_dict, load_config
 from ..images import to_rgb
+from ..text import has_printable
 from .config import ClipConfig
 from .weights import (
     ClipNotFoundError,
@@ -415,6 +416,6 @@ def _check_captions(captions: Sequence[str]) -> list[str]:
             raise CaptionError(f"caption #{i} is a {type(c).__name__}, not a string")
         if not c.strip():
             raise CaptionError(f"caption #{i} is empty")
-        if not any(ch.isprintable() and not ch.isspace() for ch in c):  # e.g. only control characters
+        if not has_printable(c):  # e.g. only control characters
             raise CaptionError(f"caption #{i} is empty: it has no printable characters ({c!r})")
     return captions

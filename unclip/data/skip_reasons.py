@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..text import has_printable
+
 __all__ = ["caption_problem", "unreadable_image_reason"]
 
 _URL_SCHEMES = ("http://", "https://", "s3://", "gs://")
@@ -28,6 +30,8 @@ def caption_problem(value: Any) -> tuple[str, str | None]:
     if not isinstance(value, str):
         return "", f"not a string caption: {_shorten(repr(value))}"
     value = value.strip()
+    if value and not has_printable(value):
+        return "", f"caption has no printable characters ({_shorten(repr(value))})"
     return value, (None if value else "caption is empty")
 
 
