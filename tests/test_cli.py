@@ -201,3 +201,18 @@ def test_directories_that_hold_a_clip_elsewhere_are_pointed_to(clip_dir, tmp_pat
 )
 def test_classify_refuses_templates_and_labels_that_cannot_classify(clip_dir, pngs, capsys, extra, message):
     assert message in _one_line_error(["classify", str(pngs[0]), "--clip", str(clip_dir), *extra], capsys)
+
+
+def test_the_cli_starts_without_importing_the_stages():
+    """`unclip --help` and the parser stay quick: the stages (x-transformers, the prior's model) load only when a
+    command runs (importing the prior for its sampler names cost ~3 s at every start); the names agree."""
+    import subprocess
+
+    from prior.config import PRIOR_SAMPLERS
+    from unclip.cli.pipeline_commands import PRIOR_SAMPLERS as CLI_PRIOR_SAMPLERS
+
+    assert CLI_PRIOR_SAMPLERS == PRIOR_SAMPLERS
+    code = ("import sys, unclip.cli.main; "
+            "print(sorted(m for m in ('prior', 'decoder', 'upsamplers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 
-from prior.config import PRIOR_SAMPLERS
-
 from ..checkpoint import CheckpointError, write_json_atomic
 from ..diffusion import SAMPLER_NAMES
+from ..diffusion.analytic import ANALYTIC_SAMPLER
 from .common import (
     CliError,
     add_device_argument,
@@ -36,6 +35,8 @@ from .common import (
     resolve_device,
     save_image,
 )
+
+PRIOR_SAMPLERS = (*SAMPLER_NAMES, ANALYTIC_SAMPLER)  # prior.config.PRIOR_SAMPLERS, without importing the prior
 
 __all__ = ["add_pipeline_parsers"]
 

@@ -31,7 +31,9 @@ from unclip.diffusion.gaussian import q_sample
 from unclip.diffusion.samplers import Callback, _check_timesteps, _noise_like, sample_ddpm
 from unclip.diffusion.schedule import NoiseSchedule, alphas_cumprod_at, posterior_coefficients
 
-__all__ = ["analytic_variance", "eps_moments", "sample_analytic_ddpm"]
+__all__ = ["ANALYTIC_SAMPLER", "analytic_variance", "eps_moments", "sample_analytic_ddpm"]
+
+ANALYTIC_SAMPLER = "analytic_ddpm"  # its name where a stage (the prior) offers it beside the shared samplers
 
 
 @torch.no_grad()
