@@ -247,3 +247,17 @@ def test_resuming_with_another_schedule_floor_warns_with_the_lr_change(tmp_path)
     with pytest.warns(UserWarning, match=rf"with a changed LR schedule \(min_lr_ratio 0.0 -> 0.5\): the lr changes "
                                          rf"from {was:.3g} to {now:.3g}"):
         Trainer(ToyTask(), floored, tmp_path).train()
+
+
+def test_a_checkpoint_from_before_train_eps_warns_when_eps_changes(tmp_path):
+    """Such a run trained with AdamW's default eps (1e-8); resuming with another one says so rather than switching
+    silently (the added key is otherwise accepted as new)."""
+    cfg = make_cfg(max_steps=4, checkpoint_every=2)
+    Trainer(ToyTask(), cfg, tmp_path).train()
+    (tmp_path / "checkpoints" / "step-00000004").rename(tmp_path / "elsewhere")  # resume from step 2
+    meta_path = tmp_path / "checkpoints" / "step-00000002" / "config.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["train"]["eps"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=r"changed optimizer settings, applied from step 2: eps 1e-08 -> 1e-06"):
+        Trainer(ToyTask(), cfg_with(cfg, eps=1e-6), tmp_path).train()

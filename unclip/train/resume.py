@@ -244,7 +244,8 @@ class Checkpointing:
     def _apply_optimizer_config(self, ckpt: TrainingCheckpoint) -> None:
         """Set the restored param groups' peak lr, betas, eps and weight decay to this run's config (warning when
         they differ from the checkpoint's); the moments and step counts are kept."""
-        cfg, saved = self.cfg, ckpt.config.get("train") or {}
+        cfg = self.cfg
+        saved = {"eps": 1e-8, **(ckpt.config.get("train") or {})}  # before train.eps: AdamW's default
         changed = [f"{k} {saved[k]} -> {v}" for k, v in (("lr", cfg.lr), ("betas", list(cfg.betas)), ("eps", cfg.eps),
                                                           ("weight_decay", cfg.weight_decay))
                    if k in saved and saved[k] != v]
