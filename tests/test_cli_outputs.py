@@ -100,3 +100,22 @@ def test_a_training_output_dir_that_cannot_be_written_is_refused_at_once(tmp_pat
         assert train_clip(["configs/clip/shapes-tiny.yaml", "--output-dir", str(out)]) == 2
         err = capsys.readouterr().err
         assert "train-clip: error: cannot write" in err and "is a file, not a directory" in err, err
+
+
+def test_an_out_dir_write_that_fails_half_way_leaves_no_captions_json_describing_it(pipeline_dir, tmp_path, capsys,
+                                                                                      monkeypatch):
+    out_dir = tmp_path / "images"
+    assert generate(pipeline_dir, "-n", "2", "--out", str(tmp_path / "g.png"), "--out-dir", str(out_dir)) == 0
+    calls = []
+
+    def failing(image, path):
+        calls.append(path)
+        if path.parent == out_dir and len([c for c in calls if c.parent == out_dir]) == 2:
+            raise CliError(f"could not write {path}: disk full")
+        image.save(path)
+
+    monkeypatch.setattr(commands, "save_image", failing)
+    assert generate(pipeline_dir, "-n", "2", "--seed", "5", "--out", str(tmp_path / "g.png"),
+                    "--out-dir", str(out_dir)) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert not (out_dir / "captions.json").exists()  # the old one would describe a mix of old and new images

@@ -209,7 +209,7 @@ def _check_out_dir(out_dir: Path) -> list[Path]:
     try:
         earlier = json.loads(record.read_text())
         count = len(earlier["captions"]) * int(earlier["num_images"])
-    except (ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
         raise CliError(f"--out-dir {out_dir}: {record} is not a captions.json that generate wrote; give a new or "
                        "empty directory") from None
     return [out_dir / _image_name(i, int(earlier["num_images"])) for i in range(count)]
@@ -230,14 +230,24 @@ def _generate(args: argparse.Namespace) -> None:
     labels = [c for c in args.captions for _ in range(args.num_images)]
     _write_grid(images, args.out, args.num_images, labels)
     if args.out_dir is not None:
-        names = [args.out_dir / _image_name(i, args.num_images) for i in range(len(images))]
+        _write_out_dir(args, images, earlier)
+
+
+def _write_out_dir(args: argparse.Namespace, images, earlier: list[Path]) -> None:
+    """The images and captions.json; the old captions.json goes first, so a write that fails half-way never leaves
+    one describing a mix of old and new images."""
+    names = [args.out_dir / _image_name(i, args.num_images) for i in range(len(images))]
+    try:
+        (args.out_dir / CAPTIONS_FILE).unlink(missing_ok=True)
         for stale in set(earlier) - set(names):
             stale.unlink(missing_ok=True)
         for im, name in zip(images, names, strict=True):
             save_image(im, name)
         write_json_atomic(args.out_dir / CAPTIONS_FILE, {"captions": args.captions, "seed": args.seed,
                                                          "num_images": args.num_images, **_settings(args)})
-        print(f"wrote {len(images)} images to {args.out_dir}")
+    except OSError as e:
+        raise CliError(f"could not write --out-dir {args.out_dir}: {e}") from None
+    print(f"wrote {len(images)} images to {args.out_dir}")
 
 
 def _vary(args: argparse.Namespace) -> None:
