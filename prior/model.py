@@ -208,9 +208,11 @@ class DiffusionPriorNetwork(nn.Module):
 
 
 def check_eps_moments(moments: Tensor, num_timesteps: int, source: str | Path) -> Tensor:
-    """Stored Analytic-DPM moments, checked: one finite value >= 0 per timestep, else a CheckpointError."""
-    if moments.shape != (num_timesteps,) or not bool(torch.isfinite(moments).all() and (moments >= 0).all()):
-        raise CheckpointError(f"{source}: eps_moments must be {num_timesteps} finite values >= 0 (one per "
+    """Stored Analytic-DPM moments, checked: one value >= 0 per timestep, or NaN where none was estimated (the
+    sampler refuses to walk those), else a CheckpointError."""
+    valid = torch.isnan(moments) | (torch.isfinite(moments) & (moments >= 0))
+    if moments.shape != (num_timesteps,) or not bool(valid.all()):
+        raise CheckpointError(f"{source}: eps_moments must be {num_timesteps} finite values >= 0 or NaN (one per "
                               f"timestep), got shape {tuple(moments.shape)}")
     return moments
 

@@ -310,5 +310,9 @@ def test_analytic_sampling_needs_calibrated_moments_which_are_saved_with_the_pri
 
     state = load_file(str(tmp_path / "p" / "model.safetensors"))
     save_file({**state, "eps_moments": moments[:50]}, str(tmp_path / "p" / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"eps_moments must be 100 finite values >= 0 .*got shape \(50,\)"):
+    with pytest.raises(CheckpointError, match=r"eps_moments must be 100 finite values >= 0 or NaN .*got shape \(50,"):
         DiffusionPriorNetwork.from_pretrained(tmp_path / "p")
+    partial = moments.clone()
+    partial[::2] = float("nan")  # estimated at some timesteps only (eps_moments(timesteps=...)): loads
+    save_file({**state, "eps_moments": partial}, str(tmp_path / "p" / "model.safetensors"))
+    assert torch.isnan(DiffusionPriorNetwork.from_pretrained(tmp_path / "p").eps_moments).sum() == 50
