@@ -91,7 +91,7 @@ def inputs(b: int, size: int, seed: int) -> dict[str, torch.Tensor]:
     return {"x_t": torch.randn(b, 3, size, size, generator=g), "t": torch.randint(0, 1000, (b,), generator=g),
             "noise": torch.randn(b, 3, size, size, generator=g),
             "image_embed": torch.nn.functional.normalize(torch.randn(b, EMBED, generator=g), dim=-1),
-            "text_tokens": torch.randn(b, TEXT_LEN, EMBED, generator=g) * mask[..., None], "text_mask": mask}
+            "text_states": torch.randn(b, TEXT_LEN, EMBED, generator=g) * mask[..., None], "text_mask": mask}
 
 
 def forward(side: str, model, x: dict[str, torch.Tensor], *, train: bool, uncond: bool = False) -> torch.Tensor:
@@ -101,23 +101,23 @@ def forward(side: str, model, x: dict[str, torch.Tensor], *, train: bool, uncond
             drops = dict(image_drop=torch.rand(b) < 0.1, text_drop=torch.rand(b) < 0.5)
         else:
             drops = dict(cond_drop=torch.full((b,), uncond))
-        return model(x["x_t"], x["t"], image_embed=x["image_embed"], text_tokens=x["text_tokens"],
+        return model(x["x_t"], x["t"], image_embed=x["image_embed"], text_states=x["text_states"],
                      text_mask=x["text_mask"], **drops)
     p = 1.0 if uncond else 0.0
     drops = dict(image_cond_drop_prob=0.1, text_cond_drop_prob=0.5) if train else dict(
         image_cond_drop_prob=p, text_cond_drop_prob=p)
-    return model(x["x_t"], x["t"], image_embed=x["image_embed"], text_encodings=x["text_tokens"], **drops)
+    return model(x["x_t"], x["t"], image_embed=x["image_embed"], text_encodings=x["text_states"], **drops)
 
 
 def guided(side: str, model, x: dict[str, torch.Tensor]) -> torch.Tensor:
     """One classifier-free-guided denoiser call the way each side's sampler makes it."""
     if side == "peer":
         return model.forward_with_cond_scale(x["x_t"], x["t"], image_embed=x["image_embed"],
-                                             text_encodings=x["text_tokens"], cond_scale=GUIDANCE)
+                                             text_encodings=x["text_states"], cond_scale=GUIDANCE)
     from decoder.sampling import guided_decoder  # what our sampler calls (on a CPU: two forwards of B)
 
     return guided_decoder(model, GUIDANCE)(x["x_t"], x["t"], image_embed=x["image_embed"],
-                                           text_tokens=x["text_tokens"], text_mask=x["text_mask"])
+                                           text_states=x["text_states"], text_mask=x["text_mask"])
 
 
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}  # process: CPU seconds, steadier on a busy machine
@@ -147,7 +147,7 @@ def sampling_loop(side: str, model, x: dict[str, torch.Tensor], size: int, steps
         from decoder.sampling import decode
         from unclip.clip import TextEncoding
 
-        text = TextEncoding(x["image_embed"], x["text_tokens"], x["text_mask"])  # text_embed is not read
+        text = TextEncoding(x["image_embed"], x["text_states"], x["text_mask"])  # text_embed is not read
         return lambda: decode(model, x["image_embed"], text, steps=steps, sampler="ddim", eta=0.0,
                               guidance_scale=GUIDANCE, threshold=0.995, generator=torch.Generator().manual_seed(0))
     from dalle2_pytorch import Decoder
@@ -155,7 +155,7 @@ def sampling_loop(side: str, model, x: dict[str, torch.Tensor], size: int, steps
     decoder = Decoder(model, image_size=size, timesteps=1000, sample_timesteps=steps, beta_schedule="cosine",
                       learned_variance=False, use_dynamic_thres=True, dynamic_thres_percentile=0.995,
                       ddim_sampling_eta=0.0).eval()
-    return lambda: decoder.sample(image_embed=x["image_embed"], text_encodings=x["text_tokens"], cond_scale=GUIDANCE)
+    return lambda: decoder.sample(image_embed=x["image_embed"], text_encodings=x["text_states"], cond_scale=GUIDANCE)
 
 
 def worker(side: str, size: int, warmup: int, reps: int, threads: int, clock: str = "wall",

@@ -44,7 +44,7 @@ def decoder_inputs(cfg, b: int, device: torch.device | str) -> dict[str, torch.T
            "image_drop": torch.rand(b, device=device) < cfg.image_drop,
            "text_drop": torch.rand(b, device=device) < cfg.text_drop}
     if cfg.text_width is not None:
-        out["text_tokens"] = torch.randn(b, TEXT_LEN, cfg.text_width, device=device)
+        out["text_states"] = torch.randn(b, TEXT_LEN, cfg.text_width, device=device)
         out["text_mask"] = torch.ones(b, TEXT_LEN, dtype=torch.bool, device=device)
     return out
 

@@ -48,7 +48,7 @@ def num_params(module: torch.nn.Module) -> int:
 
 
 def text_inputs(b: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """b random captions' (text_embed (b, d) unit norm, text_tokens (b, l, d) zero at padding, text_mask (b, l)):
+    """b random captions' (text_embed (b, d) unit norm, text_states (b, l, d) zero at padding, text_mask (b, l)):
     between 8 and 77 real tokens each, the same on both sides."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(8, TEXT_LEN + 1, (b, 1), generator=g)

@@ -6,10 +6,10 @@
     variations = image_variations(decoder, clip, pil_images, n=4, eta=1.0)         # (b, 4, 3, s, s)
 """
 
-from .config import DecoderConfig, DecoderDataConfig, DecoderEvalConfig, DiffusionConfig, TrainDecoderConfig
+from .config import DecoderConfig, DecoderDataConfig, DecoderEvalConfig, TrainDecoderConfig
 from .evaluation import reconstruction_accuracy
 from .model import KIND, Decoder
-from .sampling import decode, decoder_denoiser, resize_images
+from .sampling import decode
 from .training import DecoderTrainTask
 from .variations import image_variations
 
@@ -20,11 +20,8 @@ __all__ = [
     "DecoderDataConfig",
     "DecoderEvalConfig",
     "DecoderTrainTask",
-    "DiffusionConfig",
     "TrainDecoderConfig",
     "decode",
-    "decoder_denoiser",
     "image_variations",
     "reconstruction_accuracy",
-    "resize_images",
 ]

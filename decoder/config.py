@@ -9,14 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from unclip.diffusion import (
-    DiffusionConfig,  # re-exported: it lived here before the upsamplers shared it
-    SamplerName,
-)
+from unclip.diffusion import DiffusionConfig
 from unclip.nn import UNetConfig
+from unclip.settings import SamplerField
 from unclip.train import TrainConfig
 
-__all__ = ["DiffusionConfig", "DecoderConfig", "DecoderDataConfig", "DecoderEvalConfig", "TrainDecoderConfig"]
+__all__ = ["DecoderConfig", "DecoderDataConfig", "DecoderEvalConfig", "TrainDecoderConfig"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,7 @@ class DecoderEvalConfig:
     samples: int = 200  # held-out SHAPES images decoded (0: skip the evaluation)
     guidance_scales: tuple[float, ...] = (1.0, 3.0)  # each scale is evaluated
     steps: int = 50  # sampler steps
-    sampler: SamplerName = "ddpm"  # which shared sampler (ancestral DDPM reconstructs SHAPES best)
+    sampler: SamplerField = "ddpm"  # which registered sampler (ancestral DDPM reconstructs SHAPES best)
     eta: float = 0.0  # DDIM noise (0: deterministic)
     seed: int = 1234  # data and sampling seed
     batch_size: int = 100  # images decoded per batch

@@ -22,10 +22,10 @@ import torch
 from unclip.clip import Clip
 from unclip.clip.shapes_judge import ShapesJudge, verdict_agreement
 from unclip.data import ATTRIBUTES, make_shapes
-from unclip.images import pil_to_tensor
+from unclip.images import pil_to_tensor, resize_images
 
 from .model import Decoder
-from .sampling import Sampler, decode, resize_images
+from .sampling import decode
 
 __all__ = ["reconstruction_accuracy"]
 
@@ -38,7 +38,7 @@ def reconstruction_accuracy(
     samples: int = 200,
     guidance_scales: Sequence[float] = (1.0, 3.0),
     steps: int = 50,
-    sampler: Sampler = "ddpm",
+    sampler: str = "ddpm",
     eta: float = 0.0,
     seed: int = 1234,
     batch_size: int = 100,

@@ -56,14 +56,14 @@ class _WithShards(Dataset):
         row = self.shards[i]
         item = self.images[int(row["index"])]
         return {**item, "index": i, "image_embed": row["image_embed"].float(),
-                "text_tokens": row["text_tokens"].float(), "text_mask": row["text_mask"]}
+                "text_states": row["text_states"].float(), "text_mask": row["text_mask"]}
 
 
 class _EmbeddingCache:
     """Per-sample CLIP conditioning kept on the device after its first computation (deterministic data only)."""
 
     def __init__(self, size: int) -> None:
-        self.size, self.store = size, None  # store: {"image_embed": (N, d), "text_tokens": (N, l, w), ...}
+        self.size, self.store = size, None  # store: {"image_embed": (N, d), "text_states": (N, l, w), ...}
 
     def get(self, index: Tensor, compute) -> dict[str, Tensor]:
         """Rows `index` (b,); `compute(rows (k,) long) -> dict of (k, ...)` fills the missing ones."""
@@ -89,11 +89,11 @@ class DecoderTrainTask:
         self.cfg = cfg
         self.clip = (clip or load_clip(cfg.clip, cfg.clip_pretrained)).freeze()
         check_clip(self.clip, cfg)
-        self.clip_info = {"source": cfg.clip, "fingerprint": clip_fingerprint(self.clip)}
+        self.clip_fingerprint = clip_fingerprint(self.clip)
         if cfg.data.embeddings is not None:
             check_shards_clip(cfg.data.embeddings, read_manifest(cfg.data.embeddings).get("clip"),
-                              cfg.clip, self.clip_info["fingerprint"])
-        self.model: nn.Module = Decoder(cfg.model, clip_info=self.clip_info)
+                              cfg.clip, self.clip_fingerprint)
+        self.model: nn.Module = Decoder(cfg.model, clip_source=cfg.clip, clip_fingerprint=self.clip_fingerprint)
         self.load_side = max(self.clip.image_size, cfg.model.image_size)
         self._dataset: Dataset | None = None
         self._cache: _EmbeddingCache | None = None
@@ -130,14 +130,14 @@ class DecoderTrainTask:
         out = {"image_embed": self.clip.encode_image(images)}
         if self.cfg.model.text_width is not None:
             enc = self.clip.encode_text(captions, rows=rows)
-            out["text_tokens"], out["text_mask"] = enc.text_tokens, enc.text_mask
+            out["text_states"], out["text_mask"] = enc.text_states, enc.text_mask
         return out
 
     def conditioning(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """image_embed (b, d) and, when the decoder reads text, text_tokens (b, l, w) and text_mask (b, l)."""
+        """image_embed (b, d) and, when the decoder reads text, text_states (b, l, w) and text_mask (b, l)."""
         images, captions = batch["images"], batch["captions"]
         if "image_embed" in batch:  # from shards
-            keys = ("image_embed", "text_tokens", "text_mask") if self.cfg.model.text_width else ("image_embed",)
+            keys = ("image_embed", "text_states", "text_mask") if self.cfg.model.text_width else ("image_embed",)
             return {k: batch[k].to(images.device) for k in keys}
         if self._cache is None:
             return self._clip_conditioning(images, captions, batch["index"])
@@ -196,11 +196,11 @@ class DecoderTrainTask:
 
     def export(self, model: nn.Module, out_dir: Path, state_dict: dict[str, Tensor]) -> None:
         """Write the trained decoder: `state_dict` is the full weights (the EMA's when EMA is on)."""
-        save_state(out_dir, self.cfg.model, state_dict, self.clip_info)
+        save_state(out_dir, self.cfg.model, state_dict, self.cfg.clip, self.clip_fingerprint)
 
     def config_dict(self) -> dict[str, Any]:
         return config_to_dict(self.cfg)
 
     def identity(self) -> dict[str, str]:
         """The CLIP whose image embeddings the decoder inverts: a resumed run must have the same (see `Trainer`)."""
-        return {"clip_fingerprint": self.clip_info["fingerprint"]}
+        return {"clip_fingerprint": self.clip_fingerprint}

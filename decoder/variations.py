@@ -19,26 +19,13 @@ from PIL import Image
 from torch import Tensor
 
 from unclip.clip import Clip
-from unclip.diffusion import ddim_invert, randn
-from unclip.images import as_image_batch, to_signed_range
+from unclip.diffusion import randn
+from unclip.images import as_image_batch
 
 from .model import Decoder
-from .sampling import decode, decoder_denoiser, resize_images
+from .sampling import decode
 
-__all__ = ["image_variations", "invert_images"]
-
-
-@torch.no_grad()
-def invert_images(decoder: Decoder, pixels: Tensor, image_embed: Tensor, *, steps: int = 50,
-                  progress: bool = False) -> Tensor:
-    """The decoder latents x_T (b, 3, s, s) of images pixels (b, 3, h, w) in [0, 1] under their CLIP image
-    embeddings image_embed (b, d): deterministic DDIM run forward (unguided, no thresholding), so that DDIM with
-    eta = 0 and the same `steps` maps x_T back to (about) the image at the decoder's side s."""
-    device = next(decoder.parameters()).device
-    x0 = to_signed_range(resize_images(pixels.to(device), decoder.config.image_size)).clamp(-1, 1)
-    denoiser = decoder_denoiser(decoder, 1.0, threshold=None)
-    return ddim_invert(denoiser, x0, decoder.schedule, steps, cond={"image_embed": image_embed.to(device)},
-                       progress=progress, label="decoder")
+__all__ = ["image_variations"]
 
 
 @torch.no_grad()
@@ -68,7 +55,7 @@ def image_variations(
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     embed = repeat(image_embed, "b d -> (b n) d", n=n)
     if invert:
-        x_T = repeat(invert_images(decoder, pixels, image_embed, steps=steps, progress=progress),
+        x_T = repeat(decoder.invert(pixels, image_embed, steps=steps, progress=progress),
                      "b c h w -> (b n) c h w", n=n)
     else:
         x_T = randn((b * n, 3, s, s), generator=generator, device=device)

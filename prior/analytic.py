@@ -48,7 +48,7 @@ def calibrate_prior(
     with _eval_mode(prior):
         for start in range(0, n, batch_size):
             rows = slice(start, start + batch_size)
-            chunk = TextEncoding(text.text_embed[rows], text.text_tokens[rows], text.text_mask[rows])
+            chunk = TextEncoding(text.text_embed[rows], text.text_states[rows], text.text_mask[rows])
             chunk = chunk.to(prior.device, dtype)
             x0 = image_embed[rows].to(prior.device, dtype) * prior.scale
             denoiser = make_denoiser(cached_prior_fn(prior, chunk, 1), prior.schedule, prior.config.objective)

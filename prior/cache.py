@@ -4,7 +4,7 @@ The prior's sequence is [text tokens | text embed | timestep | x_t | query] unde
 layer's keys and values at the prefix [text tokens | text embed] depend on the caption alone: they are the same at
 every diffusion step, for every best-of-N candidate, and, for the null (unconditional) prefix, for every caption.
 
-    prefix = prior.encode_prefix(text_embed, text_tokens, text_mask)   # one pass over g prefixes
+    prefix = prior.encode_prefix(text_embed, text_states, text_mask)   # one pass over g prefixes
     out = prior.forward_cached(x_t, t, prefix)                         # x_t (g * m, d): m rows per prefix
     out = prior.forward_cached(x_t, t, prefix, null)                   # 2 * g * m rows: then all on `null`
 

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, get_args
 
-from unclip.diffusion import Objective, SamplerName, ScheduleConfig
+from unclip.diffusion import Objective, ScheduleConfig
+from unclip.settings import SamplerField
 from unclip.train.config import TrainConfig
 
-__all__ = ["PRIOR_SAMPLERS", "PriorConfig", "PriorDataConfig", "PriorEvalConfig", "TrainPriorConfig", "Sampler"]
-
-Sampler = Literal[SamplerName, "analytic_ddpm"]  # any shared sampler, or DDPM with Analytic-DPM's variances
-PRIOR_SAMPLERS: tuple[str, ...] = get_args(Sampler)
+__all__ = ["PriorConfig", "PriorDataConfig", "PriorEvalConfig", "TrainPriorConfig"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +88,7 @@ class PriorEvalConfig:
     guidance_scales: tuple[float, ...] = (1.0,)  # one evaluation per scale; 1 = no guidance (paper's default)
     best_of: int = 2  # samples per caption; the one closest to the text embedding is kept
     steps: int = 64  # sampler steps
-    sampler: Sampler = "ddim"  # "ddim" (eta 0), "ddpm" (ancestral, respaced), "dpmpp_2m", "dpmpp_2m_sde" or
+    sampler: SamplerField = "ddim"  # "ddim" (eta 0), "ddpm" (ancestral, respaced), "dpmpp_2m", "dpmpp_2m_sde" or
     #   "analytic_ddpm" (ancestral with Analytic-DPM's variances; needs the calibration below)
     seed: int = 1234  # seed of the rendered images and of the sampling noise
 

@@ -24,7 +24,6 @@ from torch import Tensor
 from unclip.clip import Clip
 from unclip.data import CAPTION_TEMPLATES, all_triples, caption_for, is_heldout, render_scene, sample_scene
 
-from .config import Sampler
 from .model import DiffusionPriorNetwork
 from .sampling import sample_image_embeds
 
@@ -62,7 +61,7 @@ def evaluate_prior_shapes(
     guidance_scale: float = 1.0,
     best_of: int = 2,
     steps: int = 64,
-    sampler: Sampler = "ddim",
+    sampler: str = "ddim",
     images_per_triple: int = 8,
     seed: int = 1234,
     image_embeds: Tensor | None = None,

@@ -3,49 +3,39 @@
     enc = clip.encode_text(["a red circle on a blue background"])
     image_embed = sample_image_embeds(prior, enc, best_of=2, steps=64, generator=torch.Generator().manual_seed(0))
 
-Each caption gets `best_of` independent samples (DDIM with eta 0, ancestral DDPM, or DPM-Solver++(2M), over
-`steps` of the prior's timesteps); each sample's x0 is divided by its norm, which undoes the sqrt(d) scaling
-and puts it on CLIP's unit sphere, and the sample with the highest dot product with the caption's text embedding is kept
-(DALL-E 2 draws 2). Guidance (`guidance_scale` != 1) is `unclip.diffusion.cfg` on the network: one batched
-forward with the text conditioning dropped for the unconditional half. The default is 1 (no guidance): on
-SHAPES, guidance 2 gave the same cosine to the true image embeddings and 4 a lower one (README, Measured).
+Each caption gets `best_of` independent samples (any registered sampler over `steps` of the prior's timesteps);
+each sample's x0 is divided by its norm, which undoes the sqrt(d) scaling and puts it on CLIP's unit sphere, and
+the sample with the highest dot product with the caption's text embedding is kept (DALL-E 2 draws 2). Guidance
+(`guidance_scale` != 1) runs the text-conditioned and the null-conditioned rows in one batch. The stage itself
+(`DiffusionPriorNetwork.sample`, the `unclip.stage.Stage` protocol) does this; `sample_image_embeds` is the
+one-call form.
 
-By default (`use_cache=True`) the caption prefix is computed once per call (prior/cache.py): one pass over the
-b captions, plus the null prefix when guiding, gives every layer's keys and values, and each of the `steps`
-denoiser calls runs only the 3 suffix positions of the b * n candidates (and of their unconditional rows)
-against them. `use_cache=False` runs the full sequence at every step; both give the same embeddings up to
-float rounding.
+By default the caption prefix is computed once per call (prior/cache.py): one pass over the b captions, plus the
+null prefix when guiding, gives every layer's keys and values, and each of the `steps` denoiser calls runs only the
+3 suffix positions of the b * n candidates (and of their unconditional rows) against them. `use_cache=False` runs
+the full sequence at every step; both give the same embeddings up to float rounding.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange, repeat
-from torch import Tensor, nn
+from einops import repeat
+from torch import Tensor
 
 from unclip.clip import TextEncoding
-from unclip.diffusion import cfg, make_denoiser, randn, sample, timestep_subset
-from unclip.diffusion.analytic import sample_analytic_ddpm
+from unclip.diffusion import Generators, classifier_free_guidance
+from unclip.settings import StageSampling
+from unclip.stage import CascadeState, SamplingRun
 
 from .cache import PrefixCache
-from .config import Sampler
-from .model import DiffusionPriorNetwork
 
-__all__ = ["sample_image_embeds", "sample_candidates", "select_best", "cached_prior_fn"]
+if TYPE_CHECKING:  # the network imports this module for its stage methods
+    from .model import DiffusionPriorNetwork
 
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
+__all__ = ["sample_image_embeds", "sample_candidates", "select_best", "prior_model_fn", "cached_prior_fn"]
 
 
 def select_best(candidates: Tensor, text_embed: Tensor) -> Tensor:
@@ -61,58 +51,20 @@ def select_best(candidates: Tensor, text_embed: Tensor) -> Tensor:
     return candidates[torch.arange(len(best), device=best.device), best]
 
 
-@torch.no_grad()
-def sample_candidates(
-    prior: DiffusionPriorNetwork,
-    text: TextEncoding,
-    num_samples: int = 2,
-    *,
-    steps: int = 64,
-    sampler: Sampler = "ddim",
-    guidance_scale: float = 1.0,
-    generator: torch.Generator | None = None,
-    progress: bool = True,
-    use_cache: bool = True,
-) -> Tensor:
-    """`num_samples` unit-norm CLIP image embeddings per caption: (b, num_samples, d).
-
-    text: b captions' TextEncoding (text_embed (b, d), text_tokens (b, l, w), text_mask (b, l)); moved to the
-    prior's device and dtype. The starting noise (b * num_samples, d) is drawn from `generator` (reproducible).
-    use_cache: compute the caption prefix once (`cached_prior_fn`) rather than at every step.
-    """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    b, d = text.text_embed.shape
-    dtype = next(prior.parameters()).dtype
-    text = text.to(prior.device, dtype)
-    x_T = randn((b * num_samples, d), generator=generator, device=prior.device, dtype=dtype)
-    with _eval_mode(prior):
-        if use_cache:
-            model_fn, cond = cached_prior_fn(prior, text, num_samples, guidance_scale), {}
-        else:
-            model_fn = cfg(prior, guidance_scale)
-            cond = {
-                "text_embed": repeat(text.text_embed, "b d -> (b n) d", n=num_samples),
-                "text_tokens": repeat(text.text_tokens, "b l w -> (b n) l w", n=num_samples),
-                "text_mask": repeat(text.text_mask, "b l -> (b n) l", n=num_samples),
-            }
-        denoiser = make_denoiser(model_fn, prior.schedule, prior.config.objective)
-        if sampler == "analytic_ddpm":
-            x0 = sample_analytic_ddpm(denoiser, x_T, prior.schedule, _moments(prior),
-                                      timesteps=timestep_subset(prior.schedule.num_timesteps, steps),
-                                      generator=generator, cond=cond, progress=progress, label="prior")
-        else:
-            x0 = sample(sampler, denoiser, x_T, prior.schedule, steps, generator=generator, cond=cond,
-                        progress=progress, label="prior")
-    return rearrange(F.normalize(x0.float(), dim=-1), "(b n) d -> b n d", n=num_samples)
-
-
-def _moments(prior: DiffusionPriorNetwork) -> Tensor:
-    if prior.eps_moments is None:
-        raise ValueError("sampler 'analytic_ddpm' needs the prior's Analytic-DPM moments, and this prior has none: "
-                         "calibrate it (train-prior does it with calibration_samples > 0; prior.analytic."
-                         "calibrate_prior for any prior) or choose another sampler")
-    return prior.eps_moments
+def prior_model_fn(prior: DiffusionPriorNetwork, text: TextEncoding, num_samples: int, guidance_scale: float = 1.0,
+                   use_cache: bool = True) -> Callable[[Tensor, Tensor], Tensor]:
+    """The prior as `model_fn(x_t, t)` for rows '(b n)' (num_samples per caption of `text`), guided by
+    `guidance_scale`: with the caption prefixes cached (`cached_prior_fn`) or, use_cache False, the whole sequence
+    at every step. `text` on the prior's device and dtype; the prior in eval mode."""
+    if use_cache:
+        return cached_prior_fn(prior, text, num_samples, guidance_scale)
+    guided = classifier_free_guidance(prior, guidance_scale)
+    cond = {
+        "text_embed": repeat(text.text_embed, "b d -> (b n) d", n=num_samples),
+        "text_states": repeat(text.text_states, "b l w -> (b n) l w", n=num_samples),
+        "text_mask": repeat(text.text_mask, "b l -> (b n) l", n=num_samples),
+    }
+    return lambda x_t, t: guided(x_t, t, **cond)
 
 
 def cached_prior_fn(
@@ -123,12 +75,12 @@ def cached_prior_fn(
 
     With guidance_scale != 1 each call runs the b * n rows twice in one batch, under their caption's prefix and
     under the null prefix (one cache entry that all b * n rows attend to), and returns
-    uncond + guidance_scale * (cond - uncond), as `unclip.diffusion.cfg` does.
+    uncond + guidance_scale * (cond - uncond), as `unclip.diffusion.classifier_free_guidance` does.
     `text` must be on the prior's device and dtype; the prior in eval mode.
     """
     b = text.text_embed.shape[0]
     guided = guidance_scale != 1.0
-    embed, tokens, mask, drop = text.text_embed, text.text_tokens, text.text_mask, None
+    embed, tokens, mask, drop = text.text_embed, text.text_states, text.text_mask, None
     if guided:  # one more row for the null prefix (its text is replaced by the learned null conditioning)
         embed, tokens, mask = (torch.cat([x, x[:1]]) for x in (embed, tokens, mask))
         drop = torch.arange(b + 1, device=embed.device) == b  # (b + 1,)
@@ -163,20 +115,30 @@ def sample_image_embeds(
     *,
     best_of: int = 2,
     steps: int = 64,
-    sampler: Sampler = "ddim",
+    sampler: str = "ddpm",
     guidance_scale: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = True,
     use_cache: bool = True,
 ) -> Tensor:
     """Sample one unit-norm CLIP image embedding per caption: (b, d), the best of `best_of` by text similarity.
 
     text: TextEncoding of b captions from the CLIP the prior was trained against. steps: sampler steps (denoiser
-    calls) out of the prior's T; sampler: "ddim" (eta 0), "ddpm", "dpmpp_2m", "dpmpp_2m_sde" or "analytic_ddpm" (a
-    calibrated prior's, prior/analytic.py: DALL-E 2's choice); guidance_scale: classifier-free guidance
-    on the text (1: none); generator: all randomness (same seed, same embeddings); use_cache: compute each caption's
-    prefix once per call (the default; False runs the whole sequence at every step, for comparison).
+    calls) out of the prior's T; sampler: any registered name ("analytic_ddpm" needs a calibrated prior,
+    prior/analytic.py: DALL-E 2's choice); guidance_scale: classifier-free guidance on the text (1: none);
+    generator: all randomness (same seed, same embeddings; a list: one per caption); use_cache: compute each
+    caption's prefix once per call (the default; False runs the whole sequence at every step, for comparison).
     """
-    candidates = sample_candidates(prior, text, best_of, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
-                                   generator=generator, progress=progress, use_cache=use_cache)  # (b, n, d)
-    return select_best(candidates, text.text_embed.to(candidates.device))
+    spec = StageSampling(sampler=sampler, steps=steps, guidance=guidance_scale)
+    run = SamplingRun(generator=generator, progress=progress, best_of=best_of)
+    return prior.sample(CascadeState(text=text), spec, run, use_cache=use_cache).image_embed
+
+
+def sample_candidates(prior: DiffusionPriorNetwork, text: TextEncoding, num_samples: int = 2, *, steps: int = 64,
+                      sampler: str = "ddpm", guidance_scale: float = 1.0, generator: Generators = None,
+                      progress: bool = True, use_cache: bool = True) -> Tensor:
+    """`num_samples` unit-norm CLIP image embeddings per caption: (b, num_samples, d); the arguments as in
+    `sample_image_embeds`."""
+    spec = StageSampling(sampler=sampler, steps=steps, guidance=guidance_scale)
+    run = SamplingRun(generator=generator, progress=progress, best_of=num_samples)
+    return prior.sample_candidates(text, spec, run, use_cache=use_cache)

@@ -1,6 +1,6 @@
 """Training the prior: its diffusion loss, and the TrainTask the shared Trainer runs (used by `train-prior`).
 
-    loss, metrics = prior_loss(model, image_embed, text_embed, text_tokens, text_mask)
+    loss, metrics = prior_loss(model, image_embed, text_embed, text_states, text_mask)
     Trainer(PriorTrainTask(load_config(TrainPriorConfig, "configs/prior/shapes-tiny.yaml")), cfg.train, out).train()
 
 Data (see `PriorDataConfig.source`): an embeddings directory written by `unclip embed` is read as it is (the
@@ -34,7 +34,7 @@ from .model import DiffusionPriorNetwork
 __all__ = ["prior_loss", "draw_cond_drop", "is_embeddings_dir", "check_dims", "calibration_pairs", "encode_image_text",
            "PriorTrainTask"]
 
-EMBEDDING_FIELDS = ("image_embed", "text_embed", "text_tokens", "text_mask")
+EMBEDDING_FIELDS = ("image_embed", "text_embed", "text_states", "text_mask")
 
 
 def draw_cond_drop(batch: int, prob: float, device: torch.device | str | None = None) -> Tensor:
@@ -43,11 +43,11 @@ def draw_cond_drop(batch: int, prob: float, device: torch.device | str | None = 
 
 
 def prior_loss(
-    model: nn.Module, image_embed: Tensor, text_embed: Tensor, text_tokens: Tensor, text_mask: Tensor
+    model: nn.Module, image_embed: Tensor, text_embed: Tensor, text_states: Tensor, text_mask: Tensor
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The prior's diffusion loss on a batch: mean MSE to the objective's target, and metrics (0-d tensors).
 
-    image_embed, text_embed: (b, d) unit-norm CLIP embeddings; text_tokens: (b, l, w); text_mask: (b, l) bool.
+    image_embed, text_embed: (b, d) unit-norm CLIP embeddings; text_states: (b, l, w); text_mask: (b, l) bool.
     Draws t uniformly, the noise and the CFG dropout (rate `cond_drop_prob`) from the global RNG. `model` may
     be DDP-wrapped. Metrics: `x0_cos`, the mean cosine between the predicted and the true x0, and `cond_drop`,
     the fraction of captions dropped.
@@ -59,7 +59,7 @@ def prior_loss(
     noise = torch.randn_like(x0)
     x_t = q_sample(prior.schedule, x0, t, noise)
     cond_drop = draw_cond_drop(b, prior.config.cond_drop_prob, device)
-    out = model(x_t, t, text_embed=text_embed.float(), text_tokens=text_tokens.float(), text_mask=text_mask.bool(),
+    out = model(x_t, t, text_embed=text_embed.float(), text_states=text_states.float(), text_mask=text_mask.bool(),
                 cond_drop=cond_drop)
     loss = diffusion_loss(out, x0, x_t, t, noise, prior.schedule, prior.config.objective).mean()
     with torch.no_grad():  # metrics stay 0-d tensors on the device: the trainer reads them when it logs
@@ -88,7 +88,7 @@ def encode_image_text(clip: Clip, batch: dict[str, Any]) -> dict[str, Tensor]:
         clip.to(batch["images"].device)
     enc = clip.encode_text(batch["captions"], rows=batch["index"])
     return {"image_embed": clip.encode_pixels(batch["images"]), "text_embed": enc.text_embed,
-            "text_tokens": enc.text_tokens, "text_mask": enc.text_mask}
+            "text_states": enc.text_states, "text_mask": enc.text_mask}
 
 
 @torch.no_grad()
@@ -118,8 +118,8 @@ def calibration_pairs(cfg: TrainPriorConfig, n: int, clip: Clip | None = None, *
             parts[name].append(value.cpu())
     if not parts["image_embed"]:
         raise DataError(f"no usable training pairs in {cfg.data.source} to calibrate the prior with")
-    image_embed, text_embed, text_tokens, text_mask = (torch.cat(parts[name]) for name in EMBEDDING_FIELDS)
-    return TextEncoding(text_embed.float(), text_tokens.float(), text_mask.bool()), image_embed.float()
+    image_embed, text_embed, text_states, text_mask = (torch.cat(parts[name]) for name in EMBEDDING_FIELDS)
+    return TextEncoding(text_embed.float(), text_states.float(), text_mask.bool()), image_embed.float()
 
 
 class PriorTrainTask:
@@ -175,7 +175,7 @@ class PriorTrainTask:
                                 caption_column=data.caption_column)
 
     def collate_fn(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """Embedding rows -> {image_embed (b, d), text_embed (b, d), text_tokens (b, l, w), text_mask (b, l)};
+        """Embedding rows -> {image_embed (b, d), text_embed (b, d), text_states (b, l, w), text_mask (b, l)};
         image-text rows -> `collate_image_text`'s batch (encoded in `loss`)."""
         if not self.embeddings:
             return collate_image_text(items)

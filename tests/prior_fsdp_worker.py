@@ -38,7 +38,7 @@ def main() -> None:
     mask = torch.arange(16)[None] < torch.randint(2, 17, (n, 1), generator=g)
     mask[b:] = True  # the second rank's captions all fill the context: its rows still make as many calls
     batch = dict(text_embed=F.normalize(torch.randn(n, 32, generator=g), dim=-1),
-                 text_tokens=torch.randn(n, 16, 32, generator=g), text_mask=mask,
+                 text_states=torch.randn(n, 16, 32, generator=g), text_mask=mask,
                  cond_drop=torch.arange(n) % 5 == 0)
     x_t, t = torch.randn(n, 32, generator=g), torch.randint(0, 1000, (n,), generator=g)
     reference(x_t, t, **batch).square().mean().backward()

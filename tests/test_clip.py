@@ -23,7 +23,7 @@ def _images():
 
 def _outputs(clip: Clip):
     enc = clip.encode_text(CAPTIONS)
-    return enc.text_embed, enc.text_tokens, clip.encode_image(_images())
+    return enc.text_embed, enc.text_states, clip.encode_image(_images())
 
 
 def _assert_same(a: Clip, b: Clip):
@@ -47,8 +47,8 @@ def test_token_states_are_the_final_layer_normed_states(tiny_clip):
     x = model.token_embedding(tokens) + model.positional_embedding
     x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
     enc = tiny_clip.encode_text(CAPTIONS)
-    assert enc.text_tokens.shape == (3, tiny_clip.context_length, tiny_clip.text_width)
-    torch.testing.assert_close(enc.text_tokens, x, rtol=0, atol=1e-5)
+    assert enc.text_states.shape == (3, tiny_clip.context_length, tiny_clip.text_width)
+    torch.testing.assert_close(enc.text_states, x, rtol=0, atol=1e-5)
     words = [len(tiny_clip.tokenizer.encode(c)) for c in CAPTIONS]
     assert enc.text_mask.dtype == torch.bool
     assert enc.text_mask.sum(dim=1).tolist() == [n + 2 for n in words]  # + start and end tokens

@@ -64,7 +64,7 @@ def test_output_shapes(side, batch, variance):
     decoder = Decoder(tiny_config(side, variance))
     x, t, embed, tokens, mask = inputs(batch, side)
     channels = 6 if variance == "learned_range" else 3
-    assert decoder(x, t, image_embed=embed, text_tokens=tokens, text_mask=mask).shape == (batch, channels, side, side)
+    assert decoder(x, t, image_embed=embed, text_states=tokens, text_mask=mask).shape == (batch, channels, side, side)
     assert decoder(x, t, image_embed=embed).shape == (batch, channels, side, side)
 
 
@@ -75,27 +75,27 @@ def test_conditioning_changes_the_output_and_nulls_replace_it():
     other_embed, other_tokens = inputs(4, seed=1)[2:4]
     all_rows = torch.ones(4, dtype=torch.bool)
     with torch.no_grad():
-        base = decoder(x, t, image_embed=embed, text_tokens=tokens, text_mask=mask)
-        assert not torch.allclose(base, decoder(x, t, image_embed=other_embed, text_tokens=tokens, text_mask=mask))
-        assert not torch.allclose(base, decoder(x, t, image_embed=embed, text_tokens=other_tokens, text_mask=mask))
+        base = decoder(x, t, image_embed=embed, text_states=tokens, text_mask=mask)
+        assert not torch.allclose(base, decoder(x, t, image_embed=other_embed, text_states=tokens, text_mask=mask))
+        assert not torch.allclose(base, decoder(x, t, image_embed=embed, text_states=other_tokens, text_mask=mask))
         # padding tokens are never attended to
         padded = torch.where(mask[..., None], tokens, other_tokens)
-        assert torch.allclose(base, decoder(x, t, image_embed=embed, text_tokens=padded, text_mask=mask), atol=1e-5)
+        assert torch.allclose(base, decoder(x, t, image_embed=embed, text_states=padded, text_mask=mask), atol=1e-5)
         # a dropped image embedding is the learned null: the row no longer depends on the embedding
-        dropped = decoder(x, t, image_embed=embed, text_tokens=tokens, text_mask=mask, image_drop=all_rows)
+        dropped = decoder(x, t, image_embed=embed, text_states=tokens, text_mask=mask, image_drop=all_rows)
         assert not torch.allclose(dropped, base)
-        assert torch.allclose(dropped, decoder(x, t, image_embed=other_embed, text_tokens=tokens, text_mask=mask,
+        assert torch.allclose(dropped, decoder(x, t, image_embed=other_embed, text_states=tokens, text_mask=mask,
                                                image_drop=all_rows), atol=1e-5)
         # dropped text is the same as no text at all
         no_text = decoder(x, t, image_embed=embed)
         assert not torch.allclose(no_text, base)
-        assert torch.allclose(no_text, decoder(x, t, image_embed=embed, text_tokens=tokens, text_mask=mask,
+        assert torch.allclose(no_text, decoder(x, t, image_embed=embed, text_states=tokens, text_mask=mask,
                                                text_drop=all_rows), atol=1e-5)
         # cond_drop (the CFG unconditional branch) drops both; masks act per row
-        uncond = decoder(x, t, image_embed=embed, text_tokens=tokens, text_mask=mask, cond_drop=all_rows)
+        uncond = decoder(x, t, image_embed=embed, text_states=tokens, text_mask=mask, cond_drop=all_rows)
         assert torch.allclose(uncond, decoder(x, t, image_embed=other_embed, image_drop=all_rows), atol=1e-5)
         rows = torch.tensor([True, False, True, False])
-        mixed = decoder(x, t, image_embed=embed, text_tokens=tokens, text_mask=mask, cond_drop=rows)
+        mixed = decoder(x, t, image_embed=embed, text_states=tokens, text_mask=mask, cond_drop=rows)
         assert torch.allclose(mixed[rows], uncond[rows], atol=1e-5)
         assert torch.allclose(mixed[~rows], base[~rows], atol=1e-5)
 
@@ -187,8 +187,8 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.config == decoder.config and loaded.clip_info == decoder.clip_info
     x, t, embed, tokens, mask = inputs(2)
     with torch.no_grad():
-        assert torch.equal(loaded(x, t, image_embed=embed, text_tokens=tokens, text_mask=mask),
-                           decoder(x, t, image_embed=embed, text_tokens=tokens, text_mask=mask))
+        assert torch.equal(loaded(x, t, image_embed=embed, text_states=tokens, text_mask=mask),
+                           decoder(x, t, image_embed=embed, text_states=tokens, text_mask=mask))
     (tmp_path / "decoder" / "config.json").write_text(json.dumps({**meta, "kind": "prior"}))
     with pytest.raises(CheckpointError, match="not a 'decoder'"):
         Decoder.from_pretrained(tmp_path / "decoder")
@@ -332,7 +332,7 @@ def test_training_from_embedding_shards(tiny_clip, tmp_path):
     expected = on_the_fly.conditioning(batch)
     got = task.conditioning(batch)
     assert torch.allclose(got["image_embed"], expected["image_embed"], atol=1e-4)
-    assert torch.allclose(got["text_tokens"], expected["text_tokens"], atol=1e-4)
+    assert torch.allclose(got["text_states"], expected["text_states"], atol=1e-4)
     loss, _ = task.loss(task.model, batch)
     assert torch.isfinite(loss)
 
@@ -362,6 +362,6 @@ def test_embedding_cache_returns_each_samples_own_conditioning(tiny_clip):
     for rows in ([0, 5, 9], [9, 3, 0, 7]):  # the second batch mixes cached and new samples, in another order
         batch = cached.collate_fn([dataset[i] for i in rows])
         got, expected = cached.conditioning(batch), fresh.conditioning(batch)
-        for key in ("image_embed", "text_tokens", "text_mask"):
+        for key in ("image_embed", "text_states", "text_mask"):
             assert torch.allclose(got[key].float(), expected[key].float(), atol=1e-5), key
     assert int(cached._cache.store["filled"].sum()) == 5

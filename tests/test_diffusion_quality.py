@@ -119,7 +119,8 @@ def x_T(n: int = N_SAMPLES, seed: int = 1) -> torch.Tensor:
 def test_samplers_reproduce_the_mixture(trained):
     denoiser, schedule = trained
     runs = {
-        "ddpm": sample_ddpm(denoiser, x_T(), schedule, generator=torch.Generator().manual_seed(2), progress=False),
+        "ddpm": sample_ddpm(denoiser, x_T(), schedule, 1000, generator=torch.Generator().manual_seed(2),
+                            progress=False),
         "ode": sample_ddim(denoiser, x_T(), schedule, 50, progress=False),
     }
     dpm = sample_dpmpp_2m(denoiser, x_T(), schedule, 20, progress=False)
@@ -142,6 +143,7 @@ def test_a_wrong_posterior_variance_fails_the_check(trained, monkeypatch, factor
         return coef_x0, coef_xt, factor * variance
 
     monkeypatch.setattr(samplers_module, "posterior_coefficients", wrong)
-    samples = sample_ddpm(denoiser, x_T(1000), schedule, generator=torch.Generator().manual_seed(2), progress=False)
+    samples = sample_ddpm(denoiser, x_T(1000), schedule, 1000, generator=torch.Generator().manual_seed(2),
+                          progress=False)
     errors = mixture_errors(samples, STD_REL_TOL["ddpm"])
     assert any("std" in e for e in errors), errors

@@ -9,7 +9,7 @@ import torch
 from unclip.diffusion import (
     Denoised,
     alphas_cumprod_at,
-    cfg,
+    classifier_free_guidance,
     cosine_schedule,
     ddim_invert,
     ddim_step,
@@ -38,6 +38,9 @@ SHAPE = (2, 3, 4, 4)
 @pytest.fixture(scope="module")
 def diffusers():
     return pytest.importorskip("diffusers")
+
+
+guide = classifier_free_guidance  # short name for the long lines below
 
 
 def dummy_model(x_t, t, **cond):
@@ -82,7 +85,9 @@ def test_timestep_subset_rejects_bad_requests():
     with pytest.raises(ValueError):
         timestep_subset(100, 10, "quadratic")
     with pytest.raises(ValueError):
-        sample_ddpm(lambda x, t: None, start(), linear_schedule(100), timesteps=[5, 7], progress=False)
+        sample_ddpm(lambda x, t: None, start(), linear_schedule(100), 101, progress=False)
+    with pytest.raises(ValueError, match="2 values for 3 steps"):
+        sample_ddpm(lambda x, t: None, start(), linear_schedule(100), 3, variance=[0.1, 0.2], progress=False)
 
 
 # --- DDPM -----------------------------------------------------------------------------------------------------------
@@ -122,15 +127,15 @@ def test_ddpm_trajectory_matches_diffusers_with_clipping(diffusers, objective):
     for t in sched.timesteps:
         x = sched.step(dummy_model(x, t.repeat(2)), t, x, generator=g).prev_sample
     denoiser = make_denoiser(dummy_model, schedule, objective, x0_hook=static_clip)
-    got = sample_ddpm(denoiser, start(4), schedule, timesteps=timestep_subset(1000, 10, "leading"),
-                      variance="fixed_large", generator=torch.Generator().manual_seed(3), progress=False)
+    got = sample_ddpm(denoiser, start(4), schedule, 10, spacing="leading", variance="fixed_large",
+                      generator=torch.Generator().manual_seed(3), progress=False)
     torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-4)
 
 
 def test_learned_range_sampling_needs_a_variance_channel():
     schedule = cosine_schedule(20)
     with pytest.raises(ValueError, match="learned_range"):
-        sample_ddpm(make_denoiser(dummy_model, schedule, "eps"), start(), schedule, variance="learned_range",
+        sample_ddpm(make_denoiser(dummy_model, schedule, "eps"), start(), schedule, 20, variance="learned_range",
                     progress=False)
     with pytest.raises(AssertionError, match="channels"):
         make_denoiser(dummy_model, schedule, "eps", variance="learned_range")(start(), torch.zeros(2, dtype=torch.long))
@@ -229,7 +234,7 @@ def test_same_seed_same_samples():
         x_T = randn(SHAPE, generator=g)
         return sampler(denoiser, x_T, schedule, generator=g, cond={"scale": 0.9}, progress=False)
 
-    for sampler in (sample_ddpm, lambda *a, **k: sample_ddim(*a, steps=10, eta=1.0, **k)):
+    for sampler in (lambda *a, **k: sample_ddpm(*a, 50, **k), lambda *a, **k: sample_ddim(*a, 10, eta=1.0, **k)):
         a, b, c = run(0, sampler), run(0, sampler), run(1, sampler)
         assert torch.equal(a, b)
         assert not torch.allclose(a, c)
@@ -258,20 +263,20 @@ class CountingModel:
 
 def test_cfg_scale_one_is_the_original_callable():
     model = CountingModel()
-    assert cfg(model, 1.0) is model
+    assert guide(model, 1.0) is model
 
 
 def test_cfg_one_batched_forward_and_formula():
     model = CountingModel()
     x_t, embed, t = start(1), start(2)[:, :1], torch.tensor([5, 9])
-    guided = cfg(model, 3.0)(x_t, t, embed=embed)
+    guided = guide(model, 3.0)(x_t, t, embed=embed)
     assert model.batches == [4]  # one forward of 2b rows
     cond = model(x_t, t, embed=embed)
     uncond = model(x_t, t, cond_drop=torch.ones(2, dtype=torch.bool), embed=embed)
     torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond))
     # A caller's own cond_drop applies to the conditional branch; the unconditional branch drops every row.
     drop = torch.tensor([True, False])
-    guided = cfg(model, 3.0)(x_t, t, cond_drop=drop, embed=embed)
+    guided = guide(model, 3.0)(x_t, t, cond_drop=drop, embed=embed)
     cond = model(x_t, t, cond_drop=drop, embed=embed)
     torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond))
     torch.testing.assert_close(guided[0], uncond[0])
@@ -283,13 +288,13 @@ def test_cfg_split_makes_two_calls_with_the_same_result(learned_variance):
     x_t, embed, t = start(1), start(2)[:, :1], torch.tensor([5, 9])
     drop = torch.tensor([True, False])
     joint, split = CountingModel(learned_variance), CountingModel(learned_variance)
-    a = cfg(joint, 2.5, learned_variance=learned_variance)(x_t, t, cond_drop=drop, embed=embed)
-    b = cfg(split, 2.5, learned_variance=learned_variance, split=True)(x_t, t, cond_drop=drop, embed=embed)
+    a = guide(joint, 2.5, learned_variance=learned_variance)(x_t, t, cond_drop=drop, embed=embed)
+    b = guide(split, 2.5, learned_variance=learned_variance, split=True)(x_t, t, cond_drop=drop, embed=embed)
     assert joint.batches == [4] and split.batches == [2, 2]
     torch.testing.assert_close(a, b)
     if learned_variance:  # and around a denoiser
         den = make_denoiser(CountingModel(True), schedule, "eps", variance="learned_range")
-        a, b = (cfg(den, 2.5, split=s)(x_t, t, embed=embed) for s in (False, True))
+        a, b = (guide(den, 2.5, split=s)(x_t, t, embed=embed) for s in (False, True))
         for field in ("x0", "eps", "var_interp"):
             torch.testing.assert_close(getattr(a, field), getattr(b, field))
 
@@ -298,14 +303,14 @@ def test_cfg_keeps_the_conditional_variance_and_wraps_denoisers():
     schedule = cosine_schedule(100)
     model = CountingModel(learned_variance=True)
     x_t, embed, t = start(1), start(2)[:, :1], torch.tensor([5, 9])
-    out = cfg(model, 2.0, learned_variance=True)(x_t, t, embed=embed)
+    out = guide(model, 2.0, learned_variance=True)(x_t, t, embed=embed)
     cond = model(x_t, t, embed=embed)
     torch.testing.assert_close(out[:, 3:], cond[:, 3:])  # the variance channels: conditional, unguided
     # Guiding a denoiser gives the same x0 and eps as guiding the network output (for any objective).
     for objective in ("eps", "x0", "v"):
-        via_model = make_denoiser(cfg(model, 2.0, learned_variance=True), schedule, objective,
+        via_model = make_denoiser(guide(model, 2.0, learned_variance=True), schedule, objective,
                                   variance="learned_range")(x_t, t, embed=embed)
-        via_denoiser = cfg(make_denoiser(model, schedule, objective, variance="learned_range"), 2.0)(
+        via_denoiser = guide(make_denoiser(model, schedule, objective, variance="learned_range"), 2.0)(
             x_t, t, embed=embed)
         assert isinstance(via_denoiser, Denoised)
         torch.testing.assert_close(via_model.x0, via_denoiser.x0, rtol=1e-4, atol=1e-4)
@@ -317,7 +322,7 @@ def test_cfg_inside_a_sampler():
     schedule = cosine_schedule(100)
     model = CountingModel()
     embed = start(2)[:, :1]
-    sample_ddim(make_denoiser(cfg(model, 4.0), schedule, "eps"), start(1), schedule, 5, cond={"embed": embed},
+    sample_ddim(make_denoiser(guide(model, 4.0), schedule, "eps"), start(1), schedule, 5, cond={"embed": embed},
                 progress=False)
     assert model.batches == [4] * 5
 
@@ -397,7 +402,7 @@ def test_samplers_on_cuda_match_cpu():
     """Schedule tables stay on the CPU; tensors on the GPU; a CPU generator gives the CPU run's noise."""
     schedule = cosine_schedule(100)
     denoiser = make_denoiser(dummy_model, schedule, "v", x0_hook=dynamic_threshold)
-    for sampler in (lambda *a, **k: sample_ddpm(*a, **k), lambda *a, **k: sample_ddim(*a, steps=10, eta=0.5, **k)):
+    for sampler in (lambda *a, **k: sample_ddpm(*a, 100, **k), lambda *a, **k: sample_ddim(*a, 10, eta=0.5, **k)):
         runs = [sampler(denoiser, start(1).to(device), schedule, generator=torch.Generator().manual_seed(0),
                         progress=False).cpu() for device in ("cpu", "cuda")]
         torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-4)

@@ -29,7 +29,7 @@ def test_shards_match_direct_encoding(tiny_clip, rows, tmp_path):
         assert item["index"] == i and item["caption"] == rows[i]["caption"]
         torch.testing.assert_close(item["text_embed"].float(), direct.text_embed[i], atol=2e-3, rtol=0)
         torch.testing.assert_close(item["image_embed"].float(), image_embed[i], atol=2e-3, rtol=0)
-        torch.testing.assert_close(item["text_tokens"].float(), direct.text_tokens[i], atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(item["text_states"].float(), direct.text_states[i], atol=1e-2, rtol=1e-2)
         assert torch.equal(item["text_mask"], direct.text_mask[i])
 
 

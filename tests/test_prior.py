@@ -44,7 +44,7 @@ def random_text(b: int, seed: int = 0) -> TextEncoding:
 
 
 def forward(prior, x_t, t, text, cond_drop=None):
-    return prior(x_t, t, text_embed=text.text_embed, text_tokens=text.text_tokens, text_mask=text.text_mask,
+    return prior(x_t, t, text_embed=text.text_embed, text_states=text.text_states, text_mask=text.text_mask,
                  cond_drop=cond_drop)
 
 
@@ -92,16 +92,16 @@ def test_wrong_shapes_are_refused():
     prior, text = tiny_prior(), random_text(2)
     with pytest.raises(AssertionError, match="x_t"):
         forward(prior, torch.randn(2, D + 1), torch.zeros(2, dtype=torch.long), text)
-    short = TextEncoding(text.text_embed, text.text_tokens[:, :-1], text.text_mask[:, :-1])
-    with pytest.raises(AssertionError, match="text_tokens"):
+    short = TextEncoding(text.text_embed, text.text_states[:, :-1], text.text_mask[:, :-1])
+    with pytest.raises(AssertionError, match="text_states"):
         forward(prior, torch.randn(2, D), torch.zeros(2, dtype=torch.long), short)
 
 
 @pytest.mark.parametrize("length_buckets", [0, 4])
-def test_padded_text_tokens_are_not_attended_to(length_buckets):
+def test_padded_text_states_are_not_attended_to(length_buckets):
     prior, text = tiny_prior(length_buckets=length_buckets), random_text(4)
     x_t, t = torch.randn(4, D), torch.tensor([3, 30, 60, 90])
-    noisy = text.text_tokens.masked_fill(~text.text_mask[..., None], 0) + 100 * (~text.text_mask[..., None])
+    noisy = text.text_states.masked_fill(~text.text_mask[..., None], 0) + 100 * (~text.text_mask[..., None])
     changed = TextEncoding(text.text_embed, noisy, text.text_mask)
     torch.testing.assert_close(forward(prior, x_t, t, changed), forward(prior, x_t, t, text))
 
@@ -172,7 +172,7 @@ def test_training_drops_captions_at_the_configured_rate():
     image_embed, text = F.normalize(torch.randn(b, D), dim=-1), random_text(b)
     torch.manual_seed(0)
     for _ in range(calls):
-        _, metrics = prior_loss(prior, image_embed, text.text_embed, text.text_tokens, text.text_mask)
+        _, metrics = prior_loss(prior, image_embed, text.text_embed, text.text_states, text.text_mask)
     hook.remove()
     rate = torch.cat(seen).float().mean().item()
     assert len(seen) == calls and abs(rate - 0.1) < 0.015, rate  # 8000 draws: sd of the rate ~0.0034
@@ -205,7 +205,7 @@ def test_a_tiny_prior_learns_a_few_pairs(objective):
     x0 = (image_embed * prior.scale).repeat(8, 1)  # a fixed held-in probe: 8 timesteps x 8 pairs
     t, noise = torch.arange(8).repeat_interleave(8) * 12 + 5, torch.randn(64, D, generator=g)
     x_t, probe_text = q_sample(prior.schedule, x0, t, noise), random_text(8, seed=3)
-    probe_text = TextEncoding(*(x.repeat(8, *[1] * (x.ndim - 1)) for x in (text.text_embed, text.text_tokens,
+    probe_text = TextEncoding(*(x.repeat(8, *[1] * (x.ndim - 1)) for x in (text.text_embed, text.text_states,
                                                                             text.text_mask)))
 
     def probe_loss() -> tuple[float, float]:  # (the objective's loss, the x0 MSE)
@@ -219,7 +219,7 @@ def test_a_tiny_prior_learns_a_few_pairs(objective):
     opt = torch.optim.AdamW(prior.train().parameters(), lr=2e-3)
     torch.manual_seed(0)
     for _ in range(100):
-        loss, metrics = prior_loss(prior, image_embed, text.text_embed, text.text_tokens, text.text_mask)
+        loss, metrics = prior_loss(prior, image_embed, text.text_embed, text.text_states, text.text_mask)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -24,10 +24,10 @@ def test_forward_cached_is_forward_for_captions_and_the_null_prefix():
     text = random_text(b, seed=1)
     assert not text.text_mask.all()  # padded captions
     drop = torch.tensor([False, True, False])
-    prefix = prior.encode_prefix(text.text_embed, text.text_tokens, text.text_mask, cond_drop=drop)
+    prefix = prior.encode_prefix(text.text_embed, text.text_states, text.text_mask, cond_drop=drop)
     x_t, t = torch.randn(b * m, D), torch.randint(0, 100, (b * m,))
     rows = lambda x: x.repeat_interleave(m, dim=0)  # noqa: E731  (b, ...) -> (b m, ...)
-    repeated = TextEncoding(rows(text.text_embed), rows(text.text_tokens), rows(text.text_mask))
+    repeated = TextEncoding(rows(text.text_embed), rows(text.text_states), rows(text.text_mask))
     expected = forward(prior, x_t, t, repeated, rows(drop))
     torch.testing.assert_close(prior.forward_cached(x_t, t, prefix), expected, **TOL)
     reordered = prefix.select(torch.tensor([2, 0]))  # any order, any subset of prefixes
@@ -38,7 +38,7 @@ def test_forward_cached_is_forward_for_captions_and_the_null_prefix():
     both = prior.forward_cached(torch.cat([x_t[order]] * 2), torch.cat([t[order]] * 2), reordered, null)
     torch.testing.assert_close(both[:8], expected[order], **TOL)
     dropped = forward(prior, x_t[order], t[order], TextEncoding(*(x[order] for x in (repeated.text_embed,
-                      repeated.text_tokens, repeated.text_mask))), torch.ones(8, dtype=torch.bool))
+                      repeated.text_states, repeated.text_mask))), torch.ones(8, dtype=torch.bool))
     torch.testing.assert_close(both[8:], dropped, **TOL)
 
 
@@ -83,6 +83,6 @@ def test_the_training_forward_is_untouched_and_layers_it_cannot_reproduce_are_re
     prior.train()
     text = random_text(2)
     with pytest.raises(AssertionError, match="eval"):
-        prior.encode_prefix(text.text_embed, text.text_tokens, text.text_mask)
+        prior.encode_prefix(text.text_embed, text.text_states, text.text_mask)
     with pytest.raises(AssertionError, match="plain"):
         check_cacheable(Decoder(dim=32, depth=1, heads=2, attn_dim_head=16, rotary_pos_emb=True))

@@ -67,7 +67,7 @@ def test_calibration_pairs_from_shapes_on_the_fly(tiny_clip, clip_dir):
     cfg = load_config(TrainPriorConfig, {"clip": str(clip_dir), "model": MODEL,
                                          "data": {"source": "shapes", "shapes_samples": 8}})
     text, image_embed = calibration_pairs(cfg, 5, tiny_clip, batch_size=2)
-    assert image_embed.shape == (5, 32) and text.text_tokens.shape == (5, 16, 48)
+    assert image_embed.shape == (5, 32) and text.text_states.shape == (5, 16, 48)
     rows = make_shapes(8, split="train", seed=0, resolution=64)
     drawn = torch.randperm(8, generator=torch.Generator().manual_seed(0))[:5].tolist()
     torch.testing.assert_close(text.text_embed, tiny_clip.encode_text([rows[i]["caption"] for i in drawn]).text_embed)
@@ -113,7 +113,7 @@ def test_on_the_fly_encoding_of_shapes(tiny_clip, clip_dir):
     task = PriorTrainTask(cfg)
     batch = task.collate_fn([task.train_dataset()[i] for i in range(8)])
     fields = task.encode(batch)
-    assert fields["image_embed"].shape == (8, 32) and fields["text_tokens"].shape == (8, 16, 48)
+    assert fields["image_embed"].shape == (8, 32) and fields["text_states"].shape == (8, 16, 48)
     torch.testing.assert_close(fields["text_embed"], tiny_clip.encode_text(batch["captions"]).text_embed)
     loss, metrics = task.loss(task.model, batch)
     assert loss.ndim == 0 and torch.isfinite(loss) and set(metrics) == {"x0_cos", "cond_drop"}

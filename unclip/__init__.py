@@ -5,37 +5,34 @@
     variations = unclip.vary(images[0], n=4)
     pipe = unclip.load_pipeline("runs/pipeline")       # any pipeline directory; None: the shipped SHAPES model
 
-The foundation (CLIP wrapper, diffusion math and samplers, data, trainer, checkpoints) lives in
-sub-modules of this package; the stages live in the sibling packages `prior`, `decoder` and
-`upsamplers`. The public API below is loaded lazily, so that a stage importing the foundation does not
-pull in everything else.
+The foundation (CLIP wrapper, diffusion math and samplers, sampling settings, the stage protocol, data, trainer,
+checkpoints) lives in sub-modules of this package; the stages live in the sibling packages `prior`, `decoder` and
+`upsamplers`, which import the foundation only. The pipeline layer on top imports no stage either (it finds stages
+by kind, `unclip.stage`), so importing this package never imports a stage.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from .clip import Clip, TextEncoding, classify, zero_shot_classifier
+from .config import load_config
+from .pipeline.api import generate, interpolate, text_diff, vary
+from .pipeline.default import load_pipeline
+from .pipeline.pipeline import UnclipPipeline
+from .settings import Sampling, StageSampling
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "Clip": "unclip.clip",
-    "TextEncoding": "unclip.clip",
-    "zero_shot_classifier": "unclip.clip",
-    "classify": "unclip.clip",
-    "load_config": "unclip.config",
-    "generate": "unclip.pipeline.api",
-    "vary": "unclip.pipeline.api",
-    "interpolate": "unclip.pipeline.api",
-    "text_diff": "unclip.pipeline.api",
-    "load_pipeline": "unclip.pipeline.default",
-    "UnclipPipeline": "unclip.pipeline.pipeline",
-}
-
-__all__ = ["__version__", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'unclip' has no attribute {name!r}")
+__all__ = [
+    "Clip",
+    "Sampling",
+    "StageSampling",
+    "TextEncoding",
+    "UnclipPipeline",
+    "__version__",
+    "classify",
+    "generate",
+    "interpolate",
+    "load_config",
+    "load_pipeline",
+    "text_diff",
+    "vary",
+    "zero_shot_classifier",
+]

@@ -8,7 +8,7 @@
     report = psnr_vs_bicubic(up1, samples=200)                               # {"bicubic": dB, "model": {...}}
 
 Each is a convolutional UNet (no attention) over the noisy image and the upsampled, corrupted low-resolution
-image, told the corruption level; trained on random crops with `train-decoder` (`stage: upsampler`).
+image, told the corruption level; trained on random crops with `train-upsampler`.
 """
 
 from .config import (
@@ -21,7 +21,7 @@ from .config import (
 from .degradations import bsr_degrade, corrupt, gaussian_blur
 from .evaluation import psnr, psnr_vs_bicubic
 from .model import KIND, Upsampler, corrupt_and_upsample, upsample_bicubic
-from .sampling import upsample, upsampler_denoiser
+from .sampling import upsample
 from .training import UpsamplerTrainTask, random_crops, training_crops
 
 __all__ = [
@@ -43,5 +43,4 @@ __all__ = [
     "training_crops",
     "upsample",
     "upsample_bicubic",
-    "upsampler_denoiser",
 ]

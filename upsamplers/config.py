@@ -10,8 +10,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from unclip.diffusion import DiffusionConfig, SamplerName
+from unclip.diffusion import DiffusionConfig
 from unclip.nn import UNetConfig
+from unclip.settings import SamplerField
 from unclip.train import TrainConfig
 
 __all__ = ["Augmentation", "UpsamplerConfig", "UpsamplerDataConfig", "UpsamplerEvalConfig", "TrainUpsamplerConfig"]
@@ -90,7 +91,7 @@ class UpsamplerEvalConfig:
     samples: int = 200  # held-out SHAPES images upsampled (0: skip the evaluation)
     aug_levels: tuple[float, ...] = (0.0,)  # corruption levels of the conditioning image, each evaluated
     steps: int | None = None  # sampler steps; None: the model's sample_steps
-    sampler: SamplerName = "ddim"  # which shared sampler
+    sampler: SamplerField = "ddim"  # which shared sampler (any registered name)
     seed: int = 1234  # data and sampling seed
     batch_size: int = 50  # images upsampled per batch
     sample_grid: int = 8  # images in the periodic training grids (bicubic | model | original)

@@ -20,7 +20,6 @@ from einops import reduce
 from torch import Tensor
 
 from unclip.data import make_shapes
-from unclip.diffusion import SamplerName
 from unclip.images import pil_to_tensor, resize_images
 
 from .model import Upsampler, upsample_bicubic
@@ -44,7 +43,7 @@ def psnr_vs_bicubic(
     seed: int = 1234,
     aug_levels: Sequence[float] = (0.0,),
     steps: int | None = None,
-    sampler: SamplerName = "ddim",
+    sampler: str = "ddim",
     batch_size: int = 50,
     split: str = "heldout",
     progress: bool = False,

@@ -6,7 +6,7 @@ This is the only module in unclip that imports `open_clip`.
     clip = Clip.from_open_clip("ViT-L-14", pretrained="openai")    # open_clip name + tag (downloads)
     clip = Clip.from_open_clip("ViT-B-32", pretrained="ckpt.pt")   # open_clip name + a local open_clip file
     clip = Clip.from_config(load_config(ClipConfig, "configs/clip/shapes-tiny.yaml"))  # from scratch
-    enc = clip.encode_text(["a red circle on a blue background"])   # enc.text_embed (b, d), enc.text_tokens (b, l, w)
+    enc = clip.encode_text(["a red circle on a blue background"])   # enc.text_embed (b, d), enc.text_states (b, l, w)
     image_embed = clip.encode_image(pil_images)                     # (b, d), L2-normalised
 """
 
@@ -59,18 +59,18 @@ class TextEncoding:
     """CLIP's view of a batch of captions.
 
     text_embed:  (b, d) pooled, projected and L2-normalised embedding (what CLIP matches against images).
-    text_tokens: (b, l, w) final-layer per-token states (after the final layer norm, before pooling).
+    text_states: (b, l, w) final-layer per-token states (after the final layer norm, before pooling).
     text_mask:   (b, l) bool, True at real tokens (start, words, end), False at padding.
     """
 
     text_embed: torch.Tensor
-    text_tokens: torch.Tensor
+    text_states: torch.Tensor
     text_mask: torch.Tensor
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextEncoding:
         """Move to `device`; cast the float tensors to `dtype` (the mask stays bool)."""
         return TextEncoding(self.text_embed.to(device=device, dtype=dtype),
-                            self.text_tokens.to(device=device, dtype=dtype), self.text_mask.to(device=device))
+                            self.text_states.to(device=device, dtype=dtype), self.text_mask.to(device=device))
 
 
 class Clip(nn.Module):
@@ -269,9 +269,9 @@ class Clip(nn.Module):
         tokens, mask = tokens.to(self.device), mask.to(self.device)
         out = self.model.forward_intermediates(text=tokens, text_indices=1, normalize=True,
                                                normalize_intermediates=True)
-        text_tokens = out["text_intermediates"][-1]
-        assert text_tokens.shape[:2] == tokens.shape, (text_tokens.shape, tokens.shape)
-        return TextEncoding(out["text_features"].float(), text_tokens.float(), mask)
+        text_states = out["text_intermediates"][-1]
+        assert text_states.shape[:2] == tokens.shape, (text_states.shape, tokens.shape)
+        return TextEncoding(out["text_features"].float(), text_states.float(), mask)
 
     @torch.no_grad()
     def encode_image(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ Layout of an embeddings directory:
 
     manifest.json               what was embedded: source, rows, shard size, CLIP fingerprint, dims
     shard-000000.safetensors    rows [0, S): image_embed (n, d), text_embed (n, d), text_tokens (n, l, w),
-    shard-000001.safetensors    text_mask (n, l) bool, index (n,) source row; captions in the metadata
+    shard-000001.safetensors    text_mask (n, l) bool, index (n,) source row; captions in the metadata.
+                                text_tokens holds the per-token text states (a row's `text_states`)
     ...
 
 Each shard is written to a temporary file and renamed into place, so an interrupted run leaves only
@@ -39,7 +40,8 @@ from .image_text import DataError, ImageTextDataset, collate_image_text
 __all__ = ["embed_dataset", "EmbeddingShards", "clip_fingerprint", "check_shards_clip", "read_manifest"]
 
 MANIFEST = "manifest.json"
-TENSORS = ("image_embed", "text_embed", "text_tokens", "text_mask", "index")
+TENSORS = ("image_embed", "text_embed", "text_tokens", "text_mask", "index")  # the tensors of a shard file
+FIELDS = {"text_tokens": "text_states"}  # a shard tensor's name as a field of a row where the two differ
 
 
 def clip_fingerprint(clip: Any) -> str:
@@ -208,7 +210,7 @@ def embed_dataset(
             enc = clip.encode_text(batch["captions"], rows=batch["index"])
             chunks["image_embed"].append(clip.encode_pixels(batch["images"]).to("cpu", dtype))  # already preprocessed
             chunks["text_embed"].append(enc.text_embed.to("cpu", dtype))
-            chunks["text_tokens"].append(enc.text_tokens.to("cpu", dtype))
+            chunks["text_tokens"].append(enc.text_states.to("cpu", dtype))
             chunks["text_mask"].append(enc.text_mask.cpu())
             chunks["index"].append(batch["index"].long())
             captions += batch["captions"]
@@ -257,7 +259,7 @@ def _write_shard(path: Path, chunks: dict[str, list[torch.Tensor]], captions: li
 class EmbeddingShards(Dataset):
     """Read an embeddings directory row by row (memory-mapped; only the rows asked for are read).
 
-    Item: {"image_embed": (d,), "text_embed": (d,), "text_tokens": (l, w), "text_mask": (l,) bool,
+    Item: {"image_embed": (d,), "text_embed": (d,), "text_states": (l, w), "text_mask": (l,) bool,
     "index": source row, "caption": str}, floats in the stored dtype.
     """
 
@@ -302,6 +304,6 @@ class EmbeddingShards(Dataset):
         k = bisect.bisect_right(self.offsets, i) - 1
         row = i - self.offsets[k]
         handle, captions = self._open(k)
-        item: dict[str, Any] = {name: handle.get_slice(name)[row : row + 1][0] for name in TENSORS}
+        item: dict[str, Any] = {FIELDS.get(name, name): handle.get_slice(name)[row : row + 1][0] for name in TENSORS}
         item["caption"] = captions[row]
         return item

@@ -3,10 +3,12 @@ adapter, classifier-free guidance and samplers. It imports no stage.
 
     schedule = make_schedule("cosine", 1000)
     loss = diffusion_loss(model(q_sample(schedule, x0, t, noise), t), x0, x_t, t, noise, schedule, "eps")
-    denoiser = make_denoiser(cfg(model, guidance_scale), schedule, "eps", x0_hook=static_clip)
-    x0 = sample_ddim(denoiser, randn(shape, generator=g), schedule, steps=50, cond={...})
+    denoiser = make_denoiser(classifier_free_guidance(model, guidance_scale), schedule, "eps", x0_hook=static_clip)
+    x0 = sample_ddim(denoiser, randn(shape, generator=g), schedule, 50, cond={...})
+    x0 = sample("ddpm", denoiser, x_T, schedule, 250, options={"variance": "fixed_large"})  # any of SAMPLERS by name
 """
 
+from unclip.diffusion.analytic import sample_analytic_ddpm
 from unclip.diffusion.config import DiffusionConfig, config_denoiser, schedule_for, training_loss
 from unclip.diffusion.denoiser import (
     Denoised,
@@ -37,17 +39,16 @@ from unclip.diffusion.gaussian import (
     v_from_x0_eps,
     vlb_loss,
 )
-from unclip.diffusion.guidance import cfg
+from unclip.diffusion.guidance import classifier_free_guidance
+from unclip.diffusion.registry import SAMPLERS, SamplerName, register_sampler, sample, sampler_options
 from unclip.diffusion.samplers import (
-    SAMPLER_NAMES,
     Callback,
-    SamplerName,
+    Generators,
     Spacing,
     ddim_invert,
     ddim_step,
     ddpm_step,
     randn,
-    sample,
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
@@ -72,15 +73,16 @@ __all__ = [
     "Denoiser",
     "DiffusionConfig",
     "NoiseSchedule",
+    "Generators",
     "Objective",
-    "SAMPLER_NAMES",
+    "SAMPLERS",
     "SamplerName",
     "ScheduleConfig",
     "ScheduleKind",
     "Spacing",
     "VarianceType",
     "alphas_cumprod_at",
-    "cfg",
+    "classifier_free_guidance",
     "config_denoiser",
     "cosine_schedule",
     "ddim_invert",
@@ -106,12 +108,15 @@ __all__ = [
     "q_posterior_mean_variance",
     "q_sample",
     "randn",
+    "register_sampler",
     "sample",
+    "sample_analytic_ddpm",
     "sample_ddim",
     "sample_ddpm",
     "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde",
     "sample_timesteps",
+    "sampler_options",
     "schedule_for",
     "snr",
     "static_clip",

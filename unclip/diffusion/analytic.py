@@ -2,7 +2,7 @@
 predictions. DALL-E 2 samples its prior this way (Table 3, "analytic").
 
     moments = eps_moments(denoiser, schedule, x0, cond=cond)                 # (T,): E ||eps(x_t, t)||^2 / d
-    x0 = sample_analytic_ddpm(denoiser, x_T, schedule, moments, timesteps=timestep_subset(1000, 64))
+    x0 = sample_analytic_ddpm(denoiser, x_T, schedule, 64, moments=moments)
 
 For an ancestral step from level t to level s < t with the DDPM posterior mean at the predicted x0 (variance
 lambda^2 = beta-tilde of the step), the variance that maximises the likelihood of the reverse process is
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from unclip.diffusion.denoiser import Denoiser
 from unclip.diffusion.gaussian import q_sample
-from unclip.diffusion.samplers import Callback, _check_timesteps, _noise_like, sample_ddpm
+from unclip.diffusion.samplers import Callback, Generators, Spacing, ddpm_step, randn, timestep_subset, walk
 from unclip.diffusion.schedule import NoiseSchedule, alphas_cumprod_at, posterior_coefficients
 
 __all__ = ["ANALYTIC_SAMPLER", "analytic_variance", "eps_moments", "sample_analytic_ddpm"]
@@ -44,7 +44,7 @@ def eps_moments(
     *,
     cond: Mapping[str, Any] | None = None,
     timesteps: Sequence[int] | Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = True,
 ) -> Tensor:
     """Gamma_t = mean over the rows of x0 (n, *) of ||eps(x_t, t)||^2 / d, x_t ~ q(x_t | x0): (T,) float64.
@@ -56,7 +56,7 @@ def eps_moments(
     moments = torch.full((schedule.num_timesteps,), math.nan, dtype=torch.float64)
     for t in tqdm(ts, desc="eps moments", disable=not progress, leave=False):
         t_batch = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
-        noise = _noise_like(x0, generator)
+        noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         eps = denoiser(q_sample(schedule, x0, t_batch, noise), t_batch, **dict(cond or {})).eps
         moments[t] = eps.double().square().mean().item()
     return moments
@@ -75,29 +75,37 @@ def sample_analytic_ddpm(
     denoiser: Denoiser,
     x_T: Tensor,
     schedule: NoiseSchedule,
-    moments: Tensor,
+    steps: int,
     *,
-    timesteps: Sequence[int] | Tensor | None = None,
-    generator: torch.Generator | None = None,
+    spacing: Spacing = "trailing",
+    generator: Generators = None,
     cond: Mapping[str, Any] | None = None,
-    progress: bool = True,
     callback: Callback | None = None,
+    progress: bool = True,
     label: str | None = None,
+    moments: Tensor,
 ) -> Tensor:
-    """Ancestral DDPM sampling from x_T (b, *) to x0 (b, *) with Analytic-DPM's variances (module doc).
+    """Ancestral DDPM sampling in `steps` steps from x_T (b, *) to x0 (b, *) with Analytic-DPM's variances.
 
-    moments: (T,) Gamma_t from `eps_moments`, known at every timestep walked. timesteps: descending subset (default
-    all T). The mean is DDPM's; no noise is added on the last step.
+    x_s = mu(x0_pred, x_t) + sigma*_{t,s} z: DDPM's mean, the module doc's sigma*^2 from Gamma_t. moments: (T,)
+    Gamma_t from `eps_moments`, known at every timestep walked (checked before the first denoiser call). No noise
+    on the last step.
     """
-    ts = _check_timesteps(range(schedule.num_timesteps - 1, -1, -1) if timesteps is None else timesteps,
-                          schedule.num_timesteps)
     if moments.shape != (schedule.num_timesteps,):
         raise ValueError(f"moments must be ({schedule.num_timesteps},), one per timestep, got {tuple(moments.shape)}")
-    missing = [t for t in ts if not math.isfinite(float(moments[t]))]
+    walked = timestep_subset(schedule.num_timesteps, steps, spacing).tolist()
+    missing = [t for t in walked if not math.isfinite(float(moments[t]))]
     if missing:
         raise ValueError(f"no eps moment estimated at timestep(s) {missing[:5]}{'...' if len(missing) > 5 else ''}; "
                          "estimate them at the timesteps you sample (eps_moments)")
-    prev = ts[1:] + [-1]
-    variances = [analytic_variance(schedule, t, s, float(moments[t])) for t, s in zip(ts, prev, strict=True)]
-    return sample_ddpm(denoiser, x_T, schedule, timesteps=ts, variance=variances, generator=generator, cond=cond,
-                       progress=progress, callback=callback, label=label, desc="analytic ddpm")
+    variances = [analytic_variance(schedule, t, s, float(moments[t])) for t, s in zip(walked, walked[1:] + [-1])]
+    ts, alpha_bars = walk(schedule, steps, spacing, "analytic ddpm", label, progress)
+    t_in = x_T.new_ones(x_T.shape[0], dtype=torch.long)
+    x = x_T
+    for i, t in enumerate(ts):
+        d = denoiser(x, t * t_in, **(cond or {}))
+        if callback is not None:
+            callback(i, t, x, d)
+        noise = randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if i < steps - 1 else None
+        x = ddpm_step(x, d, alpha_bars[i], alpha_bars[i + 1], variances[i], noise)
+    return x

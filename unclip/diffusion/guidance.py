@@ -6,19 +6,19 @@ The convention every stage's network follows (the same keyword trains the null c
 
 where x_t is (b, *), t is (b,), every conditioning tensor in `cond` has the batch first, and `cond_drop` is a
 (b,) bool tensor (or None, meaning all False) marking the rows that must use the null (learned) conditioning
-instead of their own. `cfg` calls the wrapped function once on a batch of 2b rows: rows 0..b-1 are the
-conditional branch (the caller's own `cond_drop`, if any, kept), rows b..2b-1 the unconditional one
+instead of their own. `classifier_free_guidance` calls the wrapped function once on a batch of 2b rows: rows
+0..b-1 are the conditional branch (the caller's own `cond_drop`, if any, kept), rows b..2b-1 the unconditional one
 (`cond_drop` all True), every tensor in `cond` repeated along the batch; non-tensor values are passed as they are.
 With `split=True` it makes the two calls of b rows instead.
 
 Guidance is applied to the raw network output, before a denoiser splits off a learned-variance channel:
 
-    denoiser = make_denoiser(cfg(model, guidance_scale, learned_variance=True), schedule, "eps",
+    denoiser = make_denoiser(classifier_free_guidance(model, guidance_scale, learned_variance=True), schedule, "eps",
                              variance="learned_range", x0_hook=static_clip)
 
 The guided output is uncond + s * (cond - uncond). For an eps, x0 or v output this is the same guidance (each is
 affine in the others at fixed x_t and t, and the weights sum to one), so it is guiding eps; the x0 hook then runs
-on the guided x0. A learned variance channel is not guided: the conditional branch's is kept. `cfg` also wraps
+on the guided x0. A learned variance channel is not guided: the conditional branch's is kept. It also wraps
 a `Denoiser`: x0 and eps are both combined by the formula (which keeps them consistent) and the conditional
 `var_interp` is kept; any x0 hook inside that denoiser will then have run per branch, before guidance.
 """
@@ -33,12 +33,12 @@ from torch import Tensor
 
 from unclip.diffusion.denoiser import Denoised
 
-__all__ = ["cfg"]
+__all__ = ["classifier_free_guidance"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def cfg(fn: F, guidance_scale: float, *, learned_variance: bool = False, split: bool = False) -> F:
+def classifier_free_guidance(fn: F, guidance_scale: float, *, learned_variance: bool = False, split: bool = False) -> F:
     """Classifier-free guidance around `fn(x_t, t, *, cond_drop=None, **cond)` (a network or a `Denoiser`).
 
     Returns `fn` itself at guidance_scale == 1. Otherwise a function with the same signature that makes one

@@ -29,9 +29,9 @@ PipelineSpec = str | Path | UnclipPipeline | None
 
 def generate(text: str | Sequence[str], num_images: int = 1, *, pipeline: PipelineSpec = None,
              device: str | torch.device | None = None, seed: int | None = None, **settings: Any) -> list[Image.Image]:
-    """Text -> images: num_images PIL images per caption (caption-major). `settings`: sampler, prior_sampler,
-    upsampler_sampler, prior_steps, prior_guidance, best_of, decoder_steps, decoder_guidance, decoder_eta,
-    upsampler_steps, progress (see `UnclipPipeline.generate`)."""
+    """Text -> images: num_images PIL images per caption (caption-major). `settings`: the sampling settings as
+    keywords (`decoder_guidance=4`, `prior_sampler="ddim"`, `upsampler_steps=[3, 2]`, `best_of=4`, ...), or
+    `sampling={"decoder.guidance": 4}`, and generator, callback, progress (see `UnclipPipeline.generate`)."""
     return load_pipeline(pipeline, device=device).generate(text, num_images, seed=seed, **settings)
 
 

@@ -23,12 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from unclip.clip import Clip
-from unclip.clip.shapes_judge import ShapesJudge, verdict_agreement
-from unclip.data import ATTRIBUTES, make_shapes
-from unclip.diffusion import SamplerName
-from unclip.images import pil_to_tensor, resize_images
-from upsamplers import Upsampler, upsample
+from ..clip import Clip
+from ..clip.shapes_judge import ShapesJudge, verdict_agreement
+from ..data import ATTRIBUTES, make_shapes
+from ..diffusion import Generators
+from ..images import pil_to_tensor, resize_images
+from ..settings import StageSampling
+from ..stage import CascadeState, SamplingRun, Stage
 
 __all__ = ["check_chain", "run_cascade", "cascade_agreement"]
 
@@ -43,7 +44,7 @@ def _per_stage(value: Sequence[Any] | None, n: int, name: str) -> list[Any]:
     return values
 
 
-def check_chain(upsamplers: Sequence[Upsampler], side: int, source: str | None = None) -> None:
+def check_chain(upsamplers: Sequence[Stage], side: int, source: str | None = None) -> None:
     """Refuse, before any sampling, upsamplers that do not chain from `side` px images: each must take the side the
     stage before it makes. source: what makes the first input (e.g. "the decoder"; None: the images given)."""
     before = source
@@ -60,35 +61,36 @@ def check_chain(upsamplers: Sequence[Upsampler], side: int, source: str | None =
 @torch.no_grad()
 def run_cascade(
     images: Tensor,
-    upsamplers: Sequence[Upsampler],
+    upsamplers: Sequence[Stage],
     *,
     steps: Sequence[int | None] | None = None,
     aug_levels: Sequence[float | None] | None = None,
-    sampler: SamplerName = "ddim",
-    generator: torch.Generator | None = None,
+    sampler: str = "ddim",
+    generator: Generators = None,
     progress: bool = False,
 ) -> list[Tensor]:
     """Run base images (b, 3, s, s) in [0, 1] through the upsamplers in order: one tensor per upsampler,
     [(b, 3, s * scale_1, ...), (b, 3, s * scale_1 * scale_2, ...), ...], each in [0, 1].
 
-    steps / aug_levels: one entry per upsampler (None, or a None entry: that stage's config default).
+    steps / aug_levels: one entry per upsampler (None, or a None entry: that stage's default).
     Each stage's input side must be its `low_res_size` (checked for the whole chain before any sampling); the stages
     share `generator`.
     """
     assert images.ndim == 4 and images.shape[1] == 3, f"images must be (b, 3, s, s), got {tuple(images.shape)}"
     check_chain(upsamplers, images.shape[-1])
     steps_, levels = _per_stage(steps, len(upsamplers), "steps"), _per_stage(aug_levels, len(upsamplers), "aug_levels")
-    outputs, x = [], images
+    run = SamplingRun(generator=generator, progress=progress)
+    outputs, state = [], CascadeState(images=images)
     for i, up in enumerate(upsamplers):
-        x = upsample(up, x, steps=steps_[i], aug_level=levels[i], sampler=sampler, generator=generator,
-                     progress=progress)
-        outputs.append(x)
+        spec = StageSampling(sampler=sampler, steps=steps_[i] or up.default_sampling().steps)
+        state = up.sample(state, spec, run, name=f"upsampler-{i + 1}", aug_level=levels[i])
+        outputs.append(state.images)
     return outputs
 
 
 @torch.no_grad()
 def cascade_agreement(
-    upsamplers: Sequence[Upsampler],
+    upsamplers: Sequence[Stage],
     clip: Clip,
     *,
     samples: int = 200,
@@ -96,7 +98,7 @@ def cascade_agreement(
     base_images: Tensor | None = None,
     steps: Sequence[int | None] | None = None,
     aug_levels: Sequence[float | None] | None = None,
-    sampler: SamplerName = "ddim",
+    sampler: str = "ddim",
     batch_size: int = 50,
     progress: bool = False,
 ) -> dict[str, Any]:

@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 
 from ..clip import Clip
 from ..clip.shapes_judge import ShapesJudge
+from ..config import config_to_dict
 from ..data.shapes import ATTRIBUTES, caption_for, make_shapes, split_triples
 from ..images import pil_to_tensor
-from .pipeline import UnclipPipeline
+from .pipeline import UnclipPipeline, image_generators
 
 __all__ = ["FeatureExtractor", "clip_features", "inception_features", "frechet_distance",
            "kernel_inception_distance", "clip_score", "heldout_prompts", "compositional_accuracy",
@@ -154,16 +155,16 @@ def evaluate_pipeline(pipe: UnclipPipeline, *, images_per_caption: int = 4, seed
         raise ValueError(f"images_per_caption must be >= 1, got {images_per_caption}")
     if real_samples < 2:
         raise ValueError(f"real_samples must be >= 2 (FID and KID need two real images at least), got {real_samples}")
-    chosen = pipe.settings(**settings)  # a bad setting fails here, before any image is generated
+    chosen = pipe.resolve_sampling(**settings)  # a bad setting fails here, before any image is generated
     prompts = heldout_prompts()
     captions = [c for c, _ in prompts for _ in range(images_per_caption)]
     triples = [t for _, t in prompts for _ in range(images_per_caption)]
     generated = []
+    generators = image_generators(len(captions), pipe.device, seed)  # one per image: batch_size changes nothing
     bar = tqdm(total=len(captions), desc="generating", unit="img", disable=not progress)
     for start in range(0, len(captions), batch_size):
         chunk = captions[start:start + batch_size]
-        # one seed per chunk: reproducible, and independent of how many chunks ran before
-        images = pipe.generate_tensors(chunk, 1, seed=seed + start, **settings)
+        images = pipe.generate_tensors(chunk, 1, generator=generators[start:start + batch_size], sampling=chosen)
         generated.append(images.float().cpu())
         bar.update(len(chunk))
     bar.close()
@@ -181,7 +182,7 @@ def evaluate_pipeline(pipe: UnclipPipeline, *, images_per_caption: int = 4, seed
     kid_mean, kid_std = kernel_inception_distance(f_real, f_fake, subset_size=min(100, len(fake)))
     report["kid"] = {"mean": kid_mean, "std": kid_std}
     report["settings"] = {"images_per_caption": images_per_caption, "seed": seed, "real_samples": real_samples,
-                          **chosen.__dict__}
+                          "sampling": config_to_dict(chosen)}
     report["image_size"] = int(fake.shape[-1])
     report["attributes"] = list(ATTRIBUTES)
     return report

@@ -8,7 +8,8 @@ An image is encoded as z_i, its CLIP image embedding (b, d), and x_T, the decode
 under z_i gives (b, 3, s, s): decoding (z_i, x_T) with DDIM eta = 0 gives the image back, closely at guidance 1 (the
 inversion runs unguided), approximately at the decoder's guidance (the default). Every function returns
 PIL images at the pipeline's output side (the decoder's output runs through the upsamplers, with the pipeline's
-default upsampler steps and sampler: `upsampler_sampler`, else `sampler`).
+sampling settings for them). The decoding is DDIM whatever the pipeline's decoder sampler; its steps and guidance
+are the pipeline's unless given.
 
 Input images (PIL images, file paths or a (b, 3, h, w) tensor in [0, 1]) are read as the data loader reads training
 images (`unclip.images.to_rgb`: EXIF orientation, transparency onto white, 16-bit grey...) and cut to their centred
@@ -26,10 +27,9 @@ from einops import repeat
 from PIL import Image
 from torch import Tensor
 
-from decoder import decode
-from decoder.variations import invert_images
-
 from ..images import ImageLike, as_image_batch, tensor_to_pil
+from ..settings import Sampling
+from ..stage import CascadeState, SamplingRun
 from .pipeline import UnclipPipeline
 
 __all__ = ["BipartiteLatent", "encode_image", "vary", "interpolate", "text_diff", "slerp"]
@@ -66,22 +66,29 @@ class BipartiteLatent:
 def encode_image(pipe: UnclipPipeline, images: ImageInput, *, steps: int | None = None,
                  progress: bool = False) -> BipartiteLatent:
     """The bipartite latent of images (PIL, file paths or a (b, 3, h, w) tensor in [0, 1], each cut to its centred
-    square: see the module docstring); `steps` of DDIM inversion."""
+    square: see the module docstring); `steps` of DDIM inversion (default: the decoder's sampling steps)."""
     pixels = as_image_batch(images).to(pipe.device)
     image_embed = pipe.clip.encode_image(pixels).to(pipe.device, pipe.dtype)  # (b, d)
     with pipe.autocast():
-        x_T = invert_images(pipe.decoder, pixels.to(pipe.dtype), image_embed,
-                            steps=steps or pipe.defaults.decoder_steps, progress=progress)
+        x_T = pipe.decoder.invert(pixels.to(pipe.dtype), image_embed,
+                                  steps=steps or pipe.sampling.of("decoder").steps, progress=progress)
     return BipartiteLatent(image_embed, x_T)
 
 
-def _decode(pipe: UnclipPipeline, image_embed: Tensor, x_T: Tensor, *, eta: float, steps: int,
-            guidance_scale: float, seed: int | None, progress: bool) -> list[Image.Image]:
+def _settings(pipe: UnclipPipeline, steps: int | None, guidance_scale: float | None, eta: float = 0.0) -> Sampling:
+    """The pipeline's sampling with the decoder on DDIM at `eta` and the given steps / guidance (checked here,
+    before any work)."""
+    return pipe.resolve_sampling({"decoder.sampler": "ddim", "decoder.eta": eta, "decoder.steps": steps,
+                                  "decoder.guidance": guidance_scale})
+
+
+def _decode(pipe: UnclipPipeline, image_embed: Tensor, x_T: Tensor, s: Sampling, *, seed: int | None,
+            progress: bool) -> list[Image.Image]:
     generator = torch.Generator(pipe.device).manual_seed(seed) if seed is not None else None
+    run = SamplingRun(generator=generator, progress=progress)
     with pipe.autocast():
-        base = decode(pipe.decoder, image_embed, None, steps=steps, sampler="ddim", eta=eta,
-                      guidance_scale=guidance_scale, generator=generator, x_T=x_T, progress=progress)
-    return [tensor_to_pil(im) for im in pipe.upsample(base, generator=generator, progress=progress)]
+        base = pipe.decoder.sample(CascadeState(image_embed=image_embed), s.of("decoder"), run, x_T=x_T).images
+    return [tensor_to_pil(im) for im in pipe.upsample(base, sampling=s, generator=generator, progress=progress)]
 
 
 @torch.no_grad()
@@ -91,13 +98,11 @@ def vary(pipe: UnclipPipeline, image: ImageLike | Tensor, n: int = 4, *, eta: fl
     guidance_scale 1; 1 varies freely)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    s = pipe.settings(sampler="ddim", decoder_steps=steps, decoder_guidance=guidance_scale,
-                      decoder_eta=eta)  # checked here (the decoding below is DDIM whatever the pipeline's sampler)
-    latent = encode_image(pipe, image, steps=s.decoder_steps, progress=progress)
+    s = _settings(pipe, steps, guidance_scale, eta)
+    latent = encode_image(pipe, image, steps=s.of("decoder").steps, progress=progress)
     embed = repeat(latent.image_embed[:1], "1 d -> n d", n=n)
     x_T = repeat(latent.x_T[:1], "1 c h w -> n c h w", n=n)
-    return _decode(pipe, embed, x_T, eta=s.decoder_eta, steps=s.decoder_steps, progress=progress, seed=seed,
-                   guidance_scale=s.decoder_guidance)
+    return _decode(pipe, embed, x_T, s, seed=seed, progress=progress)
 
 
 @torch.no_grad()
@@ -109,16 +114,14 @@ def interpolate(pipe: UnclipPipeline, image_a: ImageLike | Tensor, image_b: Imag
     deterministic); None: unseeded."""
     if n < 2:
         raise ValueError(f"n must be >= 2 to include both ends, got {n}")
-    s = pipe.settings(decoder_steps=steps, decoder_guidance=guidance_scale)  # checked here
-    steps = s.decoder_steps
-    a = encode_image(pipe, image_a, steps=steps, progress=progress)
-    b = encode_image(pipe, image_b, steps=steps, progress=progress)
+    s = _settings(pipe, steps, guidance_scale)
+    a = encode_image(pipe, image_a, steps=s.of("decoder").steps, progress=progress)
+    b = encode_image(pipe, image_b, steps=s.of("decoder").steps, progress=progress)
     t = torch.linspace(0, 1, n, device=pipe.device, dtype=pipe.dtype)[:, None]  # (n, 1)
     embed = F.normalize(slerp(a.image_embed[:1], b.image_embed[:1], t), dim=-1)  # (n, d)
     x_a, x_b = a.x_T[:1].flatten(1), b.x_T[:1].flatten(1)  # (1, 3 s s)
     x_T = slerp(x_a, x_b, t).reshape(n, *a.x_T.shape[1:])
-    return _decode(pipe, embed, x_T, eta=0.0, steps=steps, progress=progress, seed=seed,
-                   guidance_scale=s.decoder_guidance)
+    return _decode(pipe, embed, x_T, s, seed=seed, progress=progress)
 
 
 @torch.no_grad()
@@ -133,15 +136,13 @@ def text_diff(pipe: UnclipPipeline, image: ImageLike | Tensor, from_text: str, t
         raise ValueError(f"n must be >= 2, got {n}")
     if not 0 < max_angle <= 1:
         raise ValueError(f"max_angle is a slerp fraction in (0, 1] (the paper: 0.25 to 0.5), got {max_angle}")
-    s = pipe.settings(decoder_steps=steps, decoder_guidance=guidance_scale)  # checked here
-    steps = s.decoder_steps
+    s = _settings(pipe, steps, guidance_scale)
     text = pipe.clip.encode_text([from_text, to_text]).text_embed.to(pipe.device, pipe.dtype)  # (2, d)
     if (text[1] - text[0]).float().norm() < 1e-6:
         raise ValueError(f"{from_text!r} and {to_text!r} have the same CLIP text embedding: no direction to edit in")
-    latent = encode_image(pipe, image, steps=steps, progress=progress)
+    latent = encode_image(pipe, image, steps=s.of("decoder").steps, progress=progress)
     z_d = F.normalize(text[1] - text[0], dim=-1)[None]  # (1, d)
     theta = torch.linspace(0, max_angle, n, device=pipe.device, dtype=pipe.dtype)[:, None]  # (n, 1)
     embed = F.normalize(slerp(latent.image_embed[:1], z_d, theta), dim=-1)  # (n, d)
     x_T = repeat(latent.x_T[:1], "1 c h w -> n c h w", n=n)
-    return _decode(pipe, embed, x_T, eta=0.0, steps=steps, progress=progress, seed=seed,
-                   guidance_scale=s.decoder_guidance)
+    return _decode(pipe, embed, x_T, s, seed=seed, progress=progress)
