@@ -261,3 +261,20 @@ def test_a_checkpoint_from_before_train_eps_warns_when_eps_changes(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.warns(UserWarning, match=r"changed optimizer settings, applied from step 2: eps 1e-08 -> 1e-06"):
         Trainer(ToyTask(), cfg_with(cfg, eps=1e-6), tmp_path).train()
+
+
+def test_a_run_that_set_defer_sync_still_resumes(tmp_path):
+    """defer_sync has no effect: a run started with a config that sets it (its checkpoints record it) resumes with a
+    config that drops the key, and ends where an unbroken run without it does."""
+    cfg = make_cfg(max_steps=6, checkpoint_every=3, ema_decay=0.9)
+    reference = Trainer(ToyTask(), cfg, tmp_path / "full")
+    reference.train()
+    out = tmp_path / "split"
+    with pytest.warns(FutureWarning, match="defer_sync"), pytest.raises(SimulatedCrash):
+        Trainer(ToyTask(crash_call=5), cfg_with(cfg, defer_sync=True), out).train()
+    saved = json.loads((out / "checkpoints" / "step-00000003" / "config.json").read_text())
+    assert saved["train"]["defer_sync"] is True
+    resumed = Trainer(ToyTask(), cfg, out)
+    result = resumed.train()
+    assert result.step == 6 and len(result.losses) == 3
+    assert_same_state(reference, resumed)

@@ -9,7 +9,7 @@ adapter, classifier-free guidance and samplers. It imports no stage.
 """
 
 from unclip.diffusion.analytic import sample_analytic_ddpm
-from unclip.diffusion.config import DiffusionConfig, config_denoiser, schedule_for, training_loss
+from unclip.diffusion.config import DiffusionConfig, schedule_for, training_loss
 from unclip.diffusion.denoiser import (
     Denoised,
     Denoiser,
@@ -83,7 +83,6 @@ __all__ = [
     "VarianceType",
     "alphas_cumprod_at",
     "classifier_free_guidance",
-    "config_denoiser",
     "cosine_schedule",
     "ddim_invert",
     "ddim_step",

@@ -3,7 +3,6 @@
     diffusion = DiffusionConfig(objective="v", min_snr_gamma=5.0)
     schedule = schedule_for(diffusion)                  # built once per distinct schedule config
     loss, metrics = training_loss(diffusion, model_output, x0, x_t, t, noise, schedule)
-    denoiser = config_denoiser(model, schedule, diffusion, threshold="static")
 
 Shared by the decoder and the upsamplers (each stores it with its model, so a checkpoint samples on its own).
 """
@@ -11,16 +10,15 @@ Shared by the decoder and the upsamplers (each stores it with its model, so a ch
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from unclip.diffusion.denoiser import Denoiser, denoised_from_output, make_denoiser, threshold_hook
+from unclip.diffusion.denoiser import denoised_from_output
 from unclip.diffusion.gaussian import Objective, VarianceType, diffusion_loss, vlb_loss
 from unclip.diffusion.schedule import NoiseSchedule, ScheduleConfig, make_schedule
 
-__all__ = ["DiffusionConfig", "config_denoiser", "schedule_for", "training_loss"]
+__all__ = ["DiffusionConfig", "schedule_for", "training_loss"]
 
 
 @dataclass(frozen=True)
@@ -76,11 +74,3 @@ def schedule_for(diffusion: DiffusionConfig) -> NoiseSchedule:
     """The noise schedule of a diffusion config (float64, CPU), built once per distinct schedule and shared:
     treat it as read-only."""
     return _schedule(diffusion.schedule)
-
-
-def config_denoiser(model_fn: Callable[..., Tensor], schedule: NoiseSchedule, diffusion: DiffusionConfig, *,
-                    threshold: str | float | None = None) -> Denoiser:
-    """`make_denoiser` for a network trained under `diffusion` (its objective and variance), with the x0 hook
-    named by `threshold` ("static", a dynamic-threshold percentile in (0, 1], or None; see `threshold_hook`)."""
-    return make_denoiser(model_fn, schedule, diffusion.objective, variance=diffusion.variance,
-                         x0_hook=threshold_hook(threshold))

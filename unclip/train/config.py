@@ -31,8 +31,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model's forward in place (slow first steps; state-dict keys unchanged)
     gradient_checkpointing: bool = False  # recompute activations in the backward (modules that support it)
     fused_adamw: bool | None = None  # fused AdamW kernel; None: on CUDA only
-    defer_sync: bool | None = None  # keep loss / grad norm on the device, read every log_every steps (needs fused
-    #   AdamW: non-finite steps are skipped on the device and counted at the next read); None: on CUDA only
+    defer_sync: bool | None = None  # no effect (each optimizer step reads its loss and gradient norm once); kept so
+    #   that configs setting it still load; the Trainer warns when it is set
     distributed: Literal["ddp", "fsdp"] = "ddp"  # how several processes share the model (one process: neither)
     seed: int = 0  # data order, training RNG (per process) and data-worker seeds derive from it
     num_workers: int = 0  # DataLoader worker processes per training process
@@ -69,8 +69,4 @@ class TrainConfig:
         need(self.sample_every >= 0, f"sample_every must be >= 0, got {self.sample_every}")
         need(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        need(
-            not (self.defer_sync and self.fused_adamw is False),
-            "defer_sync needs fused_adamw (non-finite steps are skipped on the device by the fused kernel)",
-        )
         need(self.max_nonfinite_steps >= 1, f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")

@@ -20,8 +20,8 @@ from torch import nn
 
 from .config import TrainConfig
 
-__all__ = ["build_accelerator", "enable_gradient_checkpointing", "end_process", "step_options", "to_channels_last",
-           "unwrap_model"]
+__all__ = ["build_accelerator", "enable_gradient_checkpointing", "end_process", "to_channels_last", "unwrap_model",
+           "use_fused_adamw"]
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -76,19 +76,9 @@ def build_accelerator(cfg: TrainConfig, task: Any) -> Accelerator:
     return acc
 
 
-def step_options(cfg: TrainConfig, device_type: str, mixed_precision: str) -> tuple[bool, bool]:
-    """(defer_sync, fused_adamw) as a run on `device_type` with `mixed_precision` resolves the config's None values.
-
-    Unset, both are on for CUDA. defer_sync needs the fused kernel (it skips a non-finite step on the device), so
-    it stays off when fused_adamw is false, and it never combines with fp16 (the loss scaler reads on the host).
-    """
-    fp16 = mixed_precision == "fp16"
-    if cfg.defer_sync and fp16:
-        raise ValueError("defer_sync does not combine with fp16 (its loss scaler reads the gradients on the host)")
-    on_cuda = device_type == "cuda"
-    defer = cfg.defer_sync if cfg.defer_sync is not None else on_cuda and not fp16 and cfg.fused_adamw is not False
-    fused = cfg.fused_adamw if cfg.fused_adamw is not None else on_cuda or defer
-    return bool(defer), bool(fused)
+def use_fused_adamw(cfg: TrainConfig, device_type: str) -> bool:
+    """Whether a run on `device_type` uses the fused AdamW kernel: `cfg.fused_adamw`, or when unset, on CUDA only."""
+    return cfg.fused_adamw if cfg.fused_adamw is not None else device_type == "cuda"
 
 
 def end_process(code: int = 0) -> NoReturn:

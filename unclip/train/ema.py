@@ -46,12 +46,9 @@ class EMA:
         return min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
-    def update(self, model: nn.Module, gate: torch.Tensor | None = None) -> None:
-        """Move the shadow weights towards `model`'s (the unwrapped module the EMA was built from). `gate`: a 0-d
-        bool tensor on the device; False leaves the weights as they are without a host sync (a skipped step)."""
+    def update(self, model: nn.Module) -> None:
+        """Move the shadow weights towards `model`'s (the unwrapped module the EMA was built from)."""
         weight = 1.0 - self.current_decay()
-        if gate is not None:
-            weight = gate.float() * weight  # 0-d tensor: lerp_ reads it on the device
         src_params, own_params = dict(model.named_parameters()), dict(self.model.named_parameters())
         for name in self.param_names:
             own_params[name].lerp_(src_params[name].detach().float(), weight)

@@ -9,13 +9,16 @@ non-finite loss skipping, atomic rotating checkpoints with exact resume, log.jso
 periodic sample grids and a final `task.export`. Data sharding is done here from one deterministic global
 order (see `unclip.train.data`), not by accelerate's dataloader wrapper.
 
+Each optimizer step reads its mean loss, gradient norm and tensor metrics on the host in one transfer, then
+applies the update only when the loss and gradient norm are finite (with fp16, the loss scaler also skips an
+overflow): the optimizer, the LR schedule, the EMA and the step count advance together, for applied updates only.
+On a GPU the read waits for the backward to finish; the GPU then idles while the host queues the update, the EMA
+and the next forward until it is ahead again: about a millisecond or a few per step for a model of hundreds of
+parameter tensors, against forward and backward passes of 100s of ms.
+
 GPU efficiency knobs (TrainConfig): channels_last, compile (in place, so state-dict keys do not change),
 gradient_checkpointing (modules with a `set_gradient_checkpointing(enabled)` method, e.g. `unclip.nn.UNet`),
-fused_adamw, and defer_sync: on CUDA the step never waits for the device; loss, gradient norm and metrics stay
-there and are read in one transfer every `log_every` steps (and before samples / checkpoints), the fused AdamW
-kernel skips a non-finite step on the device (`found_inf`), and the skipped steps are taken back out of the step
-count, the LR schedule and the EMA warm-up when they are read.
-"""
+fused_adamw."""
 
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from ..checkpoint import clean_stale_temporaries
 from ..data.image_text import DataError
 from .config import TrainConfig
 from .data import build_train_loader, is_empty_batch, split_skipped
-from .device import build_accelerator, enable_gradient_checkpointing, step_options, to_channels_last
+from .device import build_accelerator, enable_gradient_checkpointing, to_channels_last, use_fused_adamw
 from .ema import EMA
 from .logging import MetricWindow, RunLogger
 from .lr import build_lr_scheduler, build_optimizer
@@ -99,11 +102,22 @@ class TrainResult:
 
 
 class _Outcome(NamedTuple):
-    loss: Any  # float, or a 0-d device tensor until read (defer_sync)
-    grad_norm: Any
-    lr: float
-    metrics: dict[str, Any]
-    finite: Any = True  # deferred steps: 0-d bool tensor, False when the device skipped the update
+    """An applied optimizer step, read on the host."""
+
+    loss: float  # mean over the step's micro-batches (and processes)
+    grad_norm: float  # global L2 norm of the gradients before clipping
+    lr: float  # the learning rate of the update
+    metrics: dict[str, float]  # the task's metrics, mean over the micro-batches (this process)
+
+
+def _read_on_host(loss: torch.Tensor, grad_norm: torch.Tensor | float,
+                  metrics: dict[str, Any]) -> tuple[float, float, dict[str, float]]:
+    """A step's 0-d loss, gradient norm and metrics as floats, the tensors read in one device-to-host transfer."""
+    tensors = [loss, torch.as_tensor(grad_norm, device=loss.device)]
+    tensors += [v for v in metrics.values() if isinstance(v, torch.Tensor)]
+    values = iter(torch.stack([t.float().reshape(()).to(loss.device) for t in tensors]).tolist())
+    loss_value, norm_value = next(values), next(values)
+    return loss_value, norm_value, {k: next(values) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
 
 
 class Trainer(Checkpointing):
@@ -127,7 +141,9 @@ class Trainer(Checkpointing):
                             if self.world_size > 1 and acc.device.type != "cpu" else None)
         if acc.is_fsdp2 and cfg.ema_decay is not None:
             raise NotImplementedError("EMA is not supported with distributed: fsdp yet; use ddp or ema_decay: null")
-        self.defer_sync, fused = step_options(cfg, acc.device.type, acc.mixed_precision)
+        if cfg.defer_sync is not None:
+            warnings.warn("train.defer_sync has no effect (each optimizer step reads its loss and gradient norm "
+                          "once); remove it from the config", FutureWarning, stacklevel=2)
         model = task.model.to(acc.device)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -135,7 +151,7 @@ class Trainer(Checkpointing):
             model = model.to(memory_format=torch.channels_last)
         if cfg.compile:
             model.compile()  # in place: the module, its parameters and state-dict keys stay what they were
-        optimizer = build_optimizer(model, cfg, fused=fused)
+        optimizer = build_optimizer(model, cfg, fused=use_fused_adamw(cfg, acc.device.type))
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.scheduler = build_lr_scheduler(self.optimizer.optimizer, cfg)
         self.ema = EMA(self.unwrapped_model, cfg.ema_decay) if cfg.ema_decay is not None else None
@@ -213,27 +229,16 @@ class Trainer(Checkpointing):
         )  # fmt: skip
         window = MetricWindow(self.samples_seen)
         stream = self._batches()
-        pending: list[_Outcome] = []  # defer_sync: steps run but not read yet
         try:
             while self.step < cfg.max_steps:
                 outcome = self._train_step(stream)
                 if outcome is None:
                     continue
                 bar.update(1)
-                if self.defer_sync:
-                    pending.append(outcome)
-                    if not self._read_due():
-                        continue
-                    done, pending = self._settle(pending), []
-                    bar.update(self.step - bar.n)  # skipped steps are taken back
-                else:
-                    done = [outcome]
-                for outcome in done:
-                    losses.append(outcome.loss)
-                    window.add(outcome.loss, outcome.grad_norm, outcome.lr, outcome.metrics)
-                if done:
-                    rate = window.rate(self.samples_seen)
-                    bar.set_postfix(loss=f"{done[-1].loss:.4f}", samples_s=f"{rate:.1f}", refresh=False)
+                losses.append(outcome.loss)
+                window.add(outcome.loss, outcome.grad_norm, outcome.lr, outcome.metrics)
+                rate = window.rate(self.samples_seen)
+                bar.set_postfix(loss=f"{outcome.loss:.4f}", samples_s=f"{rate:.1f}", refresh=False)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     self._logger.log(window.record(self.step, self.samples_seen, self._totals()))
                     window = MetricWindow(self.samples_seen)
@@ -246,7 +251,8 @@ class Trainer(Checkpointing):
             stream.close()
 
     def _train_step(self, stream: Iterator[Any]) -> _Outcome | None:
-        """One optimizer step over `grad_accum_steps` micro-batches; None when it was skipped."""
+        """One optimizer step over `grad_accum_steps` micro-batches; None when its update was skipped (non-finite loss
+        or gradient norm, or an fp16 overflow)."""
         acc, cfg = self.accelerator, self.cfg
         loss_sum = torch.zeros((), device=acc.device)
         metrics: dict[str, Any] = {}
@@ -258,7 +264,7 @@ class Trainer(Checkpointing):
                     loss, batch_metrics = self.task.loss(self.model, batch)
                 acc.backward(loss / cfg.grad_accum_steps)
             loss_sum += loss.detach().float()
-            for k, v in batch_metrics.items():  # tensors stay on the device (no sync); floats are taken as they are
+            for k, v in batch_metrics.items():  # tensors stay on the device until the step's one read
                 v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
                 metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum_steps
         mean_loss = loss_sum / cfg.grad_accum_steps
@@ -266,10 +272,7 @@ class Trainer(Checkpointing):
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        if self.defer_sync:
-            return self._deferred_update(mean_loss, torch.as_tensor(grad_norm, device=acc.device), lr, metrics)
-        mean_loss, grad_norm = float(mean_loss), float(grad_norm)
-        metrics = {k: float(v) for k, v in metrics.items()}
+        mean_loss, grad_norm, metrics = _read_on_host(mean_loss, grad_norm, metrics)
         try:
             applied = self._apply_update(mean_loss, grad_norm)
         finally:
@@ -281,63 +284,6 @@ class Trainer(Checkpointing):
             self.ema.update(self.unwrapped_model)
         self.step += 1
         return _Outcome(mean_loss, grad_norm, lr, metrics)
-
-    def _deferred_update(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
-                         metrics: dict[str, Any]) -> _Outcome:
-        """Step without reading anything on the host: the fused AdamW kernel skips the update on the device when
-        the loss or gradient norm is non-finite; `_settle` counts such steps later."""
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        self.optimizer.optimizer.found_inf = (~finite).float()  # read by the fused kernel: 1 leaves everything as is
-        try:
-            self.optimizer.step()
-        finally:
-            self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update(self.unwrapped_model, gate=finite)
-        self.step += 1
-        return _Outcome(loss, grad_norm, lr, metrics, finite)
-
-    def _read_due(self) -> bool:
-        """defer_sync: whether the steps run so far must be read now (a log record, samples, a checkpoint, the end)."""
-        cfg, step = self.cfg, self.step
-        return (step % cfg.log_every == 0 or step >= cfg.max_steps or bool(cfg.sample_every and step % cfg.sample_every
-                == 0) or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0))
-
-    def _settle(self, pending: list[_Outcome]) -> list[_Outcome]:
-        """Read deferred steps in one device-to-host transfer; return the applied ones with plain floats, count the
-        skipped ones (as `_apply_update` does) and take them back out of the step count, LR schedule and EMA warm-up."""
-        flat = [t for o in pending for t in (o.loss, o.grad_norm, o.finite, *o.metrics.values())
-                if isinstance(t, torch.Tensor)]
-        values = iter(torch.stack([t.float().reshape(()) for t in flat]).tolist())
-        take = lambda v: next(values) if isinstance(v, torch.Tensor) else v  # noqa: E731
-        applied, skipped, step = [], 0, self.step - len(pending)
-        for o in pending:
-            loss, grad_norm, finite = take(o.loss), take(o.grad_norm), take(o.finite)
-            metrics = {k: take(v) for k, v in o.metrics.items()}
-            if finite:
-                step += 1
-                self.consecutive_nonfinite = 0
-                applied.append(_Outcome(loss, grad_norm, o.lr, metrics))
-                continue
-            skipped += 1
-            self.nonfinite_steps += 1
-            self.consecutive_nonfinite += 1
-            self._logger.log({"step": step + 1, "event": "nonfinite", "loss": loss, "grad_norm": grad_norm,
-                              **self._totals()})
-        if skipped:
-            self.step -= skipped
-            if self.ema is not None:
-                self.ema.num_updates -= skipped
-            self.scheduler.last_epoch -= skipped + 1
-            self.scheduler.step()  # recomputes the LR of update number `self.step`
-        if self.consecutive_nonfinite >= self.cfg.max_nonfinite_steps:
-            raise NonFiniteLossError(
-                f"the loss or gradient norm was non-finite for {self.consecutive_nonfinite} optimizer steps in a row "
-                f"(read at step {self.step}); the run stopped (last checkpoint: {self._last_checkpoint_step}). Try a "
-                f"lower lr (now {self.cfg.lr}), a longer warm-up or grad_clip, or check the data for NaN/inf."
-            )
-        return applied
 
     def _apply_update(self, loss: float, grad_norm: float) -> bool:
         """Step the optimizer unless the loss (or, without fp16 loss scaling, the gradient) is non-finite."""
