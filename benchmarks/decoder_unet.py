@@ -11,7 +11,7 @@ the peer (`dalle2_pytorch.Unet`, version 1.15.6, conditioned on the image embedd
 - train: one training step at batch B: forward (with the training-time condition dropout), MSE to the noise,
   backward, `torch.optim.AdamW.step` (torch's default implementation on CPU, the same for both);
 - sample: the network work of one sampler step at batch B: eval mode, no_grad, one conditional forward (the unit of
-  both sides' guided steps, which are timed too: the peer's as two forwards of B, ours as `guided_decoder` makes
+  both sides' guided steps, which are timed too: the peer's as two forwards of B, ours as `Decoder.denoiser` makes
   it, two forwards of B on the CPU and one of 2B on a GPU);
 - loop: sampling one batch of B images from noise, each side's own sampler: `--loop-steps` DDIM steps (eta 0),
   classifier-free guidance 3, dynamic thresholding of x0 at the 99.5th percentile (ours `decoder.decode`, the
@@ -114,10 +114,11 @@ def guided(side: str, model, x: dict[str, torch.Tensor]) -> torch.Tensor:
     if side == "peer":
         return model.forward_with_cond_scale(x["x_t"], x["t"], image_embed=x["image_embed"],
                                              text_encodings=x["text_states"], cond_scale=GUIDANCE)
-    from decoder.sampling import guided_decoder  # what our sampler calls (on a CPU: two forwards of B)
+    from unclip.settings import StageSampling
 
-    return guided_decoder(model, GUIDANCE)(x["x_t"], x["t"], image_embed=x["image_embed"],
-                                           text_states=x["text_states"], text_mask=x["text_mask"])
+    # what our sampler calls (on a CPU: two forwards of B); x0 thresholding is left out, as the peer's call has none
+    cond = {"image_embed": x["image_embed"], "text_states": x["text_states"], "text_mask": x["text_mask"]}
+    return model.denoiser(cond, StageSampling(guidance=GUIDANCE), threshold=None)(x["x_t"], x["t"]).eps
 
 
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}  # process: CPU seconds, steadier on a busy machine

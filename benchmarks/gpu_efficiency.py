@@ -151,7 +151,7 @@ def build_full_pipeline(device: torch.device):
     decoder = Decoder(load_decoder_config())
     ups = [Upsampler(load_config(TrainUpsamplerConfig, configs / "upsamplers" / f"full-{n}.yaml").model)
            for n in ("64-256", "256-1024")]
-    return UnclipPipeline(clip, prior, decoder, ups).to(device, torch.bfloat16)
+    return UnclipPipeline(clip, [prior, decoder, *ups]).to(device, torch.bfloat16)
 
 
 def measure_sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -164,7 +164,14 @@ def measure_sampling(args: argparse.Namespace) -> dict[str, Any]:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"images": args.images, "image_size": images.shape[-1], "seconds": seconds,
-            "images_per_s": args.images / seconds, "defaults": str(pipeline.defaults)}
+            "images_per_s": args.images / seconds, "defaults": sampling_summary(pipeline.sampling)}
+
+
+def sampling_summary(sampling) -> str:
+    """The pipeline's sampling settings in one line: best-of, then each stage's sampler, steps and guidance."""
+    stages = [f"{name} {spec.sampler} {spec.steps} steps, guidance {spec.guidance:g}"
+              for name, spec in sampling.stages.items()]
+    return f"best of {sampling.best_of}; " + "; ".join(stages)
 
 
 def render(data: dict[str, Any]) -> str:

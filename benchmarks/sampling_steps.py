@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_result, write_section  # noqa: E402
 
-from unclip.diffusion import SAMPLER_NAMES  # noqa: E402
+from unclip.diffusion import SAMPLERS  # noqa: E402
 from unclip.pipeline import load_pipeline  # noqa: E402
 from unclip.pipeline.evaluation import evaluate_pipeline  # noqa: E402
 
@@ -32,7 +32,10 @@ BUDGETS = {"paper": 1.0, "1/5": 0.2, "1/10": 0.1}
 def steps_at(fraction: float, n_upsamplers: int) -> dict[str, object]:
     """Per-stage steps at a fraction of the paper's (at least 2 each)."""
     s = [max(2, round(k * fraction)) for k in PAPER]
-    return {"prior_steps": s[0], "decoder_steps": s[1], "upsampler_steps": tuple(s[2:2 + n_upsamplers])}
+    steps: dict[str, object] = {"prior_steps": s[0], "decoder_steps": s[1]}
+    if n_upsamplers:  # one value per upsampler (`unclip.settings.with_overrides`)
+        steps["upsampler_steps"] = tuple(s[2:2 + n_upsamplers])
+    return steps
 
 
 def main() -> None:
@@ -40,7 +43,7 @@ def main() -> None:
     p.add_argument("--pipeline", default=None, help="pipeline directory (default: the shipped SHAPES model)")
     p.add_argument("--images-per-caption", type=int, default=4)
     p.add_argument("--samplers", nargs="+", default=["dpmpp_2m_sde", "dpmpp_2m", "ddim", "ddpm"],
-                   choices=SAMPLER_NAMES)
+                   choices=tuple(SAMPLERS))
     p.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args()
@@ -55,7 +58,7 @@ def main() -> None:
             report = evaluate_pipeline(pipe, images_per_caption=args.images_per_caption, seed=0, real_samples=200,
                                        progress=False, sampler=sampler, **steps)
             seconds = time.perf_counter() - start
-            total = steps["prior_steps"] + steps["decoder_steps"] + sum(steps["upsampler_steps"])
+            total = steps["prior_steps"] + steps["decoder_steps"] + sum(steps.get("upsampler_steps", ()))
             row = {"sampler": sampler, "budget": budget, **steps, "total_steps": total, "seconds": seconds,
                    "accuracy": report["accuracy"], "clip_score": report["clip_score"], "fid": report["fid"]}
             rows.append(row)
@@ -73,7 +76,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        st = f"{r['prior_steps']} / {r['decoder_steps']} / {' / '.join(map(str, r['upsampler_steps']))}"
+        st = " / ".join(map(str, [r["prior_steps"], r["decoder_steps"], *r.get("upsampler_steps", ())]))
         lines.append(f"| {r['sampler']} | {r['budget']} | {st} | {r['total_steps']} | {r['accuracy']['all']:.1%} | "
                      f"{r['accuracy']['shape']:.1%} | {r['clip_score']:.2f} | {r['fid']:.4f} | {r['seconds']:.0f} |")
     lines += ["", *against_paper(rows)]

@@ -39,9 +39,9 @@ from unclip.diffusion import (
     threshold_hook,
 )
 from unclip.images import resize_images, to_signed_range, to_unit_range
-from unclip.nn import UNet
+from unclip.nn import UNet, eval_mode
 from unclip.settings import StageSampling
-from unclip.stage import CascadeState, Role, SamplingRun, eval_mode, run_sampler
+from unclip.stage import CascadeState, Role, SamplingRun, run_sampler
 
 from .config import DecoderConfig
 
@@ -128,6 +128,9 @@ class Decoder(nn.Module):
     def default_sampling(self) -> StageSampling:
         """Ancestral DDPM (it reconstructs SHAPES best), 50 steps (the paper: 250), guidance 3."""
         return StageSampling(sampler="ddpm", steps=50, guidance=3.0)
+
+    def check_sampling(self, spec: StageSampling) -> None:
+        """Every sampler, step count, guidance and eta the settings allow is fine."""
 
     def sampler_options(self) -> dict[str, Any]:
         """The reverse-step variance the decoder was trained for (a learned range needs its output channels)."""

@@ -15,11 +15,11 @@ import torch
 from torch import Tensor
 
 from unclip.clip import TextEncoding
-from unclip.diffusion import make_denoiser
 from unclip.diffusion.analytic import eps_moments
+from unclip.nn import eval_mode
+from unclip.settings import StageSampling
 
 from .model import DiffusionPriorNetwork
-from .sampling import _eval_mode, cached_prior_fn
 
 __all__ = ["calibrate_prior"]
 
@@ -45,13 +45,13 @@ def calibrate_prior(
                          f"{text.text_embed.shape[0]} and {n}")
     dtype = next(prior.parameters()).dtype
     total = torch.zeros(prior.schedule.num_timesteps, dtype=torch.float64)
-    with _eval_mode(prior):
+    with eval_mode(prior):
         for start in range(0, n, batch_size):
             rows = slice(start, start + batch_size)
             chunk = TextEncoding(text.text_embed[rows], text.text_states[rows], text.text_mask[rows])
             chunk = chunk.to(prior.device, dtype)
             x0 = image_embed[rows].to(prior.device, dtype) * prior.scale
-            denoiser = make_denoiser(cached_prior_fn(prior, chunk, 1), prior.schedule, prior.config.objective)
+            denoiser = prior.denoiser({"text": chunk, "num_samples": 1}, StageSampling(guidance=1.0))  # unguided
             total += eps_moments(denoiser, prior.schedule, x0, generator=generator, progress=progress) * x0.shape[0]
     prior.eps_moments = total / n
     return prior.eps_moments

@@ -38,7 +38,7 @@ from x_transformers import Decoder
 from unclip.checkpoint import CheckpointError, load_pretrained_dir, load_state_dict_strict, save_pretrained_dir
 from unclip.clip import TextEncoding
 from unclip.config import config_to_dict, load_config
-from unclip.diffusion import Denoiser, NoiseSchedule, make_denoiser, make_schedule, randn
+from unclip.diffusion import Denoiser, NoiseSchedule, make_denoiser, make_schedule, randn, sampler_options
 from unclip.nn.layers import timestep_embedding
 from unclip.settings import StageSampling
 from unclip.stage import CascadeState, Role, SamplingRun, run_sampler
@@ -197,6 +197,13 @@ class DiffusionPriorNetwork(nn.Module):
         guidance (on SHAPES, guidance 2 gave the same cosine to the true image embeddings and 4 a lower one)."""
         return StageSampling(sampler="ddpm", steps=64, guidance=1.0)
 
+    def check_sampling(self, spec: StageSampling) -> None:
+        """A sampler that needs Analytic-DPM moments (analytic_ddpm) needs a calibrated prior."""
+        if sampler_options(spec.sampler).get("moments") and self.eps_moments is None:
+            raise ValueError(f"sampler {spec.sampler!r} needs the prior's Analytic-DPM moments, and this prior has "
+                             "none: calibrate it (train-prior does it with calibration_samples > 0; "
+                             "prior.analytic.calibrate_prior for any prior) or choose another sampler")
+
     def sampler_options(self) -> dict[str, Any]:
         """The Analytic-DPM moments of a calibrated prior (prior/analytic.py), for `analytic_ddpm`."""
         return {"moments": self.eps_moments}
@@ -225,7 +232,10 @@ class DiffusionPriorNetwork(nn.Module):
         b, d = text.text_embed.shape
         if x_T is None:
             x_T = randn((b * n, d), generator=run.generator, device=self.device, dtype=dtype)
-        x0 = run_sampler(self, name, spec, x_T, {"text": text, "num_samples": n, "use_cache": use_cache}, run)
+        cond = {"text": text, "num_samples": n, "use_cache": use_cache}
+        # x-transformers returns masked attention in float32: half-precision weights need autocast to meet it
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            x0 = run_sampler(self, name, spec, x_T, cond, run)
         return rearrange(F.normalize(x0.float(), dim=-1), "(b n) d -> b n d", n=n)  # on CLIP's unit sphere
 
     # ----- checkpoints --------------------------------------------------------------------------------

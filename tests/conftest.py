@@ -68,7 +68,8 @@ def build_tiny_pipeline(clip, *, upsampler_sides: tuple[int, ...] = (), seed: in
     from prior import DiffusionPriorNetwork, PriorConfig
     from unclip.config import load_config
     from unclip.nn import UNetConfig
-    from unclip.pipeline.pipeline import GenerationDefaults, UnclipPipeline
+    from unclip.pipeline.pipeline import UnclipPipeline
+    from unclip.settings import Sampling, StageSampling
 
     torch.manual_seed(seed)
     prior = DiffusionPriorNetwork(load_config(PriorConfig, dict(
@@ -89,8 +90,9 @@ def build_tiny_pipeline(clip, *, upsampler_sides: tuple[int, ...] = (), seed: in
             for p in module.parameters():
                 if p.abs().sum() == 0:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    defaults = GenerationDefaults(prior_steps=4, decoder_steps=4, upsampler_steps=(3,) * len(upsamplers))
-    return UnclipPipeline(clip, prior, decoder, upsamplers, defaults)
+    stages = {"prior": StageSampling("ddim", steps=4), "decoder": StageSampling("ddim", steps=4, guidance=3.0),
+              **{f"upsampler-{i}": StageSampling("ddim", steps=3) for i in range(1, len(upsamplers) + 1)}}
+    return UnclipPipeline(clip, [prior, decoder, *upsamplers], Sampling(best_of=2, stages=stages))
 
 
 def tiny_upsampler(low: int, high: int):

@@ -46,13 +46,13 @@ def test_cascade_shapes_16_32_64(cascade):
 
 def test_upsamplers_in_the_wrong_order_are_refused_before_any_sampling(cascade, tiny_clip, tmp_path, monkeypatch,
                                                                        capsys):
-    """32 -> 64 then 16 -> 32: the first stage used to run (minutes at full size) before the second refused."""
-    import unclip.pipeline.cascade as cascade_module
+    """32 -> 64 then 16 -> 32: refused before the first stage runs (minutes at full size)."""
+    import unclip.stage as stage_module
 
     def never(*args, **kwargs):
         raise AssertionError("sampling started")
 
-    monkeypatch.setattr(cascade_module, "upsample", never)
+    monkeypatch.setattr(stage_module, "sample", never)  # every stage's sampling loop (`run_sampler`)
     message = r"upsampler 2 takes 16px images but upsampler 1 makes 64px ones \(upsamplers go lowest resolution first\)"
     with pytest.raises(ValueError, match=message):
         run_cascade(torch.rand(1, 3, 32, 32), cascade[::-1])

@@ -3,6 +3,7 @@
 import pickle
 import socket
 
+import huggingface_hub
 import numpy as np
 import open_clip
 import pytest
@@ -10,9 +11,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from unclip import hub
 from unclip.checkpoint import CheckpointError
 from unclip.clip import CaptionError, Clip, ClipConfig, load_clip
-from unclip.clip import weights as clip_weights
+from unclip.config import load_config
 
 CAPTIONS = ["a red circle on a blue background", "a green square", "cross"]
 
@@ -81,7 +83,7 @@ def test_our_format_round_trip(tiny_clip, tmp_path):
     tiny_clip.save_pretrained(tmp_path / "clip")
     _assert_same(tiny_clip, Clip.from_pretrained(tmp_path / "clip"))
     _assert_same(tiny_clip, load_clip(tmp_path / "clip"))
-    _assert_same(tiny_clip, Clip.from_config({"checkpoint": str(tmp_path / "clip")}))
+    _assert_same(tiny_clip, Clip.from_config(load_config(ClipConfig, {"checkpoint": str(tmp_path / "clip")})))
 
 
 @pytest.mark.parametrize("fmt", ["training-pt", "plain-pt", "safetensors"])
@@ -180,22 +182,39 @@ def tiny_name(tiny_arch, monkeypatch):
 
 
 @pytest.fixture()
-def offline(monkeypatch):
-    """open_clip's download as it fails where names resolve but the hub cannot be reached (after its retries); the
-    calls are recorded."""
-    calls = []
-    monkeypatch.setattr(clip_weights, "_resolves", lambda host: True)
+def no_network(monkeypatch):
+    """A machine without network: no host name resolves, and huggingface_hub's retry waits are recorded (returning
+    at once) instead of slept."""
+    import huggingface_hub.utils._http as hub_http
 
-    def download(cfg, *args, **kwargs):
-        calls.append(cfg)
-        raise FileNotFoundError("Failed to download file (open_clip_pytorch_model.bin) for timm/vit_base_patch32_"
-                                "clip_224.openai. Last error: (MaxRetryError('HTTPSConnectionPool(huggingface.co)'))")
+    def unresolvable(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
-    monkeypatch.setattr(open_clip.factory, "download_pretrained", download)
+    waits = []
+    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
+    monkeypatch.setattr(hub_http.time, "sleep", waits.append)
+    return waits
+
+
+@pytest.fixture()
+def unreachable_hub(monkeypatch, tmp_path, no_network):
+    """A hub that cannot be reached although its name seems to resolve (so unclip asks it, as behind a firewall):
+    huggingface_hub retries, then fails. An empty cache; the files asked of the hub are recorded."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(hub, "_resolves", lambda host: True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    calls, download = [], huggingface_hub.hf_hub_download
+
+    def recorded(repo_id, filename, **kwargs):
+        calls.append(filename)
+        return download(repo_id, filename, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recorded)
     return calls
 
 
-def test_pretrained_weights_that_cannot_be_had_are_one_clear_error(tiny_name, tmp_path, offline):
+def test_pretrained_weights_that_cannot_be_had_are_one_clear_error(tiny_name, tmp_path, unreachable_hub):
     """A missing file, a file that holds no weights, an unknown tag, and a tag that cannot be downloaded: each a
     ClipWeightsError (a CheckpointError, one line on the command line) naming what was given; no download tried
     for files and unknown tags."""
@@ -214,11 +233,11 @@ def test_pretrained_weights_that_cannot_be_had_are_one_clear_error(tiny_name, tm
         Clip.from_open_clip("ViT-B-32", pretrained="nosuchtag")
     with pytest.raises(CheckpointError, match=r"is a directory: give an open_clip weights file"):
         Clip.from_open_clip(tiny_name, pretrained=str(tmp_path))
-    assert offline == []
+    assert unreachable_hub == []
     with pytest.raises(CheckpointError, match="the open_clip weights 'openai' of ViT-B-32 could not be downloaded "
-                                               r"\(offline\?\): .*MaxRetryError.* give a local open_clip weights file"):
+                                               r"\(offline\?\): .* give a local open_clip weights file"):
         load_clip("ViT-B-32", pretrained="openai")
-    assert len(offline) == 1
+    assert unreachable_hub == ["open_clip_model.safetensors"]  # the unreachable hub is not asked for the .bin too
 
 
 def test_a_name_without_weights_or_a_file_instead_of_a_directory_is_refused(tiny_clip, tiny_name, tmp_path):
@@ -269,21 +288,6 @@ def test_architecture_typos_are_config_errors_naming_the_closest_key(tiny_arch, 
             check_architecture(open_clip.get_model_config(name))
 
 
-@pytest.fixture()
-def no_network(monkeypatch):
-    """A machine without network: no host name resolves, and huggingface_hub's retry waits are recorded (returning
-    at once) instead of slept."""
-    import huggingface_hub.utils._http as hub_http
-
-    def unresolvable(host, *args, **kwargs):
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-
-    waits = []
-    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
-    monkeypatch.setattr(hub_http.time, "sleep", waits.append)
-    return waits
-
-
 def test_a_pretrained_tag_offline_loads_from_the_cache_or_fails_without_retrying(tiny_name, tmp_path, monkeypatch,
                                                                                  no_network):
     """huggingface_hub retries an unresolvable host (~25 s per file, two files) before it fails on a tag it has not
@@ -304,10 +308,30 @@ def test_a_pretrained_tag_offline_loads_from_the_cache_or_fails_without_retrying
     save_file(source.model.state_dict(), str(repo / "snapshots" / revision / "open_clip_model.safetensors"))
 
     clip = Clip.from_open_clip(tiny_name, pretrained="cached")
+    assert no_network == [] and not constants.HF_HUB_OFFLINE  # from the cache at once; no library's setting changed
     assert clip.fingerprint() == source.fingerprint()
-    assert tuple(clip.preprocess_cfg.mean) == (0.5, 0.5, 0.5)  # the tag's own preprocessing, as open_clip gives it
-    assert no_network == [] and not constants.HF_HUB_OFFLINE  # no retry; offline mode was only for the load
+    reference = open_clip.create_model(tiny_name, pretrained="cached")  # open_clip alone: its cache after the retries
+    assert dict(clip.model.visual.preprocess_cfg) == dict(reference.visual.preprocess_cfg)  # the tag's preprocessing
+    assert tuple(clip.preprocess_cfg.mean) == (0.5, 0.5, 0.5)
+    no_network.clear()
     with pytest.raises(CheckpointError, match="'elsewhere' of unclip-test-tiny could not be downloaded .*not in the "
                                                "local cache and the Hugging Face Hub's host does not resolve"):
         Clip.from_open_clip(tiny_name, pretrained="elsewhere")
     assert no_network == []
+
+
+def test_the_hub_is_offline_when_told_or_when_its_host_does_not_resolve(monkeypatch):
+    """HF_HUB_OFFLINE is honoured without a look-up; an unresolvable host counts only without a proxy (which resolves
+    names itself)."""
+    from huggingface_hub import constants
+
+    lookups = []
+    monkeypatch.setattr(hub, "_resolves", lambda host: lookups.append(host) or False)
+    for variable in hub.PROXY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub.offline_reason() == "HF_HUB_OFFLINE is set" and lookups == []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert hub.is_offline() and len(lookups) == 1  # the endpoint's host, looked up
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert not hub.is_offline()

@@ -6,21 +6,24 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import refuse_resume_after_clip_retrain
+from safetensors.torch import load_file
 
 from decoder import (
     Decoder,
     DecoderConfig,
     DecoderTrainTask,
-    DiffusionConfig,
     TrainDecoderConfig,
     decode,
     image_variations,
     reconstruction_accuracy,
 )
-from unclip.checkpoint import CheckpointError
+from unclip.checkpoint import WEIGHTS_NAME, CheckpointError
 from unclip.config import load_config, replace_config
 from unclip.data import make_shapes
+from unclip.diffusion import DiffusionConfig
+from unclip.images import resize_images
 from unclip.nn import UNetConfig
+from unclip.settings import StageSampling
 from unclip.train import TrainConfig, Trainer
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "decoder").glob("*.yaml"))
@@ -136,7 +139,9 @@ def test_decode_shapes_determinism_and_guidance():
     assert images.shape == (3, 3, 8, 8) and images.min() >= 0 and images.max() <= 1
     assert torch.equal(images, run(guidance_scale=1.0))
     assert not torch.allclose(images, run(guidance_scale=3.0))
-    assert not torch.allclose(run(eta=1.0), run(eta=1.0, seed=1))
+    assert not torch.allclose(run(sampler="ddim", eta=1.0), run(sampler="ddim", eta=1.0, seed=1))
+    with pytest.raises(ValueError, match="eta"):  # ancestral DDPM has no eta to set
+        run(eta=1.0)
     assert run(sampler="ddim").shape == run(sampler="dpmpp_2m_sde").shape == (3, 3, 8, 8)
 
 
@@ -152,6 +157,33 @@ def test_guided_decoding_on_cpu_runs_the_two_branches_as_separate_batches():
     finally:
         handle.remove()
     assert batches == [3, 3, 3, 3]
+
+
+def test_the_stage_denoiser_guides_the_networks_eps_with_both_conditions_dropped():
+    torch.manual_seed(0)
+    decoder = randomised(Decoder(tiny_config()))
+    x, t, embed, tokens, mask = inputs(3)
+    cond = {"image_embed": embed, "text_states": tokens, "text_mask": mask}
+    with torch.no_grad():
+        own, null = decoder(x, t, **cond), decoder(x, t, **cond, cond_drop=torch.ones(3, dtype=torch.bool))
+        unguided = decoder.denoiser(cond, StageSampling(guidance=1.0), threshold=None)(x, t)
+        guided = decoder.denoiser(cond, StageSampling(guidance=3.0), threshold=None)(x, t)
+        thresholded = decoder.denoiser(cond, StageSampling(guidance=3.0))(x, t)  # dynamic thresholding by default
+    torch.testing.assert_close(unguided.eps, own)
+    torch.testing.assert_close(guided.eps, null + 3.0 * (own - null))
+    assert thresholded.x0.abs().max() <= 1 and not torch.allclose(thresholded.x0, guided.x0)
+
+
+def test_inverted_latents_decode_back_to_the_image():
+    """DDIM inversion is exact for a decoder whose eps is 0 (its output layer is zero-initialised): decoding the
+    inverted x_T with deterministic DDIM over the same steps gives back the image at the decoder's side."""
+    decoder = Decoder(tiny_config())
+    _, _, embed, _, _ = inputs(2)
+    pixels = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    x_T = decoder.invert(pixels, embed, steps=5)
+    assert x_T.shape == (2, 3, 8, 8) and torch.equal(x_T, decoder.invert(pixels, embed, steps=5))
+    images = decode(decoder, embed, x_T=x_T, steps=5, sampler="ddim", guidance_scale=1.0, threshold=None)
+    torch.testing.assert_close(images, resize_images(pixels, 8), atol=1e-5, rtol=0)
 
 
 def test_decode_with_text_and_learned_variance(tiny_clip):
@@ -179,12 +211,13 @@ def test_image_variations(tiny_clip):
 
 def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
-    decoder = randomised(Decoder(tiny_config(variance="learned_range"), clip_info={"source": "x", "fingerprint": "f"}))
+    decoder = randomised(Decoder(tiny_config(variance="learned_range"), clip_source="x", clip_fingerprint="f"))
     decoder.save_pretrained(tmp_path / "decoder")
     meta = json.loads((tmp_path / "decoder" / "config.json").read_text())
     assert meta["kind"] == "decoder" and meta["config"]["model"]["diffusion"]["variance"] == "learned_range"
     loaded = Decoder.from_pretrained(tmp_path / "decoder")
-    assert loaded.config == decoder.config and loaded.clip_info == decoder.clip_info
+    assert loaded.config == decoder.config
+    assert (loaded.clip_source, loaded.clip_fingerprint) == ("x", "f")
     x, t, embed, tokens, mask = inputs(2)
     with torch.no_grad():
         assert torch.equal(loaded(x, t, image_embed=embed, text_states=tokens, text_mask=mask),
@@ -192,6 +225,26 @@ def test_save_load_round_trip(tmp_path):
     (tmp_path / "decoder" / "config.json").write_text(json.dumps({**meta, "kind": "prior"}))
     with pytest.raises(CheckpointError, match="not a 'decoder'"):
         Decoder.from_pretrained(tmp_path / "decoder")
+
+
+def test_checkpoint_dtypes(tmp_path):
+    """from_pretrained casts to the asked dtype; save_pretrained(dtype=) stores in it, and it loads back as float32."""
+    torch.manual_seed(0)
+    decoder = randomised(Decoder(tiny_config()))
+    decoder.save_pretrained(tmp_path / "fp32")
+    bf16 = Decoder.from_pretrained(tmp_path / "fp32", device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16} and not bf16.training
+    images = decode(bf16, inputs(2)[2], steps=2, generator=torch.Generator().manual_seed(0))
+    assert images.dtype == torch.float32 and images.shape == (2, 3, 8, 8) and torch.isfinite(images).all()
+    decoder.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
+    stored = load_file(tmp_path / "fp16" / WEIGHTS_NAME)
+    assert stored.keys() == decoder.state_dict().keys()
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
+    assert next(decoder.parameters()).dtype == torch.float32, "saving does not cast the module"
+    loaded = Decoder.from_pretrained(tmp_path / "fp16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, decoder.state_dict()[name].half().float()), name
 
 
 @pytest.mark.parametrize(("objective", "variance"), [("eps", "fixed_small"), ("v", "learned_range")])
@@ -206,7 +259,7 @@ def test_tiny_decoder_loss_falls_and_exports(tiny_clip, tmp_path, objective, var
     assert result.nonfinite_steps == 0
     assert (tmp_path / "run" / "samples" / "step-0000060.png").is_file()
     decoder = Decoder.from_pretrained(tmp_path / "run" / "model")
-    assert decoder.clip_info["fingerprint"] == task.clip_info["fingerprint"]
+    assert decoder.clip_fingerprint == task.clip_fingerprint
     images = decode(decoder, tiny_clip.encode_image(torch.rand(2, 3, 32, 32)), steps=3)
     assert images.shape == (2, 3, 8, 8)
 
@@ -282,7 +335,7 @@ def test_resuming_after_the_clip_was_retrained_is_refused(tiny_clip, tiny_arch, 
     args = tiny_cli_args(tmp_path) + ["--set", "eval.samples=0"]
     assert main(args) == 0
     old = refuse_resume_after_clip_retrain(main, args, tmp_path / "clip", tiny_clip, tiny_arch, capsys)
-    assert Decoder.from_pretrained(tmp_path / "run" / "model").clip_info["fingerprint"] == old  # not re-exported
+    assert Decoder.from_pretrained(tmp_path / "run" / "model").clip_fingerprint == old  # not re-exported
 
 
 def test_no_resume_leaves_no_stale_evaluation(tiny_clip, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,15 +11,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 import unclip
+import unclip.stage as stage_module
 from unclip.checkpoint import CheckpointError
 from unclip.cli.main import main
 from unclip.clip import CaptionError
-from unclip.diffusion import SAMPLER_NAMES
+from unclip.diffusion import SAMPLERS, sampler_options
 from unclip.pipeline.default import load_pipeline
 from unclip.pipeline.manipulations import encode_image, interpolate, slerp, text_diff, vary
-from unclip.pipeline.pipeline import GenerationDefaults, UnclipPipeline
+from unclip.pipeline.pipeline import UnclipPipeline
+from unclip.settings import Sampling, StageSampling
 
 CAPTIONS = ["a red circle on a blue background", "a green cross on a white background"]
+UNCALIBRATED = [name for name in SAMPLERS if not any(sampler_options(name).values())]  # what any stage can run
 
 
 def test_generate_gives_caption_major_pil_images_at_the_last_stage_side(cascade):
@@ -37,24 +41,27 @@ def test_generate_is_seeded_and_captions_matter(cascade):
     assert not torch.allclose(swapped, a)
 
 
-def test_settings_override_defaults_and_unknown_ones_are_refused(cascade):
-    s = cascade.settings(decoder_steps=7, upsampler_steps=2, sampler="dpmpp_2m")
-    assert s.decoder_steps == 7 and s.upsampler_steps == (2, 2) and s.sampler == "dpmpp_2m"
-    assert s.prior_steps == cascade.defaults.prior_steps
-    with pytest.raises(TypeError, match="decoder_stepz"):
-        cascade.settings(decoder_stepz=3)
+def test_settings_override_the_pipelines_and_unknown_ones_are_refused(cascade):
+    s = cascade.resolve_sampling(decoder_steps=7, upsampler_steps=2, sampler="dpmpp_2m")
+    assert s.of("decoder").steps == 7 and [s.of(f"upsampler-{i}").steps for i in (1, 2)] == [2, 2]
+    assert {spec.sampler for spec in s.stages.values()} == {"dpmpp_2m"}
+    assert s.of("prior").steps == cascade.sampling.of("prior").steps and s.best_of == cascade.sampling.best_of
+    assert cascade.resolve_sampling({"decoder.steps": 7, "upsampler.steps": [2, 2], "sampler": "dpmpp_2m"}) == s
+    assert cascade.resolve_sampling() == cascade.sampling
+    with pytest.raises(ValueError, match="unknown sampling setting 'decoder_stepz'"):
+        cascade.resolve_sampling(decoder_stepz=3)
 
 
 def test_progress_bars_name_their_stage(cascade, capsys):
     cascade.generate_tensors(CAPTIONS[0], 1, seed=0, sampler="ddpm", progress=True)
     err = capsys.readouterr().err
-    labels = ("prior (ddpm)", "decoder (ddpm)", "upsampler 8->16 (ddpm)", "upsampler 16->32 (ddpm)")
+    labels = ("prior (ddpm)", "decoder (ddpm)", "upsampler-1 (ddpm)", "upsampler-2 (ddpm)")
     for label in labels:
         assert f"\r{label}:" in err, f"no bar labelled {label!r} in {err!r}"
     assert [err.index(f"\r{label}:") for label in labels] == sorted(err.index(f"\r{label}:") for label in labels)
 
 
-@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+@pytest.mark.parametrize("sampler", UNCALIBRATED)
 def test_every_sampler_runs_every_stage(cascade, sampler):
     out = cascade.generate_tensors(CAPTIONS[:1], 2, seed=0, sampler=sampler)
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
@@ -73,8 +80,9 @@ def test_bad_input_is_refused_clearly(cascade):
 def test_save_load_round_trip_gives_the_same_images(cascade, cascade_dir):
     loaded = UnclipPipeline.from_pretrained(cascade_dir)
     meta = json.loads((cascade_dir / "pipeline.json").read_text())
-    assert meta["stages"]["upsamplers"] == ["upsampler-1", "upsampler-2"] and meta["image_sizes"] == [8, 16, 32]
-    assert loaded.defaults == cascade.defaults
+    assert meta["format_version"] == 2 and meta["image_sizes"] == [8, 16, 32]
+    assert meta["stages"] == ["prior", "decoder", "upsampler-1", "upsampler-2"] and meta["clip"] == "clip"
+    assert loaded.sampling == cascade.sampling and loaded.names == cascade.names
     assert torch.equal(loaded.generate_tensors(CAPTIONS, 1, seed=3), cascade.generate_tensors(CAPTIONS, 1, seed=3))
 
 
@@ -108,8 +116,14 @@ def test_loading_refuses_broken_or_mismatched_directories(cascade, cascade_dir, 
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="pipeline.json"):
         UnclipPipeline.from_pretrained(tmp_path / "empty")
-    with pytest.raises(ValueError, match="upsampler 1 takes 16px"):
-        UnclipPipeline(tiny_clip, cascade.prior, cascade.decoder, [cascade.upsamplers[1]])
+    with pytest.raises(ValueError, match="upsampler-1 takes 16px images but the stage before it makes 8px ones"):
+        UnclipPipeline(tiny_clip, [cascade.prior, cascade.decoder, cascade.upsamplers[1]])
+    with pytest.raises(ValueError, match=r"upsampler-3 takes 8px .* 32px ones \(upsamplers go lowest resolution"):
+        UnclipPipeline(tiny_clip, [cascade.prior, cascade.decoder, *cascade.upsamplers, cascade.upsamplers[0]])
+    with pytest.raises(ValueError, match="an optional prior, one decoder, then upsamplers"):
+        UnclipPipeline(tiny_clip, [cascade.decoder, cascade.prior, *cascade.upsamplers])
+    with pytest.raises(ValueError, match=r"sampling settings for \['upsampler-3'\], which this pipeline does not"):
+        UnclipPipeline(tiny_clip, [cascade.prior, cascade.decoder], Sampling(stages={"upsampler-3": StageSampling()}))
 
 
 def _set(meta, dotted, value):
@@ -119,7 +133,8 @@ def _set(meta, dotted, value):
     *parents, leaf = dotted.split(".")
     node = meta
     for p in parents:
-        node = node[p]
+        node = node[int(p) if isinstance(node, list) else p]
+    leaf = int(leaf) if isinstance(node, list) else leaf
     if value is DELETE:
         del node[leaf]
     else:
@@ -128,68 +143,131 @@ def _set(meta, dotted, value):
 
 
 DELETE = object()
+STAGE_DIRS = ("clip", "prior", "decoder", "upsampler-1", "upsampler-2")
+
+
+def format_1(meta: dict) -> dict:
+    """The pipeline.json an earlier unclip wrote for the same directory: one flat set of sampling defaults."""
+    s = meta["sampling"]["stages"]
+    return {"format_version": 1,
+            "stages": {"clip": "clip", "prior": "prior", "decoder": "decoder",
+                       "upsamplers": ["upsampler-1", "upsampler-2"]},
+            "defaults": {"sampler": s["decoder"]["sampler"], "prior_steps": s["prior"]["steps"],
+                         "prior_guidance": s["prior"]["guidance"], "best_of": meta["sampling"]["best_of"],
+                         "decoder_steps": s["decoder"]["steps"], "decoder_guidance": s["decoder"]["guidance"],
+                         "decoder_eta": s["decoder"]["eta"],
+                         "upsampler_steps": [s["upsampler-1"]["steps"], s["upsampler-2"]["steps"]]},
+            "clip_fingerprint": meta["clip_fingerprint"], "image_sizes": meta["image_sizes"]}
+
+
+def write_pipeline_json(cascade_dir, out, meta):
+    """A pipeline directory at `out` with the stages of `cascade_dir` and `meta` as its pipeline.json."""
+    out.mkdir(exist_ok=True)
+    for stage in STAGE_DIRS:
+        (out / stage).symlink_to(cascade_dir / stage)
+    (out / "pipeline.json").write_text(json.dumps(meta))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("stages", DELETE, "missing required config key 'stages'"),
+        ("clip", DELETE, "missing required config key 'clip'"),
+        ("stages.1", 3, r"stages\[1\]: expected a string, got 3"),
+        ("stages", "decoder", "stages: expected a list"),
+        ("sampling", [], "sampling: expected a mapping"),
+        ("sampling.stages.decoder.steps", "ten", "sampling.stages.decoder.steps: expected an integer, got 'ten'"),
+        ("sampling.stages.decoder.stpes", 5,
+         "unknown config key 'sampling.stages.decoder.stpes'.*Did you mean 'steps'"),
+        ("sampling.stages.decoder.sampler", "euler", "'euler' is not a registered sampler; expected one of ddim"),
+        ("sampling.stages.decoder.steps", 0, "steps must be a whole number >= 1, got 0"),
+        ("sampling.stages.decoder.eta", 0.5, r"sampling.stages.decoder: eta applies to samplers that take it \(ddim\)"),
+        ("sampling.best_of", 0, "best_of must be a whole number >= 1, got 0"),
+        ("sampling.stages.upsampler-3", {"steps": 2}, r"sampling settings for \['upsampler-3'\]"),
+        ("format_version", "1", "format_version: expected an integer"),
+        ("stagse", [], "unknown config key 'stagse'.*Did you mean 'stages'"),
+        ("", [], "the top level must be a mapping"),
+    ],
+)
+def test_a_malformed_pipeline_json_is_one_line_naming_the_file_and_key(cascade_dir, tmp_path, key, value, message):
+    meta = json.loads((cascade_dir / "pipeline.json").read_text())
+    if key == "sampling.stages.decoder.eta":
+        meta["sampling"]["stages"]["decoder"]["sampler"] = "ddpm"  # a sampler without DDIM's noise
+    write_pipeline_json(cascade_dir, tmp_path, _set(meta, key, value))
+    with pytest.raises(CheckpointError, match=message) as e:
+        UnclipPipeline.from_pretrained(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 'pipeline.json'}: ") and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
         ("stages.decoder", DELETE, "missing required config key 'stages.decoder'"),
-        ("stages", DELETE, "missing required config key 'stages'"),
         ("stages.prior", 3, "stages.prior: expected a string, got 3"),
         ("stages.upsamplers", "upsampler-1", "stages.upsamplers: expected a list"),
         ("defaults", [], "defaults: expected a mapping"),
         ("defaults.decoder_steps", "ten", "defaults.decoder_steps: expected an integer, got 'ten'"),
         ("defaults.decoder_stpes", 5, "unknown config key 'defaults.decoder_stpes'.*Did you mean 'decoder_steps'"),
-        ("defaults.sampler", "euler", "defaults.sampler: 'euler' is not one of 'ddim'"),
-        ("defaults.upsampler_sampler", "dpm", "defaults.upsampler_sampler: 'dpm' is not one of 'ddim'"),
-        ("defaults.decoder_steps", 0, "defaults: decoder_steps must be a whole number >= 1, got 0"),
+        ("defaults.sampler", "euler", "sampler 'euler'.*ddim, ddpm"),
+        ("defaults.upsampler_sampler", "dpm", "sampler 'dpm'|'dpm' is not a registered sampler"),
+        ("defaults.decoder_steps", 0, "decoder: steps must be a whole number >= 1, got 0"),
         ("defaults.upsampler_steps", [3], r"defaults.upsampler_steps gives 1 step count\(s\) for 2 upsampler"),
-        ("format_version", "1", "format_version: expected an integer"),
-        ("stagse", {}, "unknown config key 'stagse'.*Did you mean 'stages'"),
-        ("", [], "the top level must be a mapping"),
     ],
 )
-def test_a_malformed_pipeline_json_is_one_line_naming_the_file_and_key(cascade_dir, tmp_path, key, value, message):
-    for stage in ("clip", "prior", "decoder", "upsampler-1", "upsampler-2"):
-        (tmp_path / stage).symlink_to(cascade_dir / stage)
-    meta = _set(json.loads((cascade_dir / "pipeline.json").read_text()), key, value)
-    (tmp_path / "pipeline.json").write_text(json.dumps(meta))
+def test_a_malformed_format_1_pipeline_json_is_one_line_naming_the_file_and_key(cascade_dir, tmp_path, key, value,
+                                                                                 message):
+    meta = format_1(json.loads((cascade_dir / "pipeline.json").read_text()))
+    write_pipeline_json(cascade_dir, tmp_path, _set(meta, key, value))
     with pytest.raises(CheckpointError, match=message) as e:
         UnclipPipeline.from_pretrained(tmp_path)
     assert str(e.value).startswith(f"{tmp_path / 'pipeline.json'}: ") and "\n" not in str(e.value)
 
 
+def test_a_format_1_pipeline_json_loads_as_the_sampling_it_describes(cascade, cascade_dir, tmp_path):
+    """Format 1's `sampler` was every stage's but where prior_sampler / upsampler_sampler set theirs apart; its
+    decoder_eta was the decoder's, unused (and dropped) under a sampler without DDIM's noise."""
+    meta = format_1(json.loads((cascade_dir / "pipeline.json").read_text()))
+    old = UnclipPipeline.from_pretrained(write_pipeline_json(cascade_dir, tmp_path / "same", meta))
+    assert old.sampling == cascade.sampling
+    meta["defaults"] |= {"sampler": "ddpm", "prior_sampler": "dpmpp_2m", "decoder_eta": 0.5, "upsampler_steps": []}
+    apart = UnclipPipeline.from_pretrained(write_pipeline_json(cascade_dir, tmp_path / "apart", meta))
+    assert {name: spec.sampler for name, spec in apart.sampling.stages.items()} == {
+        "prior": "dpmpp_2m", "decoder": "ddpm", "upsampler-1": "ddpm", "upsampler-2": "ddpm"}
+    assert apart.sampling.of("decoder").eta == 0.0
+    assert [apart.sampling.of(f"upsampler-{i}").steps for i in (1, 2)] == [u.default_sampling().steps
+                                                                          for u in cascade.upsamplers]
+
+
 def test_cli_reports_a_malformed_pipeline_json_in_one_line(cascade_dir, tmp_path, capsys):
-    for stage in ("clip", "prior", "decoder", "upsampler-1", "upsampler-2"):
-        (tmp_path / stage).symlink_to(cascade_dir / stage)
     meta = json.loads((cascade_dir / "pipeline.json").read_text())
-    meta["defaults"]["decoder_steps"] = "ten"
-    (tmp_path / "pipeline.json").write_text(json.dumps(meta))
+    meta["sampling"]["stages"]["decoder"]["steps"] = "ten"
+    write_pipeline_json(cascade_dir, tmp_path, meta)
     assert main(["generate", "x", "--pipeline", str(tmp_path), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "pipeline.json" in err and "defaults.decoder_steps: expected an integer" in err
+    assert err.count("\n") == 1 and "pipeline.json" in err
+    assert "sampling.stages.decoder.steps: expected an integer" in err
 
 
 def test_from_stages_refuses_a_decoder_trained_on_another_clip(cascade, tmp_path, tiny_arch):
     from prior import DiffusionPriorNetwork
     from unclip.clip import Clip
-    from unclip.data.embeddings import clip_fingerprint
 
     cascade.clip.save_pretrained(tmp_path / "clip")
     cascade.prior.save_pretrained(tmp_path / "prior")
-    cascade.decoder.clip_info = {"source": "x", "fingerprint": clip_fingerprint(cascade.clip)}
+    cascade.decoder.clip_source, cascade.decoder.clip_fingerprint = "x", cascade.clip.fingerprint()
     cascade.decoder.save_pretrained(tmp_path / "decoder")
-    pipe = UnclipPipeline.from_stages(tmp_path / "clip", tmp_path / "prior", tmp_path / "decoder")
+    pipe = UnclipPipeline.from_stages(tmp_path / "clip", [tmp_path / "prior", tmp_path / "decoder"])
     assert len(pipe.upsamplers) == 0 and pipe.image_size == 8
     torch.manual_seed(1)
     Clip.from_architecture(tiny_arch, model_name="other").save_pretrained(tmp_path / "other-clip")
     with pytest.raises(CheckpointError, match="decoder .* another CLIP"):
-        UnclipPipeline.from_stages(tmp_path / "other-clip", tmp_path / "prior", tmp_path / "decoder")
+        UnclipPipeline.from_stages(tmp_path / "other-clip", [tmp_path / "prior", tmp_path / "decoder"])
     prior_on_other = DiffusionPriorNetwork.from_pretrained(tmp_path / "prior")
-    prior_on_other.clip_fingerprint = clip_fingerprint(Clip.from_pretrained(tmp_path / "other-clip"))
+    prior_on_other.clip_fingerprint = Clip.from_pretrained(tmp_path / "other-clip").fingerprint()
     prior_on_other.save_pretrained(tmp_path / "prior-on-other")
     with pytest.raises(CheckpointError, match="the prior .*prior-on-other was trained on the embeddings of another"):
-        UnclipPipeline.from_stages(tmp_path / "clip", tmp_path / "prior-on-other", tmp_path / "decoder")
+        UnclipPipeline.from_stages(tmp_path / "clip", [tmp_path / "prior-on-other", tmp_path / "decoder"])
 
 
 def test_a_pipeline_stored_in_half_precision_reassembles_from_its_own_stages(cascade, tmp_path):
@@ -199,14 +277,14 @@ def test_a_pipeline_stored_in_half_precision_reassembles_from_its_own_stages(cas
 
     fingerprint = cascade.clip.fingerprint()
     cascade.prior.clip_fingerprint = fingerprint
-    cascade.decoder.clip_info = {"source": "x", "fingerprint": fingerprint}
-    pipe = UnclipPipeline(cascade.clip, cascade.prior, cascade.decoder, cascade.upsamplers)
+    cascade.decoder.clip_source, cascade.decoder.clip_fingerprint = "x", fingerprint
+    pipe = UnclipPipeline(cascade.clip, [cascade.prior, cascade.decoder, *cascade.upsamplers])
     out = pipe.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
     with safe_open(str(out / "clip" / "model.safetensors"), framework="pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
     stored = Clip.from_pretrained(out / "clip")
     assert stored.fingerprint() == fingerprint  # the weights differ from the float32 ones; the identity does not
-    UnclipPipeline.from_stages(out / "clip", out / "prior", out / "decoder", [out / "upsampler-1"])
+    UnclipPipeline.from_stages(out / "clip", [out / "prior", out / "decoder", out / "upsampler-1"])
     with torch.no_grad():
         next(stored.model.parameters()).add_(1e-2)  # changed after loading (fine-tuned): no longer that CLIP
     assert stored.fingerprint() != fingerprint
@@ -215,7 +293,7 @@ def test_a_pipeline_stored_in_half_precision_reassembles_from_its_own_stages(cas
 def test_the_shipped_pipeline_reassembles_from_its_stages():
     from unclip.pipeline.default import DEFAULT_PIPELINE as d
 
-    pipe = UnclipPipeline.from_stages(d / "clip", d / "prior", d / "decoder", [d / "upsampler-1", d / "upsampler-2"])
+    pipe = UnclipPipeline.from_stages(d / "clip", [d / "prior", d / "decoder", d / "upsampler-1", d / "upsampler-2"])
     assert pipe.clip.fingerprint() == json.loads((d / "pipeline.json").read_text())["clip_fingerprint"]
     assert pipe.prior.eps_moments is not None  # calibrated by train-prior: the paper's analytic_ddpm is available
 
@@ -333,16 +411,16 @@ def test_cli_text_diff_names_an_empty_caption_option(cascade_dir, tmp_path, caps
 
 
 def test_cli_assemble_then_eval(cascade, tmp_path, capsys):
-    from unclip.data.embeddings import clip_fingerprint
-
     for name in ("clip", "prior"):
         getattr(cascade, name).save_pretrained(tmp_path / name)
-    cascade.decoder.clip_info = {"source": "x", "fingerprint": clip_fingerprint(cascade.clip)}
+    cascade.decoder.clip_source, cascade.decoder.clip_fingerprint = "x", cascade.clip.fingerprint()
     cascade.decoder.save_pretrained(tmp_path / "decoder")
     for i, up in enumerate(cascade.upsamplers):
         up.save_pretrained(tmp_path / f"up{i}")
-    (tmp_path / "defaults.yaml").write_text("prior_steps: 2\ndecoder_steps: 2\nupsampler_steps: [2, 2]\n")
-    (tmp_path / "bad.yaml").write_text("decoder_stepz: 2\n")
+    (tmp_path / "defaults.yaml").write_text(
+        "best_of: 3\nstages:\n  prior: {sampler: ddim, steps: 2}\n  decoder: {sampler: ddim, steps: 2, guidance: 3}\n"
+        "  upsampler-1: {sampler: ddim, steps: 2}\n")
+    (tmp_path / "bad.yaml").write_text("stages:\n  decoder: {stepz: 2}\n")
     rc = main(["assemble", "--clip", str(tmp_path / "clip"), "--prior", str(tmp_path / "prior"), "--decoder",
                str(tmp_path / "decoder"), "--upsamplers", str(tmp_path / "up0"), str(tmp_path / "up1"),
                "--out", str(tmp_path / "pipe"), "--store-dtype", "float16", "--defaults",
@@ -351,7 +429,7 @@ def test_cli_assemble_then_eval(cascade, tmp_path, capsys):
     assert main(["assemble", "--clip", str(tmp_path / "clip"), "--prior", str(tmp_path / "prior"), "--decoder",
                  str(tmp_path / "decoder"), "--out", str(tmp_path / "pipe2"), "--defaults",
                  str(tmp_path / "bad.yaml")]) == 2
-    assert "decoder_stepz" in capsys.readouterr().err and not (tmp_path / "pipe2").exists()
+    assert "stepz" in capsys.readouterr().err and not (tmp_path / "pipe2").exists()
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # a training run, say: never replaced by a pipeline
     (tmp_path / "run" / "notes.txt").write_text("precious")
     assert main(["assemble", "--clip", str(tmp_path / "clip"), "--prior", str(tmp_path / "prior"), "--decoder",
@@ -359,7 +437,9 @@ def test_cli_assemble_then_eval(cascade, tmp_path, capsys):
     assert "refusing to replace" in capsys.readouterr().err
     assert (tmp_path / "run" / "notes.txt").read_text() == "precious" and (tmp_path / "run" / "checkpoints").is_dir()
     pipe = UnclipPipeline.from_pretrained(tmp_path / "pipe")
-    assert pipe.defaults == GenerationDefaults(prior_steps=2, decoder_steps=2, upsampler_steps=(2, 2))
+    two = {"prior": StageSampling("ddim", 2), "decoder": StageSampling("ddim", 2, guidance=3.0),
+           "upsampler-1": StageSampling("ddim", 2), "upsampler-2": cascade.upsamplers[1].default_sampling()}
+    assert pipe.sampling == Sampling(best_of=3, stages=two)  # a stage the file does not name: its own defaults
     rc = main(["eval", "--pipeline", str(tmp_path / "pipe"), "--images-per-caption", "1", "--real-samples", "30",
                "--out", str(tmp_path / "eval.json"), "--device", "cpu"])
     assert rc == 0
@@ -394,63 +474,66 @@ def test_eval_with_a_fixed_judge(cascade, cascade_dir, tiny_arch, tmp_path, caps
     assert "--judge: no CLIP at" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    ("setting", "message"),
-    [
-        ({"decoder_guidance": float("nan")}, "decoder_guidance must be a finite number >= 0"),
-        ({"prior_guidance": -2.0}, "prior_guidance must be a finite number >= 0"),
-        ({"decoder_eta": 5.0}, r"decoder_eta \(DDIM noise\) must lie in \[0, 1\]"),
-        ({"decoder_steps": 0}, "decoder_steps must be a whole number >= 1"),
-        ({"decoder_steps": 2.5}, "decoder_steps must be a whole number >= 1"),
-        ({"best_of": 0}, "best_of must be a whole number >= 1"),
-        ({"upsampler_steps": 0}, r"upsampler_steps\[0\] must be a whole number >= 1"),
-        ({"upsampler_steps": [3]}, "upsampler_steps has 1 entries for 2 upsampler"),
-        ({"sampler": "euler"}, "^sampler must be one of"),
-        ({"prior_sampler": "euler"}, "^prior_sampler must be one of"),
-        ({"upsampler_sampler": "euler"}, "^upsampler_sampler must be one of"),
-    ],
-)
-def test_bad_generation_settings_fail_before_sampling(cascade, setting, message, monkeypatch):
-    import unclip.pipeline.pipeline as pipeline_module
+def never_sample(monkeypatch) -> None:
+    """Make any stage's sampling loop an error (every stage runs its sampler through `unclip.stage.run_sampler`)."""
 
     def never(*args, **kwargs):
         raise AssertionError("sampling started")
 
-    monkeypatch.setattr(pipeline_module, "sample_image_embeds", never)
+    monkeypatch.setattr(stage_module, "sample", never)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"decoder_guidance": float("nan")}, "decoder: guidance must be a finite number >= 0"),
+        ({"prior_guidance": -2.0}, "prior: guidance must be a finite number >= 0"),
+        ({"decoder_eta": 5.0}, r"decoder: eta \(DDIM's noise\) must lie in \[0, 1\]"),
+        ({"decoder_steps": 0}, "decoder: steps must be a whole number >= 1"),
+        ({"decoder_steps": 2.5}, "decoder: steps must be a whole number >= 1"),
+        ({"best_of": 0}, "best_of must be a whole number >= 1"),
+        ({"upsampler_steps": 0}, "upsampler-1: steps must be a whole number >= 1"),
+        ({"upsampler_steps": [3]}, r"upsampler_steps gives 1 values for 2 upsampler\(s\)"),
+        ({"decoder_steps": [3, 4]}, "decoder_steps gives 2 values for one stage"),
+        ({"decoder_stepz": 3}, "unknown sampling setting 'decoder_stepz'; expected best_of, sampler, or STAGE.FIELD"),
+        ({"sampler": "euler"}, "sampler 'euler'.*ddim, ddpm"),
+        ({"prior_sampler": "euler"}, "sampler 'euler'.*ddim, ddpm"),
+        ({"upsampler_sampler": "euler"}, "sampler 'euler'.*ddim, ddpm"),
+        ({"prior_sampler": "analytic_ddpm"}, "the prior's sampler analytic_ddpm needs moments"),
+    ],
+)
+def test_bad_generation_settings_fail_before_sampling(cascade, setting, message, monkeypatch):
+    never_sample(monkeypatch)
     with pytest.raises(ValueError, match=message):
         cascade.generate_tensors("a red circle", **setting)
 
 
-def test_decoder_eta_given_with_a_sampler_that_ignores_it_is_refused(cascade, cascade_dir, monkeypatch, capsys):
+def test_eta_given_with_a_sampler_that_ignores_it_is_refused(cascade, cascade_dir, monkeypatch, capsys):
     """Only DDIM has eta: given with ddpm (say) it would change nothing, so it is an error before any sampling;
-    a stored default eta with a ddim default sampler is simply unused when only the sampler is overridden."""
-    import unclip.pipeline.pipeline as pipeline_module
-
-    def never(*args, **kwargs):
-        raise AssertionError("sampling started")
-
-    monkeypatch.setattr(pipeline_module, "sample_image_embeds", never)
-    message = r"decoder_eta \(DDIM's noise\) applies to the ddim sampler only; the sampler is ddpm"
+    a stored eta is simply dropped when only the sampler is overridden."""
+    never_sample(monkeypatch)
+    message = r"decoder: eta applies to samplers that take it \(ddim\); the sampler is ddpm"
     with pytest.raises(ValueError, match=message):
         cascade.generate_tensors("a red circle", sampler="ddpm", decoder_eta=0.7)
-    ddpm_default = UnclipPipeline(cascade.clip, cascade.prior, cascade.decoder, cascade.upsamplers,
-                                  GenerationDefaults(sampler="ddpm", upsampler_steps=(3, 3)))
+    stages = [cascade.prior, cascade.decoder, *cascade.upsamplers]
+    ddpm_default = UnclipPipeline(cascade.clip, stages, cascade.resolve_sampling(sampler="ddpm"))
     with pytest.raises(ValueError, match=message):
-        ddpm_default.settings(decoder_eta=0.7)
-    assert ddpm_default.settings(decoder_eta=0.0).decoder_eta == 0.0  # no noise asked for: nothing ignored
-    assert ddpm_default.settings(sampler="ddim", decoder_eta=0.7).decoder_eta == 0.7
-    stored = UnclipPipeline(cascade.clip, cascade.prior, cascade.decoder, cascade.upsamplers,
-                            GenerationDefaults(sampler="ddim", decoder_eta=0.5, upsampler_steps=(3, 3)))
-    assert stored.settings(sampler="ddpm").sampler == "ddpm" and stored.settings(sampler="ddpm").decoder_eta == 0.0
-    stored_ddpm = UnclipPipeline(cascade.clip, cascade.prior, cascade.decoder, cascade.upsamplers,
-                                 GenerationDefaults(sampler="ddpm", decoder_eta=0.5, upsampler_steps=(3, 3)))
-    assert stored_ddpm.settings().decoder_eta == 0.0  # a stored pipeline with an unused eta still loads and runs
+        ddpm_default.resolve_sampling(decoder_eta=0.7)
+    assert ddpm_default.resolve_sampling(decoder_eta=0.0).of("decoder").eta == 0.0  # no noise asked for
+    assert ddpm_default.resolve_sampling(sampler="ddim", decoder_eta=0.7).of("decoder").eta == 0.7
+    with pytest.raises(ValueError, match=message.removeprefix("decoder: ")):
+        StageSampling(sampler="ddpm", eta=0.5)  # nor can a pipeline store one
+    stored = UnclipPipeline(cascade.clip, stages, cascade.resolve_sampling(decoder_eta=0.5))
+    s = stored.resolve_sampling(sampler="ddpm")
+    assert s.of("decoder") == replace(stored.sampling.of("decoder"), sampler="ddpm", eta=0.0)
+    assert stored.resolve_sampling(decoder_sampler="dpmpp_2m").of("decoder").eta == 0.0
+    monkeypatch.undo()
     assert len(vary(ddpm_default, torch.rand(1, 3, 32, 32), 1, eta=1.0)) == 1  # vary decodes with DDIM anyway
     for command in ("generate", "eval"):
         args = [command, *(["x"] if command == "generate" else []), "--pipeline", str(cascade_dir), "--device", "cpu"]
         assert main([*args, "--sampler", "ddpm", "--decoder-eta", "0.7"]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "applies to the ddim sampler only" in err
+        assert err.count("\n") == 1 and "eta applies to samplers that take it" in err
 
 
 def test_eval_refuses_fewer_than_two_real_samples_before_generating(cascade, cascade_dir, monkeypatch, capsys):
@@ -474,7 +557,7 @@ def test_manipulations_check_their_settings(cascade):
     from unclip.pipeline.manipulations import text_diff, vary
 
     image = torch.rand(1, 3, 32, 32)
-    with pytest.raises(ValueError, match="decoder_eta"):
+    with pytest.raises(ValueError, match=r"decoder: eta \(DDIM's noise\) must lie in \[0, 1\], got 50"):
         vary(cascade, image, 2, eta=50.0)
     with pytest.raises(ValueError, match="have the same CLIP text embedding"):
         text_diff(cascade, image, "a red circle", "a red circle")

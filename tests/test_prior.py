@@ -241,6 +241,41 @@ def test_save_load_round_trip_gives_identical_samples(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_checkpoint_dtypes_and_eps_moments_stay_float64(tmp_path):
+    """from_pretrained casts to the asked dtype; save_pretrained(dtype=) stores the weights in it, and they load back
+    as float32; the Analytic-DPM moments are stored and loaded as float64 whatever the weights' dtype."""
+    prior, text = tiny_prior(seed=2), random_text(2)
+    moments = torch.linspace(1.0, 2.0, 100, dtype=torch.float64) + 1e-12  # digits that float32 would lose
+    prior.eps_moments = moments
+    prior.save_pretrained(tmp_path / "fp32")
+    bf16 = DiffusionPriorNetwork.from_pretrained(tmp_path / "fp32", device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16} and not bf16.training
+    assert bf16.eps_moments.dtype == torch.float64 and torch.equal(bf16.eps_moments, moments)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as a pipeline loaded in bfloat16 samples
+        embeds = sample_image_embeds(bf16, text, steps=2, progress=False, generator=torch.Generator().manual_seed(0))
+    assert embeds.dtype == torch.float32 and embeds.shape == (2, D)
+    torch.testing.assert_close(embeds.norm(dim=-1), torch.ones(2))
+    prior.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
+    stored = load_file(str(tmp_path / "fp16" / "model.safetensors"))
+    assert stored.keys() == {*prior.state_dict(), "eps_moments"}
+    assert stored["eps_moments"].dtype == torch.float64 and torch.equal(stored["eps_moments"], moments)
+    assert {v.dtype for k, v in stored.items() if k != "eps_moments" and v.is_floating_point()} == {torch.float16}
+    assert next(prior.parameters()).dtype == torch.float32, "saving does not cast the module"
+    loaded = DiffusionPriorNetwork.from_pretrained(tmp_path / "fp16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert loaded.eps_moments.dtype == torch.float64 and torch.equal(loaded.eps_moments, moments)
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, prior.state_dict()[name].half().float()), name
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="x_transformers' Attention zeroes masked rows with "
+                   "einx.where(mask, out, 0.), which promotes a bfloat16 output to float32")
+def test_a_bfloat16_prior_runs_without_autocast():
+    prior, text = tiny_prior().to(torch.bfloat16), random_text(2).to(dtype=torch.bfloat16)
+    out = forward(prior, torch.randn(2, D, dtype=torch.bfloat16), torch.tensor([1, 50]), text)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
 def test_loading_another_kind_or_architecture_is_refused(tmp_path):
     from unclip.checkpoint import CheckpointError, save_pretrained_dir
 

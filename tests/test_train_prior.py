@@ -209,7 +209,8 @@ def test_an_intermediate_checkpoint_exports_as_a_model(trained, tmp_path, capsys
 @pytest.mark.parametrize(("script", "config", "owner"), [
     ("train_prior", "configs/decoder/shapes-tiny.yaml", "train-decoder"),
     ("train_decoder", "configs/prior/shapes-tiny.yaml", "train-prior"),
-    ("train_clip", "configs/upsamplers/shapes-32-64.yaml", "train-decoder"),
+    ("train_clip", "configs/upsamplers/shapes-32-64.yaml", "train-upsampler"),
+    ("train_upsampler", "configs/prior/shapes-tiny.yaml", "train-prior"),
     ("train_decoder", "configs/clip/shapes-tiny.yaml", "train-clip"),
 ])
 def test_another_scripts_config_is_named(script, config, owner, tmp_path, capsys):

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_decoder import randomised  # fills zero-initialised output layers (any module)
 
-from unclip.checkpoint import CheckpointError
+from unclip.checkpoint import WEIGHTS_NAME, CheckpointError
 from unclip.config import ConfigError, load_config, replace_config
 from unclip.diffusion import DiffusionConfig
 from unclip.nn import UNetConfig
+from unclip.settings import StageSampling
 from unclip.train import TrainConfig, Trainer
 from upsamplers import (
     TrainUpsamplerConfig,
@@ -187,6 +189,57 @@ def test_save_load_round_trip(tmp_path):
         Upsampler.from_pretrained(tmp_path / "up")
 
 
+def test_checkpoint_dtypes(tmp_path):
+    """from_pretrained casts to the asked dtype; save_pretrained(dtype=) stores in it, and it loads back as float32."""
+    torch.manual_seed(0)
+    up = randomised(Upsampler(tiny_config()))
+    up.save_pretrained(tmp_path / "fp32")
+    bf16 = Upsampler.from_pretrained(tmp_path / "fp32", device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16} and not bf16.training
+    out = upsample(bf16, images(1, 8), steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float32 and out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
+    up.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
+    stored = load_file(tmp_path / "fp16" / WEIGHTS_NAME)
+    assert stored.keys() == up.state_dict().keys()
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
+    assert next(up.parameters()).dtype == torch.float32, "saving does not cast the module"
+    loaded = Upsampler.from_pretrained(tmp_path / "fp16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, up.state_dict()[name].half().float()), name
+
+
+def test_the_stage_denoiser_clamps_x0_and_takes_no_guidance():
+    torch.manual_seed(0)
+    up = randomised(Upsampler(tiny_config()))
+    level = torch.tensor([0.0, 0.5])
+    cond = {"low_res_up": up.conditioning(images(2, 8), level), "aug_level": level}
+    x_t, t = torch.randn(2, 3, 16, 16) * 3, torch.tensor([999, 999])
+    with torch.no_grad():
+        clamped = up.denoiser(cond, StageSampling())(x_t, t)
+        free = up.denoiser(cond, StageSampling(), threshold=None)(x_t, t)
+    assert clamped.x0.abs().max() <= 1 < free.x0.abs().max()
+    torch.testing.assert_close(clamped.x0, free.x0.clamp(-1, 1))
+    with pytest.raises(ValueError, match="guidance"):
+        up.denoiser(cond, StageSampling(guidance=2.0))
+
+
+def test_a_generator_per_image_makes_each_image_independent_of_its_batch():
+    torch.manual_seed(0)
+    up = randomised(Upsampler(tiny_config(augmentation="bsr")))
+    low = images(3, 8)
+
+    def generators(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    batch = upsample(up, low, aug_level=0.5, generator=generators(5, 6, 7))
+    for i, seed in enumerate((5, 6, 7)):
+        alone = upsample(up, low[i:i + 1], aug_level=0.5, generator=generators(seed))
+        torch.testing.assert_close(alone, batch[i:i + 1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="one per image"):
+        upsample(up, low, aug_level=0.5, generator=generators(5, 6))
+
+
 # ----- training ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("augmentation", ["blur", "bsr"])
 def test_tiny_upsampler_loss_falls_and_exports(tmp_path, augmentation):
@@ -350,9 +403,12 @@ def test_every_upsampler_config_loads(path):
         assert sum(p.numel() for p in Upsampler(cfg.model).parameters()) > 0
 
 
-def test_train_decoder_cli_upsampler_stage(tmp_path, capsys):
-    from unclip.cli.train_decoder import main
+@pytest.mark.parametrize("script", ["train_upsampler", "train_decoder"])
+def test_train_upsampler_cli(script, tmp_path, capsys):
+    """train-upsampler trains an upsampler config; train-decoder, given one, names that command and trains it too."""
+    import importlib
 
+    main = importlib.import_module(f"unclip.cli.{script}").main
     config = tmp_path / "tiny.yaml"
     config.write_text("stage: upsampler\n")
     args = [str(config), "--output-dir", str(tmp_path / "run"),
@@ -366,5 +422,6 @@ def test_train_decoder_cli_upsampler_stage(tmp_path, capsys):
     assert Upsampler.from_pretrained(tmp_path / "run" / "model").config.image_size == 16
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert {"bicubic", "model", "wins"} <= set(report) and set(report["model"]) == {"0.0"}
-    out = capsys.readouterr().out
-    assert "bicubic" in out and "upsampler, aug level 0.0" in out
+    captured = capsys.readouterr()
+    assert "bicubic" in captured.out and "upsampler, aug level 0.0" in captured.out
+    assert ("train-upsampler is the command for upsampler configs" in captured.err) == (script == "train_decoder")

@@ -24,8 +24,8 @@ from typing import Annotated, Any
 from .config import ConfigError
 from .diffusion import SAMPLERS, sampler_options
 
-__all__ = ["Sampling", "SamplerField", "StageSampling", "check_sampler", "sampling_fields", "with_overrides",
-           "UPSAMPLER_GROUP"]
+__all__ = ["Sampling", "SamplerField", "StageSampling", "check_sampler", "flatten_sampling", "sampling_fields",
+           "with_overrides", "UPSAMPLER_GROUP"]
 
 UPSAMPLER_GROUP = "upsampler"  # names every stage called "upsampler-<i>" in an override
 
@@ -145,10 +145,28 @@ def with_overrides(sampling: Sampling, overrides: Mapping[str, Any]) -> Sampling
         changes = given[name]
         if every_sampler is not None:
             changes.setdefault("sampler", every_sampler)
-        if "sampler" in changes and "eta" not in changes and "eta" not in sampler_options(str(changes["sampler"])):
+        new_sampler = changes.get("sampler")
+        if new_sampler in SAMPLERS and "eta" not in changes and "eta" not in sampler_options(new_sampler):
             changes["eta"] = 0.0  # a stored eta does not carry over to a sampler without that noise
         try:
             stages[name] = replace(spec, **changes)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{name}: {e}") from None
     return Sampling(best_of=best_of, stages=stages)
+
+
+def flatten_sampling(data: Mapping[str, Any], where: str = "sampling") -> dict[str, Any]:
+    """The overrides a `Sampling`-shaped mapping gives ({"best_of": 4, "stages": {"decoder": {"steps": 10}}} ->
+    {"best_of": 4, "decoder.steps": 10}): how a file's sampling settings apply over each stage's own defaults, so
+    that a stage named with some of its fields keeps its defaults for the others. Keys other than best_of and stages
+    are ConfigErrors naming them; unknown stages and fields are refused when the overrides are applied."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping with best_of and stages, got {data!r}")
+    unknown = sorted(set(data) - {"best_of", "stages"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected best_of and stages")
+    stages = data.get("stages") or {}
+    if not isinstance(stages, Mapping) or not all(isinstance(v, Mapping) for v in stages.values()):
+        raise ConfigError(f"{where}.stages: expected a mapping of stage names to their settings, got {stages!r}")
+    flat = {f"{name}.{key}": value for name, spec in stages.items() for key, value in spec.items()}
+    return {"best_of": data.get("best_of"), **flat}

@@ -22,19 +22,19 @@ callback and the progress bars.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from .checkpoint import CONFIG_NAME, CheckpointError
 from .clip import TextEncoding
 from .diffusion import Callback, Denoised, Denoiser, Generators, NoiseSchedule, sample
+from .nn import eval_mode
 from .settings import StageSampling
 
 __all__ = [
@@ -43,11 +43,11 @@ __all__ = [
     "SamplingRun",
     "Stage",
     "StepCallback",
-    "eval_mode",
     "register_stage",
     "run_sampler",
     "stage_class",
     "stage_kind",
+    "unregister_stage",
 ]
 
 Role = Literal["prior", "decoder", "upsampler"]
@@ -87,10 +87,15 @@ class SamplingRun:
 
 @runtime_checkable
 class Stage(Protocol):
-    """A diffusion stage of the cascade (an `nn.Module`). See the module doc."""
+    """A diffusion stage of the cascade (an `nn.Module`). See the module doc.
+
+    Its `config` says its sizes, which the pipeline checks when it chains stages: `embed_dim` (the CLIP embedding
+    size a prior makes and a decoder reads), `image_size` (the side a decoder or an upsampler makes) and an
+    upsampler's `low_res_size` (the side it takes)."""
 
     role: ClassVar[Role]
     kind: ClassVar[str]
+    config: Any
 
     @property
     def clip_fingerprint(self) -> str | None:
@@ -103,6 +108,10 @@ class Stage(Protocol):
 
     def default_sampling(self) -> StageSampling:
         """How it samples when nothing else is said."""
+
+    def check_sampling(self, spec: StageSampling) -> None:
+        """A ValueError for settings it cannot sample with (e.g. guidance for a stage without a caption), so that
+        a pipeline refuses them before any stage runs."""
 
     def sampler_options(self) -> dict[str, Any]:
         """What it offers the samplers beyond the common convention, e.g. {"variance": "learned_range"}."""
@@ -126,23 +135,14 @@ class Stage(Protocol):
 def run_sampler(stage: Stage, name: str, spec: StageSampling, x_T: Tensor, cond: Mapping[str, Any],
                 run: SamplingRun) -> Tensor:
     """Walk `stage`'s denoiser under `cond` and `spec` from x_T (b, *) to x0 (b, *) with `spec.sampler`, offering
-    the sampler spec's eta and the stage's own options; the progress bar and the callback are named `name`."""
+    the sampler spec's eta and the stage's own options (after `stage.check_sampling(spec)`); the progress bar and the
+    callback are named `name`."""
+    stage.check_sampling(spec)
     with eval_mode(stage):
         denoiser = stage.denoiser(cond, spec)
         return sample(spec.sampler, denoiser, x_T, stage.schedule, spec.steps,
                       options={"eta": spec.eta, **stage.sampler_options()}, generator=run.generator,
                       callback=run.step_callback(name), progress=run.progress, label=name)
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """`module` in eval mode within the block; its training mode restored after."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
 
 
 _REGISTERED: dict[str, type] = {}
@@ -156,6 +156,11 @@ def register_stage(cls: type) -> type:
         raise ValueError(f"a stage of kind {kind!r} is registered already ({_REGISTERED[kind].__qualname__})")
     _REGISTERED[kind] = cls
     return cls
+
+
+def unregister_stage(kind: str) -> None:
+    """Forget a kind `register_stage` registered (nothing happens for one it did not)."""
+    _REGISTERED.pop(kind, None)
 
 
 def stage_class(kind: str) -> type:

@@ -103,6 +103,12 @@ class Upsampler(nn.Module):
         """DDIM (the paper's upsampler sampler) with the config's `sample_steps` (27 and 15 in the paper)."""
         return StageSampling(sampler="ddim", steps=self.config.sample_steps)
 
+    def check_sampling(self, spec: StageSampling) -> None:
+        """It is not text-conditioned, so it takes no guidance: a `spec.guidance` other than 1 is a ValueError."""
+        if spec.guidance != 1.0:
+            raise ValueError(f"an upsampler is not guided (it reads no caption); its guidance must be 1, got "
+                             f"{spec.guidance}")
+
     def sampler_options(self) -> dict[str, Any]:
         """The reverse-step variance the upsampler was trained for."""
         return {"variance": self.config.diffusion.variance}
@@ -110,11 +116,7 @@ class Upsampler(nn.Module):
     def denoiser(self, cond: Mapping[str, Any], spec: StageSampling, *,
                  threshold: str | float | None = "static") -> Denoiser:
         """The upsampler under cond = {"low_res_up": (b, 3, H, W), "aug_level": (b,)}, x0 clamped to [-1, 1]
-        ("static"; a dynamic-threshold percentile or None may be asked for). It is not text-conditioned, so it
-        takes no guidance (a `spec.guidance` other than 1 is a ValueError)."""
-        if spec.guidance != 1.0:
-            raise ValueError(f"an upsampler is not guided (it reads no caption); its guidance must be 1, got "
-                             f"{spec.guidance}")
+        ("static"; a dynamic-threshold percentile or None may be asked for); `spec` as `check_sampling` allows."""
         diffusion = self.config.diffusion
         return make_denoiser(functools.partial(self, **cond), self.schedule, diffusion.objective,
                              variance=diffusion.variance, x0_hook=threshold_hook(threshold))

@@ -5,11 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-
-def _check_architecture(architecture: dict[str, Any], where: str) -> None:
-    from .model import check_architecture  # the one module that imports open_clip (it imports this one)
-
-    check_architecture(architecture, where)
+from .model import check_architecture  # open_clip's own keys, from the one module that imports open_clip
 
 
 @dataclass(frozen=True)
@@ -25,7 +21,7 @@ class ClipConfig:
     """
 
     model_name: str | None = None  # open_clip architecture name, e.g. "ViT-L-14"
-    architecture: Annotated[dict[str, Any], _check_architecture] | None = None  # explicit open_clip model config
+    architecture: Annotated[dict[str, Any], check_architecture] | None = None  # explicit open_clip model config
     # (overrides model_name's); its keys are checked against open_clip's CLIP, CLIPVisionCfg and CLIPTextCfg
     pretrained: str | None = None  # open_clip pretrained tag for model_name (needs internet)
     checkpoint: str | None = None  # local weights: an open_clip .pt/.bin/.safetensors file or our directory

@@ -12,37 +12,34 @@ This is the only module in unclip that imports `open_clip`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import inspect
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from torch import nn
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_pretrained_dir, load_state_dict_strict, save_pretrained_dir
-from ..config import check_keys, config_to_dict, load_config
+from ..config import check_keys, config_to_dict
+from ..hub import hub_file
 from ..images import to_rgb
 from ..text import has_printable
-from .config import ClipConfig
-from .weights import (
-    ClipNotFoundError,
-    ClipWeightsError,
-    hub_offline_when_unreachable,
-    read_cast_from,
-    read_open_clip_state_dict,
-    weights_fingerprint,
-)
+from .weights import ClipNotFoundError, ClipWeightsError, read_cast_from, read_open_clip_state_dict, weights_fingerprint
+
+if TYPE_CHECKING:
+    from .config import ClipConfig  # which imports this module, for `check_architecture`
 
 __all__ = ["Clip", "TextEncoding", "CaptionError", "ClipNotFoundError", "ClipWeightsError", "check_architecture",
            "contrastive_loss", "load_clip", "read_open_clip_state_dict", "weights_fingerprint"]
@@ -96,9 +93,8 @@ class Clip(nn.Module):
 
     # ----- construction -------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: ClipConfig | dict[str, Any] | str | Path) -> Clip:
-        """Build from a `ClipConfig` (or a dict / YAML path for one); see ClipConfig for the sources."""
-        cfg = load_config(ClipConfig, config)
+    def from_config(cls, cfg: ClipConfig) -> Clip:
+        """Build from a `ClipConfig` (`load_config(ClipConfig, dict_or_path)` reads one); see it for the sources."""
         checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else None
         if checkpoint is not None and not checkpoint.exists():
             raise ClipWeightsError(f"CLIP checkpoint not found: {checkpoint}")
@@ -129,20 +125,17 @@ class Clip(nn.Module):
             clip = cls.from_architecture(architecture, preprocess=preprocess, model_name=model_name)
             load_state_dict_strict(clip.model, read_open_clip_state_dict(file), source=file)
             return clip
-        try:
-            with hub_offline_when_unreachable() if pretrained else contextlib.nullcontext(False) as offline:
-                model = open_clip.create_model(model_name, pretrained=pretrained and str(pretrained),
-                                               weights_only=True, force_preprocess_cfg=preprocess)
-        except RuntimeError as e:
-            if "download" not in str(e) and "HF Hub" not in str(e):
-                raise
-            what = f"the open_clip weights {str(pretrained)!r} of {model_name}" if pretrained else model_name
-            reason = ("they are not in the local cache and the Hugging Face Hub's host does not resolve" if offline
-                      else str(e).splitlines()[0].rpartition("Last error: ")[2][:150])
-            raise ClipWeightsError(
-                f"{what} could not be downloaded (offline?): {reason}. Download them where there is internet "
-                "(open_clip caches them), or give a local open_clip weights file instead (pretrained=FILE)"
-            ) from None
+        tag = open_clip.get_pretrained_cfg(model_name, str(pretrained)) if pretrained and ":" not in model_name else {}
+        weights = None
+        if tag:
+            weights = _tag_weights(tag, f"the open_clip weights {str(pretrained)!r} of {model_name}")
+            if tag.get("quick_gelu", False) != architecture.get("quick_gelu", False):  # as open_clip warns for a tag
+                warnings.warn(f"QuickGELU mismatch between {model_name} and its pretrained tag {str(pretrained)!r}",
+                              UserWarning, stacklevel=2)
+            # the tag's preprocessing, as open_clip gives a tag's model (its size is the model's)
+            preprocess = {k: v for k, v in tag.items() if k in _PREPROCESS_FIELDS - {"size"}} | (preprocess or {})
+        model = open_clip.create_model(model_name, pretrained=weights and str(weights), weights_only=True,
+                                       force_preprocess_cfg=preprocess)
         return cls(model, architecture or {}, dict(model.visual.preprocess_cfg), model_name)
 
     @classmethod
@@ -380,6 +373,28 @@ def _pretrained_file(model_name: str, pretrained: str) -> Path | None:
     tags = architecture_tags(model_name) or []
     known = f"its tags: {_shown(tags)}" if tags else "it has no pretrained tags"
     raise ClipWeightsError(f"{pretrained!r} is neither a file nor a pretrained tag of {model_name} ({known})")
+
+
+_PREPROCESS_FIELDS = {f.name for f in dataclasses.fields(PreprocessCfg)}
+
+
+def _tag_weights(tag: dict[str, Any], what: str) -> Path:
+    """The local file of an open_clip pretrained tag's weights (`tag`: its pretrained config), from the Hugging Face
+    cache or downloaded into it: offline, only the cache is asked (`unclip.hub`). Like open_clip, a .safetensors
+    twin of the tag's file comes first. A file that cannot be had is a ClipWeightsError naming `what`."""
+    try:
+        if not tag.get("hf_hub"):
+            return Path(open_clip.download_pretrained(tag))  # the tag's own file, or a URL open_clip downloads
+        repo_id, filename = os.path.split(tag["hf_hub"])  # "org/repo/file", or "org/repo/" for open_clip's name
+        filename = filename or HF_WEIGHTS_NAME
+        safe = HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME else filename.rpartition(".")[0] + ".safetensors"
+        return hub_file(repo_id, [safe, filename] if filename.endswith((".bin", ".pth")) else [filename])
+    except OSError as e:  # not cached offline, the Hub unreachable, a missing repository or file
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ClipWeightsError(
+            f"{what} could not be downloaded (offline?): {reason}. Download them where there is internet "
+            "(the Hugging Face cache keeps them), or give a local open_clip weights file instead (pretrained=FILE)"
+        ) from None
 
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,

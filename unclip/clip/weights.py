@@ -7,27 +7,22 @@ Both errors are CheckpointErrors, which the command-line tools report as one lin
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from safetensors.torch import load_file
 
 from ..checkpoint import CheckpointError
 
-__all__ = ["ClipNotFoundError", "ClipWeightsError", "hub_offline_when_unreachable", "read_cast_from",
-           "read_open_clip_state_dict", "weights_fingerprint"]
+__all__ = ["ClipNotFoundError", "ClipWeightsError", "read_cast_from", "read_open_clip_state_dict",
+           "weights_fingerprint"]
 
 
 class ClipNotFoundError(CheckpointError, ValueError):
-    """`load_clip` found neither a checkpoint directory nor an open_clip model of that name (a ValueError, as
-    before, and a CheckpointError, which the command-line tools report as one line)."""
+    """`load_clip` found neither a checkpoint directory nor an open_clip model of that name (a ValueError, and a
+    CheckpointError, which the command-line tools report as one line)."""
 
 
 class ClipWeightsError(CheckpointError, ValueError):
@@ -52,41 +47,6 @@ def read_cast_from(record: Any, path: str | Path) -> dict[str, str] | None:
         raise ClipWeightsError(f"{path}: config.json's cast_from must be {{'fingerprint': str, 'weights': str}}, "
                                f"got {record!r}")
     return dict(record)
-
-
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-
-
-@contextlib.contextmanager
-def hub_offline_when_unreachable() -> Iterator[bool]:
-    """Within it, the Hugging Face Hub is in offline mode if its host name does not resolve (no network).
-
-    open_clip fetches a pretrained tag's weights with huggingface_hub, which, for a file it has not cached, retries
-    an unreachable host for about 25 s (and open_clip asks for two files) before it fails. In offline mode such a
-    tag fails at once; a cached one loads as before. Yields whether it switched. It changes nothing when offline
-    mode is set already (HF_HUB_OFFLINE=1) or a proxy is configured (the proxy resolves names, not this machine).
-    """
-    from huggingface_hub import constants
-
-    host = urlparse(constants.ENDPOINT).hostname
-    switch = (not constants.HF_HUB_OFFLINE and host is not None and not any(os.environ.get(v) for v in PROXY_VARIABLES)
-              and not _resolves(host))
-    if not switch:
-        yield False
-        return
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield True
-    finally:
-        constants.HF_HUB_OFFLINE = False
-
-
-def _resolves(host: str) -> bool:
-    try:
-        socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        return False
-    return True
 
 
 def read_open_clip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

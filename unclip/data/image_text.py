@@ -27,8 +27,10 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import torch
+from datasets.naming import camelcase_to_snakecase
 from PIL import Image
 
+from .. import hub
 from ..images import ImageTooLargeError, decode_image_file, to_rgb
 from .skip_reasons import caption_problem, unreadable_image_reason
 
@@ -97,25 +99,31 @@ def _load_source(source: str, *, image_column: str, split: str) -> datasets.Data
 
 
 def _load_from_hub(source: str, split: str) -> Any:
-    """`source` as a hub dataset name, e.g. "user/dataset". When the hub's host does not resolve (no network), only
-    the local cache is asked, so a mistyped local path fails at once instead of after ~30 s of retries."""
-    from ..clip.weights import hub_offline_when_unreachable  # lazily: it is needed only for hub names
-
+    """`source` as a hub dataset name, e.g. "user/dataset". When the hub is offline (`unclip.hub`: HF_HUB_OFFLINE, or
+    its host does not resolve) and `datasets` has not cached that name, it fails at once, so a mistyped local path is
+    not retried against an unreachable hub for half a minute."""
     local = f"there is no file or directory {Path(source).expanduser().absolute()}"
-    with hub_offline_when_unreachable() as unreachable:
-        saved = datasets.config.HF_HUB_OFFLINE
-        datasets.config.HF_HUB_OFFLINE = saved or unreachable  # `datasets` keeps its own copy of the setting
-        try:
-            return datasets.load_dataset(source, split=split)
-        except Exception as e:  # the hub raises connection, not-found and config errors of many types
-            if unreachable:
-                raise DataError(f"'{source}' is not a local dataset ({local}), and as a Hugging Face Hub dataset "
-                                "name it is not cached here and the hub cannot be reached (its host name does "
-                                "not resolve on this machine)") from None
-            raise DataError(f"'{source}' is neither a local dataset ({local}) nor a dataset the Hugging Face Hub "
-                            f"could give: {e}") from e
-        finally:
-            datasets.config.HF_HUB_OFFLINE = saved
+    offline = hub.offline_reason()
+    if offline is not None and not _in_datasets_cache(source):
+        raise DataError(f"'{source}' is not a local dataset ({local}), and as a Hugging Face Hub dataset name it is "
+                        f"not cached here and the hub cannot be reached ({offline})")
+    if offline is not None and not datasets.config.HF_HUB_OFFLINE:
+        logger.warning("the Hugging Face Hub cannot be reached (%s): `datasets` loads '%s' from its cache after its "
+                       "retries; HF_HUB_OFFLINE=1 skips them", offline, source)
+    try:
+        return datasets.load_dataset(source, split=split)
+    except Exception as e:  # the hub raises connection, not-found and config errors of many types
+        raise DataError(f"'{source}' is neither a local dataset ({local}) nor a dataset the Hugging Face Hub "
+                        f"could give: {e}") from e
+
+
+def _in_datasets_cache(name: str) -> bool:
+    """Whether `datasets` holds a prepared copy of the hub dataset `name` ("user/dataset"), which it loads offline:
+    a directory `{namespace}___{snake_case_name}/{config}/{version}/{hash}` in its cache."""
+    *namespace, dataset = name.split("/")
+    cached_name = "___".join([*namespace, camelcase_to_snakecase(dataset)])
+    root = Path(datasets.config.HF_DATASETS_CACHE).expanduser() / cached_name
+    return any(path.is_dir() for path in root.glob("*/*/*"))
 
 
 def _looks_local(source: str) -> bool:

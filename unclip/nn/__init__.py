@@ -1,4 +1,5 @@
-"""Network blocks shared by the diffusion stages: the ADM/GLIDE UNet (decoder, upsamplers) and its layers."""
+"""Network blocks shared by the diffusion stages: the ADM/GLIDE UNet (decoder, upsamplers) and its layers, and
+`eval_mode`."""
 
 from unclip.nn.layers import (
     AttentionBlock,
@@ -9,6 +10,7 @@ from unclip.nn.layers import (
     timestep_embedding,
     zero_module,
 )
+from unclip.nn.mode import eval_mode
 from unclip.nn.unet import UNet, UNetConfig
 
 __all__ = [
@@ -18,6 +20,7 @@ __all__ = [
     "UNet",
     "UNetConfig",
     "Upsample",
+    "eval_mode",
     "group_norm",
     "timestep_embedding",
     "zero_module",

@@ -181,4 +181,4 @@ class UNet(nn.Module):
         h = self._run(self.middle_block, h, emb, context, context_mask)
         for block in self.output_blocks:
             h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
-        return self.out(h).contiguous(memory_format=x_format)  # randn_like(output) then draws as before
+        return self.out(h).contiguous(memory_format=x_format)  # in x's layout: randn_like(output) draws alike

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..diffusion import sampler_options
+from ..diffusion import SAMPLERS, sampler_options
 
 __all__ = ["PipelineFileV1", "v1_overrides"]
 
@@ -58,7 +58,7 @@ def v1_overrides(old: PipelineFileV1) -> dict[str, Any]:
     """The sampling overrides (`unclip.settings.with_overrides`) that say what a format-1 file's defaults said. A
     stored eta the decoder's sampler does not take was never used, and is left out."""
     d = old.defaults
-    eta = d.decoder_eta if "eta" in sampler_options(d.sampler) else None
+    eta = d.decoder_eta if d.sampler not in SAMPLERS or "eta" in sampler_options(d.sampler) else None
     steps = list(d.upsampler_steps) or None
     if steps is not None and len(steps) != len(old.stages.upsamplers):
         raise ValueError(f"defaults.upsampler_steps gives {len(steps)} step count(s) for "

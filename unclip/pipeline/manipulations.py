@@ -87,7 +87,8 @@ def _decode(pipe: UnclipPipeline, image_embed: Tensor, x_T: Tensor, s: Sampling,
     generator = torch.Generator(pipe.device).manual_seed(seed) if seed is not None else None
     run = SamplingRun(generator=generator, progress=progress)
     with pipe.autocast():
-        base = pipe.decoder.sample(CascadeState(image_embed=image_embed), s.of("decoder"), run, x_T=x_T).images
+        state = CascadeState(image_embed=image_embed)
+        base = pipe.decoder.sample(state, s.of("decoder"), run, name="decoder", x_T=x_T).images
     return [tensor_to_pil(im) for im in pipe.upsample(base, sampling=s, generator=generator, progress=progress)]
 
 

@@ -14,7 +14,7 @@ place ("prior", "decoder", "upsampler-1", ...), and `Sampling` holds one `StageS
 A pipeline directory holds `pipeline.json` (the CLIP's and the stages' sub-directories and the sampling settings)
 and one sub-directory per stage, each a `config.json` (naming its kind) + `model.safetensors` written by the stage
 itself. Weights may be stored in half precision; they are loaded into the modules' own dtype (float32 unless
-`dtype` says otherwise). Directories written by earlier versions (format 1) load too.
+`dtype` says otherwise). Directories in format 1 (one flat set of sampling defaults) load too.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from ..clip import CaptionError, Clip
 from ..config import ConfigError, config_from_dict, config_to_dict
 from ..diffusion import Generators, sampler_options
 from ..images import tensor_to_pil
-from ..settings import Sampling, with_overrides
+from ..settings import Sampling, flatten_sampling, with_overrides
 from ..stage import CascadeState, SamplingRun, Stage, StepCallback, stage_class, stage_kind
 from .legacy import PipelineFileV1, v1_overrides
 
@@ -53,7 +53,8 @@ class PipelineFile:
     format_version: int
     clip: str  # the CLIP's sub-directory
     stages: tuple[str, ...]  # the stages' sub-directories, in cascade order (each config.json names its kind)
-    sampling: Sampling = field(default_factory=Sampling)  # stages not named here sample with their own defaults
+    sampling: dict[str, Any] = field(default_factory=dict)  # Sampling-shaped: best_of, and stages' settings over their
+    # own defaults (`unclip.settings.flatten_sampling`)
     clip_fingerprint: str | None = None  # of the CLIP the stages were assembled with (informational)
     image_sizes: tuple[int, ...] = ()  # side of the decoder's images, then of each upsampler's (informational)
 
@@ -92,8 +93,8 @@ def image_generators(n: int, device: torch.device | str, seed: int | None = None
 
 
 def _read_pipeline_file(path: Path) -> tuple[PipelineFile, dict[str, Any]]:
-    """Read and check `pipeline.json`: the file in today's form, and the sampling overrides a format-1 file gives
-    (applied once its stages are loaded). Anything malformed is a one-line CheckpointError naming the file."""
+    """Read and check `pipeline.json`: the file, and the sampling overrides it gives (applied over the stages' own
+    defaults once they are loaded). Anything malformed is a one-line CheckpointError naming the file."""
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -108,9 +109,10 @@ def _read_pipeline_file(path: Path) -> tuple[PipelineFile, dict[str, Any]]:
         if version == 1:
             old = config_from_dict(PipelineFileV1, meta)
             stages = (old.stages.prior, old.stages.decoder, *old.stages.upsamplers)
-            return PipelineFile(FORMAT_VERSION, old.stages.clip, stages, Sampling(), old.clip_fingerprint,
+            return PipelineFile(FORMAT_VERSION, old.stages.clip, stages, {}, old.clip_fingerprint,
                                 old.image_sizes), v1_overrides(old)
-        return config_from_dict(PipelineFile, meta), {}
+        parsed = config_from_dict(PipelineFile, meta)
+        return parsed, flatten_sampling(parsed.sampling)
     except (ConfigError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
 
@@ -128,11 +130,12 @@ class UnclipPipeline(nn.Module):
 
     # ----- construction -------------------------------------------------------------------------------------
     def _check_stages(self) -> None:
+        """The stages' sizes chain: the prior and the decoder use the CLIP's embedding size, and each upsampler
+        takes the side the stage before it makes."""
         d = self.clip.embed_dim
         for name, stage in self.named_stages():
-            width = getattr(getattr(stage, "config", None), "embed_dim", d) if stage.role != "upsampler" else d
-            if width != d:
-                raise ValueError(f"the {name} reads {width}-d embeddings, the CLIP's are {d}-d")
+            if stage.role != "upsampler" and stage.config.embed_dim != d:
+                raise ValueError(f"the {name} uses {stage.config.embed_dim}-d embeddings, the CLIP's are {d}-d")
         side = self.decoder.config.image_size
         for name, stage in self.named_stages():
             if stage.role != "upsampler":
@@ -152,6 +155,10 @@ class UnclipPipeline(nn.Module):
                              f"{', '.join(self.names)})")
         stages = {name: sampling.stages.get(name) or stage.default_sampling() for name, stage in self.named_stages()}
         for name, stage in self.named_stages():
+            try:
+                stage.check_sampling(stages[name])
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
             offered = {k for k, v in stage.sampler_options().items() if v is not None}
             missing = [k for k, required in sampler_options(stages[name].sampler).items()
                        if required and k not in offered]
@@ -223,9 +230,8 @@ class UnclipPipeline(nn.Module):
         meta, overrides = _read_pipeline_file(meta_path)
         stages = [_load_stage(path / sub, device, dtype) for sub in meta.stages]
         try:
-            pipe = cls(Clip.from_pretrained(path / meta.clip), stages, meta.sampling)
-            if overrides:
-                pipe.sampling = pipe.complete_sampling(with_overrides(pipe.sampling, overrides))
+            pipe = cls(Clip.from_pretrained(path / meta.clip), stages)
+            pipe.sampling = pipe.complete_sampling(with_overrides(pipe.sampling, overrides))
         except ValueError as e:
             raise CheckpointError(f"{meta_path}: {e}") from None
         return pipe.to(device, dtype)
@@ -255,7 +261,8 @@ class UnclipPipeline(nn.Module):
                 stage.save_pretrained(tmp / name, dtype=dtype)
             sizes = tuple(s.config.image_size for s in self.stages if s.role != "prior")
             write_json_atomic(tmp / PIPELINE_FILE, config_to_dict(PipelineFile(
-                FORMAT_VERSION, "clip", tuple(self.names), self.sampling, self.clip.fingerprint(), sizes)))
+                FORMAT_VERSION, "clip", tuple(self.names), config_to_dict(self.sampling), self.clip.fingerprint(),
+                sizes)))
         return Path(path)
 
     # ----- generation ---------------------------------------------------------------------------------------

@@ -268,7 +268,6 @@ class Checkpointing:
         was, lrs = groups[0]["lr"], scheduled_lrs(self.scheduler)
         for group, lr in zip(groups, lrs):
             group["lr"] = lr
-        self.scheduler._last_lr = lrs  # what get_last_lr() reports
         saved = ckpt.config.get("train") or {}
         trained_for = saved.get("max_steps", self.cfg.max_steps)
         if trained_for != self.cfg.max_steps and self.cfg.lr_schedule == "cosine" and self.step < self.cfg.max_steps:

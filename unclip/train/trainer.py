@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import clean_stale_temporaries
 from ..data.image_text import DataError
+from ..nn import eval_mode
 from .config import TrainConfig
 from .data import build_train_loader, is_empty_batch, split_skipped
 from .device import build_accelerator, enable_gradient_checkpointing, to_channels_last, use_fused_adamw
@@ -358,13 +359,8 @@ class Trainer(Checkpointing):
         if sample_images is None or not (self.accelerator.is_main_process or self.accelerator.is_fsdp2):
             return
         model = self.ema_model if self.ema_model is not None else self.unwrapped_model
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), preserved_rng(), self.accelerator.autocast():
-                images = sample_images(model, self.step)
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.no_grad(), preserved_rng(), self.accelerator.autocast():
+            images = sample_images(model, self.step)
         self._logger.save_samples(images, self.step)
 
     def _export(self) -> None:
