@@ -242,7 +242,7 @@ def rounds(size: int, args: argparse.Namespace, precision: str) -> tuple[dict[st
 
 
 def row_key(size: int, precision: str) -> str:
-    """The results key of one (size, precision) row: "32", "64" for float32 (as before), "32-bf16", ..."""
+    """The results key of one (size, precision) row: "32", "64" for float32, "32-bf16", ..."""
     return str(size) if precision == "fp32" else f"{size}-{precision}"
 
 

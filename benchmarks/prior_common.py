@@ -31,7 +31,7 @@ PEER_PYTHON = ROOT / ".venv-peer" / "bin" / "python"
 PEER_VENV = ("python3 -m venv .venv-peer && "
              ".venv-peer/bin/pip install torch==2.14.1 torchvision==0.29.1 dalle2-pytorch==1.15.6")
 
-# The size the issue names: width 256, 6 layers, 77 text tokens, CLIP dim 256 (the peer needs text width = dim).
+# The measured size: width 256, 6 layers, 77 text tokens, CLIP dim 256 (the peer needs text width = dim).
 # The peer's attention has 8 query heads of 64 and one shared key/value head, and a SwiGLU feed-forward; ours is
 # x-transformers' multi-head attention and GELU feed-forward. 8 heads of 60 make the parameter counts equal within
 # ~2% (ours the larger).

@@ -1,4 +1,4 @@
-"""Prior sampling, side by side with the peer (issue 8, parts 1 and 2): our prior, cached and uncached, against
+"""Prior sampling, side by side with the peer: our prior, cached and uncached, against
 lucidrains' dalle2-pytorch at equal size (see prior_common.py), sampling one batch with DDIM at equal steps.
 
     .venv/bin/python benchmarks/prior_sampling.py                    # 64 captions x 1, 64 DDIM steps, 3 reps

@@ -1,4 +1,4 @@
-"""One prior training step, side by side with the peer (issue 8, part 1): forward, backward and AdamW at equal size
+"""One prior training step, side by side with the peer: forward, backward and AdamW at equal size
 (see prior_common.py), batch 64, each side in its own process with the same thread count.
 
     .venv/bin/python benchmarks/prior_train_step.py                  # batch 64, 5 warm-up + 20 timed steps, fp32
@@ -44,7 +44,7 @@ def worker(side: str, a: dict) -> dict:
     if side.startswith("ours"):
         from prior import prior_loss
 
-        full_length = "-full-length" in side  # every row at all 77 token slots (length_buckets: 0), as before
+        full_length = "-full-length" in side  # every row at all 77 token slots (length_buckets: 0)
         model = build_ours(**({"length_buckets": 0} if full_length else {})).train()
 
         def loss_fn() -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Few-step sampling (issue 8, part 3): SHAPES compositional accuracy against total sampling steps.
+"""Few-step sampling: SHAPES compositional accuracy against total sampling steps.
 
     python benchmarks/sampling_steps.py                          # the shipped pipeline, 4 images per caption
     python benchmarks/sampling_steps.py --pipeline runs/pipeline --images-per-caption 8
@@ -85,7 +85,7 @@ def main() -> None:
 
 def against_paper(rows: list[dict]) -> list[str]:
     """One line per sampler measured at the paper's budget: its few-step rows' accuracy against that one
-    (the issue's target: within 2 points at <= 1/10 of the steps)."""
+    (the target: within 2 points at <= 1/10 of the steps)."""
     acc = {(r["sampler"], r["budget"]): r["accuracy"]["all"] for r in rows}
     out = []
     for sampler in dict.fromkeys(r["sampler"] for r in rows):
