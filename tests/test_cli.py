@@ -128,7 +128,7 @@ def test_embed_of_a_dataset_with_no_usable_row_fails(clip_dir, tmp_path, capsys,
 
 
 def test_console_scripts_are_installed_and_teach():
-    for script in ("unclip", "train-clip"):
+    for script in ("unclip", "train-clip", "train-upsampler"):
         out = subprocess.run([str(BIN / script), "--help"], capture_output=True, text=True, check=True).stdout
         assert "usage:" in out
     out = subprocess.run([str(BIN / "unclip"), "classify", "--help"], capture_output=True, text=True).stdout
@@ -150,10 +150,13 @@ def test_clip_arguments_that_give_no_usable_weights_are_one_line(clip_dir, pngs,
 
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "unclip-test-tiny", tiny_arch)
 
-    def offline(*args, **kwargs):
-        raise FileNotFoundError("Failed to download file (open_clip_pytorch_model.bin). Last error: MaxRetryError")
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub (MaxRetryError)")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     classify = ["classify", str(pngs[0]), "--labels", "a,b", "--clip"]
     err = _one_line_error([*classify, "unclip-test-tiny"], capsys)
     assert "unclip-test-tiny is an open_clip architecture name without weights" in err and "--pretrained on the" in err
@@ -205,14 +208,61 @@ def test_classify_refuses_templates_and_labels_that_cannot_classify(clip_dir, pn
 
 def test_the_cli_starts_without_importing_the_stages():
     """`unclip --help` and the parser stay quick: the stages (x-transformers, the prior's model) load only when a
-    command runs (importing the prior for its sampler names cost ~3 s at every start); the names agree."""
-    import subprocess
-
-    from prior.config import PRIOR_SAMPLERS
-    from unclip.cli.pipeline_commands import PRIOR_SAMPLERS as CLI_PRIOR_SAMPLERS
-
-    assert CLI_PRIOR_SAMPLERS == PRIOR_SAMPLERS
-    code = ("import sys, unclip.cli.main; "
+    command runs; the sampler flags offer every registered sampler, the prior's analytic_ddpm among them."""
+    code = ("import sys, unclip.cli.main; parser = unclip.cli.main.build_parser(); "
+            "parser.parse_args(['generate', 'x', '--prior-sampler', 'analytic_ddpm']); "
             "print(sorted(m for m in ('prior', 'decoder', 'upsamplers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+UPSAMPLER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "upsamplers" / "shapes-32-64.yaml"
+TINY_UPSAMPLER = ["model.unet.model_channels=8", "model.unet.channel_mult=[1, 2]", "model.unet.num_res_blocks=1",
+                  "model.unet.groups=4", "data.shapes_samples=8", "train.max_steps=1", "train.batch_size=4",
+                  "train.log_every=1", "train.checkpoint_every=0", "train.sample_every=0", "train.warmup_steps=0",
+                  "train.progress=false", "train.num_workers=0", "eval.samples=0"]
+
+
+def test_train_upsampler_is_the_command_for_upsampler_configs(tmp_path, capsys):
+    from unclip.cli.train_decoder import main as train_decoder
+    from unclip.cli.train_upsampler import main as train_upsampler
+    from upsamplers import Upsampler
+
+    out = subprocess.run([str(BIN / "train-upsampler"), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "usage: train-upsampler" in out and "configs/upsamplers" in out
+    overrides = [arg for item in TINY_UPSAMPLER for arg in ("--set", item)]
+    assert train_upsampler([str(UPSAMPLER_CONFIG), "--output-dir", str(tmp_path / "up"), *overrides]) == 0
+    assert "trained to step 1" in capsys.readouterr().out
+    assert Upsampler.from_pretrained(tmp_path / "up" / "model").config.image_size == 64
+    assert train_decoder([str(UPSAMPLER_CONFIG), "--output-dir", str(tmp_path / "dec"), *overrides]) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if "train-upsampler" in line]
+    assert notes == ["train-decoder: note: train-upsampler is the command for upsampler configs; this run trains "
+                     "the upsampler all the same"], captured.err
+    assert "trained to step 1" in captured.out and (tmp_path / "dec" / "model" / "config.json").is_file()
+
+
+def test_train_upsampler_names_the_script_of_another_config(tmp_path, capsys):
+    from unclip.cli.train_upsampler import main as train_upsampler
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "decoder" / "shapes-tiny.yaml"
+    assert train_upsampler([str(config), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a train-decoder config" in err and f"run `train-decoder {config}`" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_device_resolution_for_the_library_and_the_cli(monkeypatch):
+    from unclip.cli import common
+    from unclip.devices import resolve_device
+    from unclip.pipeline import default
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == resolve_device("auto") == common.resolve_device("auto") == torch.device("cpu")
+    assert default.resolve_device is resolve_device
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device(torch.device("cuda"))
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    with pytest.raises(common.CliError, match="unknown device 'tpu'"):
+        common.resolve_device("tpu")

@@ -3,7 +3,6 @@
 
 import argparse
 import socket
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -98,24 +97,65 @@ def test_caption_to_images_in_a_browser(served, browser):
 
 
 def test_each_upsampler_has_its_own_steps_slider_and_its_value_reaches_generation(tiny_clip, monkeypatch):
-    """The page's generate function, called through Gradio (no server, no browser) on an 8 -> 16 -> 32 px pipeline."""
+    """The page's generate function, called through Gradio (no server, no browser) on an 8 -> 16 -> 32 px pipeline:
+    every knob starts at the pipeline's own setting and reaches generation as one sampling override."""
     import gradio as gr
     from conftest import build_tiny_pipeline
 
+    from unclip.diffusion import SAMPLERS
     from unclip.pipeline.serve import build_demo
 
     pipe = build_tiny_pipeline(tiny_clip, upsampler_sides=(16, 32))
-    pipe.defaults = replace(pipe.defaults, upsampler_steps=(2, 3))
+    pipe.sampling = pipe.resolve_sampling({"upsampler.steps": [2, 3], "prior.steps": 5, "decoder.guidance": 2.5})
     demo = build_demo(pipe)
     sliders = {b.label: b for b in demo.blocks.values() if isinstance(b, gr.Slider)}
     assert sliders["upsampler 8->16 steps"].value == 2 and sliders["upsampler 16->32 steps"].value == 3
     assert not any("upsampler steps" in label for label in sliders), "the single shared slider should be gone"
+    assert sliders["prior steps"].value == 5 and sliders["decoder steps"].value == pipe.sampling.of("decoder").steps
+    assert sliders["decoder guidance scale"].value == 2.5
+    (dropdown,) = [b for b in demo.blocks.values() if isinstance(b, gr.Dropdown)]
+    assert [value for _, value in dropdown.choices] == list(SAMPLERS) and dropdown.value == "ddim"
 
     calls = []
     generate = pipe.generate
     monkeypatch.setattr(pipe, "generate", lambda *a, **kw: calls.append(kw) or generate(*a, **kw))
-    gallery = demo(CAPTION, 1, 0, "ddim", 2, 2, 3.0, 4, 1, api_name="generate")
-    assert calls[0]["upsampler_steps"] == (4, 1) and len(gallery) == 1
+    gallery = demo(CAPTION, 1, 0, "ddpm", 2, 3, 3.0, 4, 1, api_name="generate")
+    assert calls[0]["sampling"] == {"sampler": "ddpm", "prior.steps": 2, "decoder.steps": 3, "decoder.guidance": 3.0,
+                                    "upsampler.steps": [4, 1]}
+    assert len(gallery) == 1
+
+
+def test_stages_with_their_own_samplers_keep_them_unless_one_is_chosen(tiny_clip, monkeypatch):
+    import gradio as gr
+    from conftest import build_tiny_pipeline
+
+    from unclip.pipeline.serve import EACH_STAGES_OWN, build_demo
+
+    pipe = build_tiny_pipeline(tiny_clip)
+    pipe.sampling = pipe.resolve_sampling({"prior.sampler": "ddpm"})  # the decoder's: ddim
+    (dropdown,) = [b for b in build_demo(pipe).blocks.values() if isinstance(b, gr.Dropdown)]
+    assert dropdown.value == EACH_STAGES_OWN and dropdown.choices[0][1] == EACH_STAGES_OWN
+    calls = []
+    monkeypatch.setattr(pipe, "generate", lambda *a, **kw: calls.append(kw) or [])
+    build_demo(pipe)(CAPTION, 1, 0, EACH_STAGES_OWN, 2, 2, 3.0, api_name="generate")
+    assert "sampler" not in calls[0]["sampling"]
+
+
+def test_a_pipeline_without_a_prior_builds_and_says_it_cannot_caption(tiny_clip):
+    """No prior: the page builds with the prior's knob hidden, and generating is a clear error on the page."""
+    import gradio as gr
+    from conftest import build_tiny_pipeline
+
+    from unclip.pipeline.pipeline import UnclipPipeline
+    from unclip.pipeline.serve import build_demo
+
+    full = build_tiny_pipeline(tiny_clip, upsampler_sides=(16,))
+    pipe = UnclipPipeline(full.clip, [full.decoder, *full.upsamplers])
+    demo = build_demo(pipe)
+    sliders = {b.label: b for b in demo.blocks.values() if isinstance(b, gr.Slider)}
+    assert not sliders["prior steps"].visible and sliders["upsampler 8->16 steps"].visible
+    with pytest.raises(gr.Error, match="no prior"):
+        demo(CAPTION, 1, 0, "ddim", 2, 2, 3.0, 2, api_name="generate")
 
 
 def test_example_captions_include_heldout_triples():

@@ -34,7 +34,7 @@ def scripts(clip_dir: Path) -> dict[str, tuple[str, str, list[str]]]:
             *clip, "model.embed_dim=32", "model.text_width=48", "model.context_dim=16", "model.image_size=8",
             "model.unet.image_size=8", *TINY_UNET, "model.unet.attention_resolutions=[4]",
             "model.unet.head_channels=8", "data.shapes_samples=16", "eval.samples=0"]),
-        "upsampler": ("train-decoder", "configs/upsamplers/shapes-32-64.yaml", [
+        "upsampler": ("train-upsampler", "configs/upsamplers/shapes-32-64.yaml", [
             *TINY_UNET, "data.shapes_samples=16", "eval.samples=0"]),
     }
 

@@ -19,13 +19,16 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Annotated, Any
+
+import yaml
 
 from .config import ConfigError
 from .diffusion import SAMPLERS, sampler_options
 
-__all__ = ["Sampling", "SamplerField", "StageSampling", "check_sampler", "flatten_sampling", "sampling_fields",
-           "with_overrides", "UPSAMPLER_GROUP"]
+__all__ = ["Sampling", "SamplerField", "StageSampling", "check_sampler", "flatten_sampling", "read_sampling_file",
+           "sampling_fields", "with_overrides", "UPSAMPLER_GROUP"]
 
 UPSAMPLER_GROUP = "upsampler"  # names every stage called "upsampler-<i>" in an override
 
@@ -170,3 +173,17 @@ def flatten_sampling(data: Mapping[str, Any], where: str = "sampling") -> dict[s
         raise ConfigError(f"{where}.stages: expected a mapping of stage names to their settings, got {stages!r}")
     flat = {f"{name}.{key}": value for name, spec in stages.items() for key, value in spec.items()}
     return {"best_of": data.get("best_of"), **flat}
+
+
+def read_sampling_file(path: str | Path) -> dict[str, Any]:
+    """The overrides a `Sampling`-shaped YAML file gives (configs/pipeline/*.yaml; `flatten_sampling`): a stage it
+    names keeps its own defaults for the fields the file leaves out. A missing file or malformed YAML is a
+    ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sampling file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    return flatten_sampling(data, where=str(path))

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from ..checkpoint import CheckpointError, write_json_atomic
-from ..diffusion import SAMPLER_NAMES
+from ..diffusion import SAMPLERS
 from .common import CliError, add_device_argument, check_writable, file_path, positive_int, print_table, resolve_device
 
 __all__ = ["add_cascade_parser"]
@@ -34,7 +34,7 @@ def add_cascade_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--steps", type=positive_int, nargs="+", default=None,
                    help="sampler steps per upsampler (default: each one's own)")
     p.add_argument("--aug-levels", type=float, nargs="+", default=None, help="corruption level per upsampler")
-    p.add_argument("--sampler", default="ddim", choices=SAMPLER_NAMES)
+    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="every upsampler's sampler (default ddim)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-size", type=positive_int, default=50)
     add_device_argument(p)
@@ -53,7 +53,7 @@ def _eval_cascade(args: argparse.Namespace) -> None:
     if args.out is not None:
         check_writable(args.out)
     try:
-        ups = [Upsampler.from_pretrained(path, map_location=device) for path in args.upsamplers]
+        ups = [Upsampler.from_pretrained(path, device=device) for path in args.upsamplers]
         clip = load_clip(args.clip).to(device)
         report = cascade_agreement(ups, clip, samples=args.samples, seed=args.seed, steps=args.steps,
                                    aug_levels=args.aug_levels, sampler=args.sampler, batch_size=args.batch_size,

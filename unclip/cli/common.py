@@ -5,15 +5,31 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
+
+from .. import devices
 
 __all__ = ["CliError", "add_device_argument", "resolve_device", "print_table", "int_at_least", "positive_int",
-           "image_path", "file_path", "check_writable", "save_image", "read_image"]
+           "image_path", "file_path", "check_writable", "save_image", "read_image", "parse_assignment"]
 
 
 class CliError(Exception):
     """An error to show the user as one clear line (no traceback), with exit status 2."""
+
+
+def parse_assignment(item: str, example: str) -> tuple[str, Any]:
+    """A `--set KEY=VALUE` item as (KEY, VALUE), the value read as YAML ("[3, 2]" -> [3, 2], "1e-3" -> 0.001); a
+    malformed item is a CliError that shows `example` (such as "train.lr=1e-3")."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise CliError(f"--set expects KEY=VALUE (e.g. {example}), got {item!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise CliError(f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -111,20 +127,12 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available; default)")
 
 
-def resolve_device(name: str) -> str:
-    """'auto' -> 'cuda' when available else 'cpu'; a CUDA device that is not there is a clear error."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+def resolve_device(name: str) -> torch.device:
+    """--device's value as a device (`unclip.devices.resolve_device`); one it cannot be is a CliError saying why."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CliError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CliError(f"device {name!r} requested but CUDA is not available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CliError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    return str(device)
+        return devices.resolve_device(name)
+    except ValueError as e:
+        raise CliError(str(e)) from None
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from ..checkpoint import CheckpointError
 from .cascade import add_cascade_parser
 from .common import CliError, add_device_argument, positive_int, print_table, read_image, resolve_device
@@ -28,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unclip",
         description="unCLIP (DALL-E 2) text-to-image: generate images from captions, vary, interpolate and edit "
-                    "images, evaluate, classify zero-shot. Training lives in the train-clip, train-prior and "
-                    "train-decoder scripts; run `unclip COMMAND --help` for each command.",
+                    "images, evaluate, classify zero-shot. Training lives in the train-clip, train-prior, "
+                    "train-decoder and train-upsampler scripts; run `unclip COMMAND --help` for each command.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_pipeline_parsers(sub)
@@ -90,7 +92,7 @@ def _add_clip_arguments(p: argparse.ArgumentParser) -> None:
                         "weights file")
 
 
-def _load_clip(spec: str, pretrained: str | None, device: str):
+def _load_clip(spec: str, pretrained: str | None, device: torch.device):
     """The CLIP of --clip/--pretrained for inference (see `load_clip`: its errors say what to give instead)."""
     from ..clip import load_clip
 

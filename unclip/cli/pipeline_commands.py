@@ -1,6 +1,7 @@
 """The pipeline's sub-commands of `unclip`: generate, vary, interpolate, text-diff, eval and assemble.
 
     unclip generate "a red circle on a blue background" "a green cross on a white background" -n 4 --out grid.png
+    unclip generate "a red circle" --decoder-guidance 4 --set "upsampler.steps=[3, 2]" --out-dir images
     unclip vary photo.png -n 4 --out variations.png
     unclip interpolate a.png b.png -n 6 --out interpolation.png
     unclip text-diff photo.png --from "a red circle" --to "a red square" -n 5 --out edit.png
@@ -15,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..checkpoint import CheckpointError, write_json_atomic
-from ..diffusion import SAMPLER_NAMES
-from ..diffusion.analytic import ANALYTIC_SAMPLER
+from ..config import config_to_dict
+from ..settings import Sampling
 from .common import (
     CliError,
     add_device_argument,
@@ -35,8 +35,7 @@ from .common import (
     resolve_device,
     save_image,
 )
-
-PRIOR_SAMPLERS = (*SAMPLER_NAMES, ANALYTIC_SAMPLER)  # prior.config.PRIOR_SAMPLERS, without importing the prior
+from .sampling import add_sampling_arguments, sampling_overrides
 
 __all__ = ["add_pipeline_parsers"]
 
@@ -57,7 +56,7 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
                    help="also write every image as its own PNG, with captions.json, into this directory: a new or "
                         "empty one, or an earlier --out-dir (its images are replaced)")
     _add_pipeline_arguments(p)
-    _add_sampling_arguments(p)
+    add_sampling_arguments(p)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("vary", help="variations of an image (DALL-E 2 section 3.1)",
@@ -114,22 +113,26 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=25)
     p.add_argument("--out", type=file_path, default=None, help="write the full report as JSON here")
     _add_pipeline_arguments(p)
-    _add_sampling_arguments(p)
+    add_sampling_arguments(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("assemble", help="assemble a pipeline directory from trained stages",
-                       description="Gather the stages written by train-clip, train-prior and train-decoder (each "
-                                   "OUTPUT_DIR/model) into one pipeline directory, checking that they fit together "
-                                   "(the decoder must have been trained on this CLIP's embeddings).")
+                       description="Gather the stages written by train-clip, train-prior, train-decoder and "
+                                   "train-upsampler (each OUTPUT_DIR/model) into one pipeline directory, checking "
+                                   "that they fit together (the prior and the decoder must have been trained on this "
+                                   "CLIP's embeddings).")
     p.add_argument("--clip", required=True, type=Path)
-    p.add_argument("--prior", required=True, type=Path)
+    p.add_argument("--prior", type=Path, default=None,
+                   help="the prior (without one, the pipeline decodes given image embeddings only: vary, "
+                        "interpolate, text-diff)")
     p.add_argument("--decoder", required=True, type=Path)
     p.add_argument("--upsamplers", nargs="*", type=Path, default=[], help="upsampler directories, lowest first")
     p.add_argument("--out", required=True, type=Path, help="the pipeline directory to write")
     p.add_argument("--store-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="dtype of the stored weights (float16 halves the size; loading casts back)")
     p.add_argument("--defaults", type=Path, default=None,
-                   help="a YAML file of generation defaults (configs/pipeline/*.yaml: sampler, prior_steps, ...)")
+                   help="a YAML file of the pipeline's sampling settings (configs/pipeline/*.yaml: best_of, and per "
+                        "stage sampler, steps, guidance, eta); a stage it does not name samples with its own defaults")
     p.set_defaults(func=_assemble)
 
 
@@ -140,38 +143,12 @@ def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     add_device_argument(p)
 
 
-def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling (default: the pipeline's own settings)")
-    g.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
-                   help="the decoder's sampler, and the prior's and upsamplers' unless set apart below")
-    g.add_argument("--prior-sampler", choices=PRIOR_SAMPLERS, default=None,
-                   help="the prior's sampler (default: the pipeline's prior_sampler, or where that is None, the "
-                        "decoder's sampler); analytic_ddpm: the paper's, for a prior calibrated by train-prior")
-    g.add_argument("--upsampler-sampler", choices=SAMPLER_NAMES, default=None,
-                   help="every upsampler's sampler (default: the pipeline's upsampler_sampler, or where that is "
-                        "None, the decoder's sampler)")
-    g.add_argument("--prior-steps", type=int, default=None)
-    g.add_argument("--prior-guidance", type=float, default=None)
-    g.add_argument("--best-of", type=int, default=None, help="prior samples per image, the closest to the text kept")
-    g.add_argument("--decoder-steps", type=int, default=None)
-    g.add_argument("--decoder-guidance", type=float, default=None)
-    g.add_argument("--decoder-eta", type=float, default=None,
-                   help="DDIM noise of the decoder in [0, 1] (0: deterministic); when the decoder samples with ddim")
-    g.add_argument("--upsampler-steps", type=int, nargs="+", default=None, help="steps of each upsampler")
-
-
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("sampler", "prior_sampler", "upsampler_sampler", "prior_steps", "prior_guidance", "best_of",
-             "decoder_steps", "decoder_guidance", "decoder_eta", "upsampler_steps")
-    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-
-
 def _pipeline(args: argparse.Namespace):
     from ..pipeline.default import load_pipeline
 
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else None
-    if dtype == torch.float16 and device == "cpu":
+    if dtype == torch.float16 and device.type == "cpu":
         raise CliError("--dtype float16 needs a CUDA device; on the CPU use float32 or bfloat16")
     if args.pipeline is not None and not Path(args.pipeline).exists():
         raise CliError(f"pipeline directory not found: {args.pipeline}")
@@ -220,22 +197,25 @@ def _generate(args: argparse.Namespace) -> None:
 
     if args.num_images < 1:
         raise CliError(f"--num-images must be >= 1, got {args.num_images}")
+    overrides = sampling_overrides(args)
     check_writable(args.out)  # before any work: a place the images cannot be written is found now
     earlier = _check_out_dir(args.out_dir) if args.out_dir is not None else []
     pipe = _pipeline(args)
     try:
-        images = pipe.generate(args.captions, args.num_images, seed=args.seed, progress=True, **_settings(args))
+        sampling = pipe.resolve_sampling(overrides)  # what the images are sampled with, checked before any work
+        images = pipe.generate(args.captions, args.num_images, seed=args.seed, progress=True, sampling=overrides)
     except (CaptionError, ValueError) as e:
         raise CliError(str(e)) from None
     labels = [c for c in args.captions for _ in range(args.num_images)]
     _write_grid(images, args.out, args.num_images, labels)
     if args.out_dir is not None:
-        _write_out_dir(args, images, earlier)
+        _write_out_dir(args, images, earlier, sampling)
 
 
-def _write_out_dir(args: argparse.Namespace, images, earlier: list[Path]) -> None:
-    """The images and captions.json; the old captions.json goes first, so a write that fails half-way never leaves
-    one describing a mix of old and new images."""
+def _write_out_dir(args: argparse.Namespace, images, earlier: list[Path], sampling: Sampling) -> None:
+    """The images and captions.json (the captions, the seed and every setting they were sampled with); the old
+    captions.json goes first, so a write that fails half-way never leaves one describing a mix of old and new
+    images."""
     names = [args.out_dir / _image_name(i, args.num_images) for i in range(len(images))]
     try:
         (args.out_dir / CAPTIONS_FILE).unlink(missing_ok=True)
@@ -244,7 +224,8 @@ def _write_out_dir(args: argparse.Namespace, images, earlier: list[Path]) -> Non
         for im, name in zip(images, names, strict=True):
             save_image(im, name)
         write_json_atomic(args.out_dir / CAPTIONS_FILE, {"captions": args.captions, "seed": args.seed,
-                                                         "num_images": args.num_images, **_settings(args)})
+                                                         "num_images": args.num_images,
+                                                         "sampling": config_to_dict(sampling)})
     except OSError as e:
         raise CliError(f"could not write --out-dir {args.out_dir}: {e}") from None
     print(f"wrote {len(images)} images to {args.out_dir}")
@@ -294,6 +275,7 @@ def _text_diff(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from ..pipeline.evaluation import evaluate_pipeline, inception_features
 
+    overrides = sampling_overrides(args)
     if args.out is not None:
         check_writable(args.out)
     pipe = _pipeline(args)
@@ -314,7 +296,7 @@ def _eval(args: argparse.Namespace) -> None:
     try:
         report = evaluate_pipeline(pipe, images_per_caption=args.images_per_caption, seed=args.seed,
                                    batch_size=args.batch_size, real_samples=args.real_samples, features=features,
-                                   judge=judge, **_settings(args))
+                                   judge=judge, sampling=overrides)
     except ValueError as e:
         raise CliError(str(e)) from None
     report["features"] = args.features
@@ -343,21 +325,28 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _assemble(args: argparse.Namespace) -> None:
     from ..checkpoint import check_replaceable
-    from ..config import ConfigError, load_config
-    from ..pipeline.pipeline import PIPELINE_FILE, GenerationDefaults, UnclipPipeline
+    from ..config import ConfigError
+    from ..pipeline.pipeline import PIPELINE_FILE, UnclipPipeline
+    from ..settings import read_sampling_file
 
-    defaults = None
+    overrides = {}
     if args.defaults is not None:
         try:
-            defaults = load_config(GenerationDefaults, args.defaults)
-        except (ConfigError, FileNotFoundError) as e:
-            raise CliError(f"bad defaults file {args.defaults}: {e}") from None
+            overrides = read_sampling_file(args.defaults)
+        except (ConfigError, OSError) as e:
+            raise CliError(f"--defaults: {e}") from None  # the message names the file
+    stages = [*([args.prior] if args.prior is not None else []), args.decoder, *args.upsamplers]
     try:
         check_replaceable(args.out, PIPELINE_FILE)  # before any loading: never replace a directory of other things
-        pipe = UnclipPipeline.from_stages(args.clip, args.prior, args.decoder, args.upsamplers, defaults)
+        pipe = UnclipPipeline.from_stages(args.clip, stages)
+        try:
+            pipe.sampling = pipe.resolve_sampling(overrides)  # over each stage's own defaults
+        except ValueError as e:
+            raise ValueError(f"--defaults {args.defaults}: {e}") from None
         pipe.save_pretrained(args.out, dtype=DTYPES[args.store_dtype] if args.store_dtype != "float32" else None)
     except (CheckpointError, ValueError) as e:
         raise CliError(str(e)) from None
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
-    print(f"wrote the pipeline ({len(pipe.upsamplers)} upsampler(s), {pipe.image_size}px output, "
+    prior = "" if pipe.prior is not None else "no prior, "
+    print(f"wrote the pipeline ({prior}{len(pipe.upsamplers)} upsampler(s), {pipe.image_size}px output, "
           f"{size / 2**20:.1f} MiB) to {args.out}")

@@ -1,25 +1,23 @@
-"""`train-decoder`: train a stage of the image cascade (the base decoder; the upsamplers plug in here too).
+"""`train-decoder`: train the base decoder of the image cascade (CLIP image embedding -> image) from a YAML config.
 
     train-decoder configs/decoder/shapes-tiny.yaml --output-dir runs/decoder-shapes-tiny
     train-decoder configs/decoder/shapes-tiny.yaml --set clip=runs/clip-shapes-tiny/model --set train.max_steps=500
     train-decoder configs/decoder/shapes-tiny.yaml --set data.embeddings=runs/embeddings   # `unclip embed` shards
     accelerate launch --multi_gpu --num_processes 8 -m unclip.cli.train_decoder configs/decoder/full-64.yaml
-    train-decoder configs/upsamplers/shapes-32-64.yaml --output-dir runs/upsampler-32-64     # an upsampler
-    train-decoder configs/upsamplers/shapes-64-128.yaml --set train.max_steps=100
 
-The config's top-level `stage` key picks what is trained: "base" (the decoder, CLIP image embedding -> image;
-the default) or "upsampler" (a super-resolution stage, low-res image -> image). Each stage brings its own
-config class, training task and final evaluation (`STAGES`). The trained model is written to OUTPUT_DIR/model;
-an interrupted run resumes from its last checkpoint when started again with the same output directory. On
-SHAPES the final evaluation is printed and saved to OUTPUT_DIR/eval.json: for the base stage the held-out
-reconstruction accuracy (decoder/evaluation.py) at every `eval.guidance_scales`, for an upsampler the PSNR of
-its output and of bicubic upsampling against the held-out originals at every `eval.aug_levels`
-(upsamplers/evaluation.py). Started again on a finished run, it only evaluates (with other `--set eval.*` values,
-say); the earlier eval.json is kept as eval-<time>.json.
+The config's top-level `stage` key says what it trains: "base" (the default). A config of a super-resolution stage
+("upsampler", configs/upsamplers/*.yaml) is `train-upsampler`'s; given one, train-decoder says so and trains it
+as train-upsampler would (`STAGES`: each stage's config class, training task and final evaluation). The trained
+model is written to OUTPUT_DIR/model; an interrupted run resumes from its last checkpoint when started again with
+the same output directory. On SHAPES the final evaluation is printed and saved to OUTPUT_DIR/eval.json: the
+held-out reconstruction accuracy (decoder/evaluation.py) at every `eval.guidance_scales`. Started again on a
+finished run, it only evaluates (with other `--set eval.*` values, say); the earlier eval.json is kept as
+eval-<time>.json.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,13 +33,14 @@ from upsamplers.config import TrainUpsamplerConfig
 from upsamplers.training import UpsamplerTrainTask
 
 from .common import CliError, print_table
+from .train_upsampler import evaluate as evaluate_upsampler
 from .training import build_training_parser, parse_overrides, training_main, write_eval
 
-__all__ = ["STAGES", "Stage", "main"]
+__all__ = ["STAGES", "TrainableStage", "main"]
 
 
 @dataclass(frozen=True)
-class Stage:
+class TrainableStage:
     """One trainable stage of the cascade: its config dataclass, TrainTask factory and after-training hook."""
 
     config_cls: type
@@ -58,7 +57,7 @@ def _evaluate_base(cfg: TrainDecoderConfig, out: Path) -> None:
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     clip = load_clip(cfg.clip, cfg.clip_pretrained).to(device)
-    decoder = Decoder.from_pretrained(out / "model", map_location=device)
+    decoder = Decoder.from_pretrained(out / "model", device=device)
     print(f"evaluating on {e.samples} held-out SHAPES images at guidance {', '.join(map(str, e.guidance_scales))} "
           "(a progress bar per batch; eval.samples: 0 skips this)", flush=True)
     acc = reconstruction_accuracy(decoder, clip, samples=e.samples, guidance_scales=e.guidance_scales, steps=e.steps,
@@ -76,31 +75,11 @@ def _evaluate_base(cfg: TrainDecoderConfig, out: Path) -> None:
     print_table(["", "shape", "fg", "bg", "all"], [[r[0], *(f"{v:.1%}" for v in r[1:])] for r in rows])
 
 
-def _evaluate_upsampler(cfg: TrainUpsamplerConfig, out: Path) -> None:
-    from upsamplers import Upsampler, psnr_vs_bicubic
-
-    e = cfg.eval
-    if cfg.data.source != "shapes" or e.samples <= 0:
-        return
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    upsampler = Upsampler.from_pretrained(out / "model", map_location=device)
-    print(f"evaluating on {e.samples} held-out SHAPES images at aug level {', '.join(map(str, e.aug_levels))} "
-          "(a progress bar per batch; eval.samples: 0 skips this)", flush=True)
-    report = psnr_vs_bicubic(upsampler, samples=e.samples, seed=e.seed, aug_levels=e.aug_levels, steps=e.steps,
-                             sampler=e.sampler, batch_size=e.batch_size, progress=cfg.train.progress)
-    write_eval(out, {"split": "heldout", **report})
-    print(f"SHAPES held-out super-resolution ({report['samples']} images, {report['low_res_size']} -> "
-          f"{report['image_size']} px, {report['sampler']} {report['steps']} steps): mean PSNR against the originals")
-    rows = [["bicubic", f"{report['bicubic']:.2f} dB", ""]]
-    rows += [[f"upsampler, aug level {level}", f"{db:.2f} dB", f"{report['wins'][level]:.1%}"]
-             for level, db in report["model"].items()]
-    print_table(["", "PSNR", "images beating bicubic"], rows)
-
-
-STAGES: dict[str, Stage] = {
-    "base": Stage(TrainDecoderConfig, DecoderTrainTask, _evaluate_base),
-    "upsampler": Stage(TrainUpsamplerConfig, UpsamplerTrainTask, _evaluate_upsampler),
+STAGES: dict[str, TrainableStage] = {
+    "base": TrainableStage(TrainDecoderConfig, DecoderTrainTask, _evaluate_base),
+    "upsampler": TrainableStage(TrainUpsamplerConfig, UpsamplerTrainTask, evaluate_upsampler),
 }
+OWN_COMMAND = {"upsampler": "train-upsampler"}  # the stages that have a command of their own
 
 
 def _stage_name(argv: Sequence[str] | None) -> str:
@@ -125,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in STAGES:
         print(f"train-decoder: error: unknown stage {name!r}; valid stages: {', '.join(STAGES)}", file=sys.stderr)
         return 2
+    if name in OWN_COMMAND and os.environ.get("RANK", "0") == "0":  # once, not once per process of a launch
+        print(f"train-decoder: note: {OWN_COMMAND[name]} is the command for {name} configs; this run trains the "
+              f"{name} all the same", file=sys.stderr)
     stage = STAGES[name]
     return training_main("train-decoder", __doc__, stage.config_cls, stage.make_task, argv, after=stage.after)
 

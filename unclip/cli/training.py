@@ -18,12 +18,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..checkpoint import CheckpointError, write_json_atomic
 from ..config import ConfigError, UnknownKeyError, load_config, replace_config
 from ..data.image_text import DataError
-from .common import CliError, check_writable, positive_int
+from .common import CliError, check_writable, parse_assignment, positive_int
 
 __all__ = ["training_main", "parse_overrides", "build_training_parser", "write_eval", "EVALUATION_FILES"]
 
@@ -48,16 +46,7 @@ def write_eval(out: Path, report: dict[str, Any]) -> Path:
 
 def parse_overrides(items: Sequence[str]) -> dict[str, object]:
     """`["train.lr=1e-3", "data.source=./folder"]` -> {"train.lr": 0.001, ...}; values read as YAML."""
-    out: dict[str, object] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise CliError(f"--set expects KEY=VALUE (e.g. train.lr=1e-3), got {item!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise CliError(f"--set {item!r}: the value is not valid YAML ({e.problem})") from None
-    return out
+    return dict(parse_assignment(item, "train.lr=1e-3") for item in items)
 
 
 def build_training_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
@@ -87,7 +76,7 @@ def _script_configs() -> list[tuple[str, type]]:
     from ..clip.training import TrainClipConfig
 
     return [("train-clip", TrainClipConfig), ("train-prior", TrainPriorConfig), ("train-decoder", TrainDecoderConfig),
-            ("train-decoder", TrainUpsamplerConfig)]
+            ("train-upsampler", TrainUpsamplerConfig)]
 
 
 def _other_script(path: Path, prog: str) -> str | None:

@@ -11,23 +11,14 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError
+from ..devices import resolve_device
 from .pipeline import PIPELINE_FILE, UnclipPipeline
 
-__all__ = ["DEFAULT_PIPELINE", "load_pipeline", "resolve_device"]
+__all__ = ["DEFAULT_PIPELINE", "load_pipeline"]
 
 DEFAULT_PIPELINE = Path(__file__).resolve().parents[1] / "pretrained" / "shapes-tiny"
 
 _CACHE: dict[tuple[str, str, str], UnclipPipeline] = {}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None -> CUDA when available, else the CPU; a CUDA device on a machine without one is a clear error."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} was asked for but this torch sees no CUDA device; use 'cpu'")
-    return device
 
 
 def load_pipeline(path: str | Path | UnclipPipeline | None = None, *, device: str | torch.device | None = None,
@@ -37,7 +28,8 @@ def load_pipeline(path: str | Path | UnclipPipeline | None = None, *, device: st
     Loaded pipelines are cached per (directory, device, dtype), so repeated `unclip.generate` calls load once.
     """
     if isinstance(path, UnclipPipeline):
-        return path if device is None and dtype is None else path.to(device, dtype)
+        return path if device is None and dtype is None else path.to(
+            None if device is None else resolve_device(device), dtype)
     directory = Path(path) if path is not None else DEFAULT_PIPELINE
     if path is None and not (directory / PIPELINE_FILE).is_file():
         raise CheckpointError(f"the default model is missing from this installation ({directory}); reinstall unclip "
