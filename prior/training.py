@@ -29,7 +29,7 @@ from unclip.diffusion import denoised_from_output, diffusion_loss, q_sample, sam
 from unclip.train import unwrap_model
 
 from .config import PriorConfig, TrainPriorConfig
-from .model import DiffusionPriorNetwork
+from .model import EPS_MOMENTS, DiffusionPriorNetwork
 
 __all__ = ["prior_loss", "draw_cond_drop", "is_embeddings_dir", "check_dims", "calibration_pairs", "encode_image_text",
            "PriorTrainTask"]
@@ -194,6 +194,11 @@ class PriorTrainTask:
         EMA's when EMA is on)."""
         prior: DiffusionPriorNetwork = unwrap_model(model)
         prior.save_pretrained(out_dir, state_dict=state_dict)
+
+    def pretrained_weights(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The network's weights of a stored prior that a fine-tune starts from (`train.init_from`), without its
+        calibrated eps moments: training changes the network they describe (train-prior calibrates anew)."""
+        return {k: v for k, v in state.items() if k != EPS_MOMENTS}
 
     def config_dict(self) -> dict[str, Any]:
         return config_to_dict(self.cfg)

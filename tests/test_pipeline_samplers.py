@@ -117,7 +117,7 @@ def test_a_bad_stage_sampler_is_a_value_error_naming_the_registered_ones(cascade
     with pytest.raises(ConfigError, match=r"^sampler: 'euler' is not a registered sampler; expected one of ddim, "
                                           r"ddpm, dpmpp_2m, dpmpp_2m_sde, analytic_ddpm"):
         StageSampling(sampler="euler")
-    with pytest.raises(ValueError, match=r"^(prior|decoder|upsampler-1): sampler: 'euler' is not a registered "
+    with pytest.raises(ValueError, match=r"^(prior|decoder|upsampler-1).sampler: 'euler' is not a registered "
                                          r"sampler; expected one of ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, analytic_ddpm"):
         cascade.generate(CAPTION, 1, **{key: "euler"})  # the message names the stage
 
@@ -179,7 +179,7 @@ def test_the_prior_samples_with_analytic_variances_once_calibrated(tiny_clip, tm
     from prior.analytic import calibrate_prior
 
     pipe = build_tiny_pipeline(tiny_clip)
-    with pytest.raises(ValueError, match="the prior's sampler analytic_ddpm needs moments"):
+    with pytest.raises(ValueError, match="prior: sampler 'analytic_ddpm' needs the prior's Analytic-DPM moments"):
         pipe.generate([CAPTION], prior_sampler="analytic_ddpm", progress=False)
     with pytest.raises(ValueError, match="'analytic' is not a registered sampler; expected one of .*analytic_ddpm"):
         StageSampling(sampler="analytic")

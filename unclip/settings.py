@@ -15,16 +15,17 @@ one per upsampler; `sampler` alone sets every stage's sampler (except a stage wh
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
 
-from .config import ConfigError
+from .config import ConfigError, config_from_dict, config_to_dict
 from .diffusion import SAMPLERS, sampler_options
 
 __all__ = ["Sampling", "SamplerField", "StageSampling", "check_sampler", "flatten_sampling", "read_sampling_file",
@@ -47,7 +48,7 @@ class StageSampling:
     """How one diffusion stage samples. Each field's `help` is what the CLI and the demo show for it."""
 
     sampler: SamplerField = field(default="ddim", metadata={
-        "help": "a registered sampler: ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, analytic_ddpm (a calibrated prior's)"})
+        "help": "a registered sampler (unclip.diffusion.SAMPLERS; analytic_ddpm needs a calibrated prior)"})
     steps: int = field(default=50, metadata={"help": "denoiser calls (the stage's timesteps respaced)"})
     guidance: float = field(default=1.0, metadata={"help": "classifier-free guidance scale (1: none)"})
     eta: float = field(default=0.0, metadata={
@@ -107,6 +108,11 @@ def _split_key(key: str) -> tuple[str, str] | None:
     return (match[1], match[2]) if match else None
 
 
+def _known_keys(names: Sequence[str]) -> list[str]:
+    groups = [*names, UPSAMPLER_GROUP]
+    return ["best_of", "sampler", *(f"{g}.{f.name}" for g in groups for f in sampling_fields())]
+
+
 def _valid_keys(names: Sequence[str]) -> str:
     groups = [*names, UPSAMPLER_GROUP] if any(n.startswith(UPSAMPLER_GROUP + "-") for n in names) else list(names)
     return (f"best_of, sampler, or STAGE.FIELD with STAGE one of {', '.join(groups)} and FIELD one of "
@@ -136,7 +142,9 @@ def with_overrides(sampling: Sampling, overrides: Mapping[str, Any]) -> Sampling
         except KeyError:
             targets = None
         if not targets:
-            raise ValueError(f"unknown sampling setting {key!r}; expected {_valid_keys(names)}")
+            close = difflib.get_close_matches(key, _known_keys(names), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown sampling setting {key!r}.{hint} Expected {_valid_keys(names)}")
         values = list(value) if isinstance(value, (list, tuple)) else [value] * len(targets)
         if len(values) != len(targets):
             what = f"{len(targets)} upsampler(s)" if len(targets) > 1 or split[0] not in names else "one stage"
@@ -151,10 +159,10 @@ def with_overrides(sampling: Sampling, overrides: Mapping[str, Any]) -> Sampling
         new_sampler = changes.get("sampler")
         if new_sampler in SAMPLERS and "eta" not in changes and "eta" not in sampler_options(new_sampler):
             changes["eta"] = 0.0  # a stored eta does not carry over to a sampler without that noise
-        try:
-            stages[name] = replace(spec, **changes)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{name}: {e}") from None
+        if changes:  # read as strictly as a config file: types, then the record's own checks
+            stages[name] = config_from_dict(StageSampling, {**config_to_dict(spec), **changes}, where=name)
+        else:
+            stages[name] = spec
     return Sampling(best_of=best_of, stages=stages)
 
 

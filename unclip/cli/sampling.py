@@ -70,7 +70,8 @@ def _add_field_flag(g: argparse._ArgumentGroup, group: str, f: dataclasses.Field
     text = f.metadata["help"] + ("; one value for every upsampler, or one per upsampler" if many else "")
     g.add_argument(f"--{group}-{f.name.replace('_', '-')}", action=_Override, dest=DEST, key=f"{group}.{f.name}",
                    type=kind, choices=list(SAMPLERS) if is_sampler else None, nargs="+" if many else None,
-                   metavar=f.name.upper(), help=text.replace("%", "%%"))  # argparse formats help with %
+                   metavar=None if is_sampler else f.name.upper(),  # a sampler flag shows its choices
+                   help=text.replace("%", "%%"))  # argparse formats help with %
 
 
 def _yaml_value(text: str) -> Any:

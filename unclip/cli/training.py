@@ -56,6 +56,10 @@ def build_training_parser(prog: str, description: str | None) -> argparse.Argume
                    help="where checkpoints, logs and the final model go (default: runs/<stage>-<config name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+    p.add_argument("--init-from", type=Path, default=None, metavar="DIR",
+                   help="fine-tune: a fresh run starts from the weights of this model directory of the same stage\n"
+                        "(OUTPUT_DIR/model of a run, or a pipeline's stage sub-directory); optimizer and step start\n"
+                        "anew; a run with a checkpoint resumes from it instead (as --set train.init_from=DIR)")
     p.add_argument("--no-resume", action="store_true",
                    help="start from scratch: delete this output directory's training checkpoints and evaluation "
                         f"files ({', '.join(EVALUATION_FILES)}) first")
@@ -111,7 +115,10 @@ def training_main(prog: str, description: str | None, config_cls: type, make_tas
                 raise
             hint = f"run `{script} {args.config}`"
             raise CliError(f"{args.config} is a {script} config, not a {prog} one: {hint}") from None
-        cfg = replace_config(loaded, parse_overrides(args.overrides))
+        overrides = parse_overrides(args.overrides)
+        if args.init_from is not None:
+            overrides["train.init_from"] = str(args.init_from)
+        cfg = replace_config(loaded, overrides)
         out = args.output_dir or Path("runs") / f"{prog.removeprefix('train-')}-{args.config.stem}"
         check_writable(out, directory=True)  # before the task loads its data and models
         trainer = Trainer(make_task(cfg), cfg.train, out)

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import save_pretrained_dir
-from ..config import config_to_dict
+from ..config import ConfigError, config_to_dict
 from ..data.image_text import ImageTextDataset, collate_image_text
 from ..data.sources import training_rows
 from ..train import TrainConfig
@@ -51,6 +51,9 @@ class ClipTrainTask:
     """Trains an open_clip model with open_clip's contrastive loss and a learnable temperature."""
 
     def __init__(self, cfg: TrainClipConfig) -> None:
+        if cfg.train.init_from is not None:
+            raise ConfigError("train-clip starts from the weights of model.checkpoint (a CLIP directory or an "
+                              "open_clip file) or model.pretrained, not train.init_from")
         self.cfg = cfg
         self.clip = Clip.from_config(cfg.model)
         self.model: nn.Module = self.clip.model

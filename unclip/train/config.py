@@ -42,6 +42,9 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest training checkpoints kept on disk
     max_nonfinite_steps: int = 20  # consecutive non-finite losses before the run stops
     progress: bool = True  # tqdm bar (main process only)
+    init_from: str | None = None  # a model directory of the task's stage (OUTPUT_DIR/model of a train-* run, or a
+    #   stage sub-directory of a pipeline directory) whose weights a fresh run starts from, the optimizer, LR schedule
+    #   and step starting anew (fine-tuning); a run with a checkpoint of its own resumes from that instead
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -69,4 +72,5 @@ class TrainConfig:
         need(self.sample_every >= 0, f"sample_every must be >= 0, got {self.sample_every}")
         need(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        need(self.init_from != "", "init_from must name a model directory, or be null")
         need(self.max_nonfinite_steps >= 1, f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")

@@ -3,6 +3,9 @@
     output_dir/checkpoints/step-N/   save_checkpoint() / _restore(): weights, EMA, optimizer, scheduler, RNG, counters
     output_dir/model/                exported at the end (Trainer._export), or from step N: export_checkpoint(N, dir)
 
+A fresh run (no checkpoint to resume) with `train.init_from` starts from the weights of that model directory
+(`_init_from_pretrained`); a run that has a checkpoint resumes from it and does not read `init_from`.
+
 Before a run starts, `_check_output_dir` refuses a directory it would wrongly resume from or destroy (another
 script's run, a finished model without checkpoints, checkpoints of another model / CLIP config or identity). On
 resume the optimizer takes this run's lr, betas, eps and weight decay, and the LR schedule this run's max_steps.
@@ -18,7 +21,7 @@ from typing import Any
 
 from accelerate.utils import gather_object
 
-from ..checkpoint import CheckpointError, load_state_dict_strict
+from ..checkpoint import CheckpointError, load_pretrained_dir, load_state_dict_strict
 from ..config import config_to_dict
 from .data import mix_seed
 from .ema import EMA
@@ -53,6 +56,13 @@ def _without(current: Any, saved: Any) -> Any:
     if not (isinstance(saved, dict) and isinstance(current, dict)):
         return current
     return {k: _without(v, saved[k]) for k, v in current.items() if k in saved}
+
+
+def _differences(stored: Any, current: Any, prefix: str) -> list[str]:
+    """`name (stored vs current)` for each dotted key of two nested dicts whose values differ (keys in both)."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        return [d for k in current if k in stored for d in _differences(stored[k], current[k], f"{prefix}.{k}")]
+    return [] if stored == current else [f"{prefix} ({stored} vs {current})"]
 
 
 class Checkpointing:
@@ -145,6 +155,43 @@ class Checkpointing:
             model = ema.model
         export(model, Path(out_dir), model.state_dict())
         return Path(out_dir)
+
+    def _init_from_pretrained(self, source: str | Path) -> None:
+        """Load the weights of the model directory `source` (`train.init_from`) into this fresh run's model, and start
+        the EMA (if any) from them. It must hold the task model's `kind`, with weights that fit the model this config
+        builds (else a one-line CheckpointError that lists the differing tensors); the optimizer, the LR schedule and
+        the step are untouched (fresh). A task may drop what the directory stores beside the network's weights
+        (`TrainTask.pretrained_weights`)."""
+        path, model = Path(source), self.unwrapped_model
+        kind = getattr(model, "kind", None)
+        if kind is None:
+            raise CheckpointError(f"train.init_from: {type(self.task).__name__} does not start from a model directory")
+        try:
+            meta, state = load_pretrained_dir(path, kind=kind)
+        except CheckpointError as e:
+            raise CheckpointError(f"train.init_from: {e}") from None
+        weights = getattr(self.task, "pretrained_weights", None)
+        state = weights(state) if weights is not None else state
+        task_config = getattr(self.task, "config_dict", None)
+        changed = _differences(meta["config"].get("model"), (task_config() if task_config else {}).get("model"),
+                               "model")
+        try:
+            if self.accelerator.is_fsdp2:  # every process loads its shards of the full weights
+                from torch.distributed.checkpoint import state_dict as dcp
+
+                dcp.set_model_state_dict(self.model, state, options=dcp.StateDictOptions(full_state_dict=True))
+            else:
+                load_state_dict_strict(model, state, source=path)
+        except (RuntimeError, KeyError) as e:  # a CheckpointError (a RuntimeError) lists the tensors that differ
+            differs = f"; its model config differs from this run's in {', '.join(changed)}" if changed else ""
+            lines = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            raise CheckpointError(f"train.init_from: {lines}{differs}") from None
+        if changed:
+            warnings.warn(f"train.init_from: the model config of {path} differs from this run's in "
+                          f"{', '.join(changed)}; its weights fit, and training goes on with this run's", stacklevel=3)
+        if self.ema is not None:
+            self.ema = EMA(model, self.cfg.ema_decay)
+        self.accelerator.print(f"initialised the model from {path} (train.init_from); optimizer and step start anew")
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path | None:

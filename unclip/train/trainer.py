@@ -84,6 +84,9 @@ class TrainTask(Protocol):
             frozen CLIP whose embeddings the model learns from; saved into every training checkpoint, and resuming
             one saved with other values (a CLIP retrained at the same path, say) is refused.
         find_unused_parameters: bool, passed to DDP for models whose forward skips some parameters.
+        pretrained_weights(state_dict) -> state_dict: the network's weights among those of a model directory that a
+            fresh run starts from (`train.init_from`, of the kind `model.kind`), without what the directory stores
+            beside them (the prior drops its calibrated eps moments).
     """
 
     model: nn.Module
@@ -179,10 +182,12 @@ class Trainer(Checkpointing):
     def train(self, resume: bool = True, *, stale_outputs: Sequence[str] = ()) -> TrainResult:
         """Train to `cfg.max_steps`, resuming from the newest complete checkpoint in output_dir when `resume`.
 
-        With resume=False the run starts from scratch: training checkpoints already in output_dir are deleted
+        With resume=False the run starts afresh: training checkpoints already in output_dir are deleted
         (with a warning) so that they can neither be resumed from nor outrank the new run's in the rotation, and
         so are the files matching `stale_outputs` (glob patterns in output_dir: what a script wrote about the
-        model this run replaces, e.g. its evaluation).
+        model this run replaces, e.g. its evaluation). A fresh run starts from the weights of the model directory
+        `cfg.init_from` when it names one (from the task model's initialisation otherwise), with a new optimizer, LR
+        schedule and step count; a resumed run does not read it.
         """
         acc = self.accelerator
         self._check_output_dir(resume)
@@ -204,13 +209,20 @@ class Trainer(Checkpointing):
         latest = self._newest_readable_checkpoint() if resume else None
         if latest is not None:
             self._restore(latest)
+            if self.cfg.init_from is not None:  # a preempted fine-tune goes on from where it was
+                acc.print(f"train.init_from ({self.cfg.init_from}) is not used: the run resumes from its own "
+                          f"checkpoint {latest.path}")
         else:
             self._seed_training_rng()
+            if self.cfg.init_from is not None:
+                self._init_from_pretrained(self.cfg.init_from)
         # a fresh run drops any log.jsonl left by a run killed before its first checkpoint
         resume_step = self.step if latest is not None else -1
         self._logger = RunLogger(self.output_dir, enabled=acc.is_main_process, resume_step=resume_step)
         if latest is not None:
             self._logger.log({"step": self.step, "event": "resume", "checkpoint": latest.path.name})
+        elif self.cfg.init_from is not None:
+            self._logger.log({"step": 0, "event": "init_from", "source": str(self.cfg.init_from)})
         losses: list[float] = []
         try:
             self._loop(losses)
