@@ -14,6 +14,7 @@ from unclip.config import ConfigError, load_config, replace_config
 from unclip.diffusion import DiffusionConfig
 from unclip.nn import UNetConfig
 from unclip.settings import StageSampling
+from unclip.stage import SamplingRun, run_sampler
 from unclip.train import TrainConfig, Trainer
 from upsamplers import (
     TrainUpsamplerConfig,
@@ -220,8 +221,10 @@ def test_the_stage_denoiser_clamps_x0_and_takes_no_guidance():
         free = up.denoiser(cond, StageSampling(), threshold=None)(x_t, t)
     assert clamped.x0.abs().max() <= 1 < free.x0.abs().max()
     torch.testing.assert_close(clamped.x0, free.x0.clamp(-1, 1))
-    with pytest.raises(ValueError, match="guidance"):
-        up.denoiser(cond, StageSampling(guidance=2.0))
+    with pytest.raises(ValueError, match="an upsampler is not guided"):
+        up.check_sampling(StageSampling(guidance=2.0))  # what the pipeline and run_sampler ask before sampling
+    with pytest.raises(ValueError, match="an upsampler is not guided"):
+        run_sampler(up, "upsampler", StageSampling(guidance=2.0), x_t, cond, SamplingRun())
 
 
 def test_a_generator_per_image_makes_each_image_independent_of_its_batch():
