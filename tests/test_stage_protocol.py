@@ -200,8 +200,10 @@ def test_the_callback_sees_every_step_of_every_stage_in_cascade_order(cascade):
 
 # ----- format-1 directories --------------------------------------------------------------------------------------
 def test_a_format_1_pipeline_directory_loads_with_the_sampling_its_file_says(shipped, tmp_path):
+    """The shipped pipeline as it was stored in format 1 (its pipeline.json then, kept in tests/data)."""
     old = tmp_path / "format-1"
     shutil.copytree(DEFAULT_PIPELINE, old)
+    shutil.copyfile(Path(__file__).parent / "data" / "shipped-pipeline-format-1.json", old / "pipeline.json")
     assert json.loads((old / "pipeline.json").read_text())["format_version"] == 1
     v1 = UnclipPipeline.from_pretrained(old)
     ddpm = {name: StageSampling(sampler="ddpm", steps=steps, guidance=guidance) for name, steps, guidance in
@@ -213,7 +215,7 @@ def test_a_format_1_pipeline_directory_loads_with_the_sampling_its_file_says(shi
     meta = json.loads((new / "pipeline.json").read_text())
     assert meta["format_version"] == 2 and meta["stages"] == v1.names
     v2 = UnclipPipeline.from_pretrained(new)
-    assert v2.sampling == v1.sampling
+    assert v2.sampling == v1.sampling == shipped.sampling  # the shipped directory, in format 2 now
     torch.testing.assert_close(v2.generate_tensors(CAPTION, 1, seed=0, **FAST),
                                shipped.generate_tensors(CAPTION, 1, seed=0, **FAST), rtol=0, atol=0)
 
