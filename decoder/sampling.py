@@ -17,7 +17,6 @@ from torch import Tensor
 
 from unclip.clip import TextEncoding
 from unclip.diffusion import Generators
-from unclip.settings import StageSampling
 from unclip.stage import CascadeState, SamplingRun
 
 from .model import DEFAULT_THRESHOLD, Decoder
@@ -31,10 +30,10 @@ def decode(
     image_embed: Tensor,
     text: TextEncoding | None = None,
     *,
-    steps: int = 50,
-    sampler: str = "ddpm",
-    eta: float = 0.0,
-    guidance_scale: float = 3.0,
+    steps: int | None = None,
+    sampler: str | None = None,
+    eta: float | None = None,
+    guidance_scale: float | None = None,
     threshold: str | float | None = DEFAULT_THRESHOLD,
     generator: Generators = None,
     x_T: Tensor | None = None,
@@ -43,11 +42,12 @@ def decode(
     """Generate images (b, 3, s, s) in [0, 1] from CLIP image embeddings image_embed (b, d).
 
     text: the captions' `TextEncoding` (b rows; only text_states and text_mask are used) or None (image-only
-    conditioning). sampler: any registered name ("ddpm", the default, reconstructs SHAPES best; "ddim" with eta:
-    its noise, 0 deterministic). x_T: the starting noise (b, 3, s, s); drawn from `generator` when None (a list of
-    generators: one per row).
+    conditioning). steps, sampler, eta, guidance_scale: None takes the decoder's own (`Decoder.default_sampling`:
+    ancestral DDPM, which reconstructs SHAPES best, 50 steps, guidance 3); sampler: any registered name ("ddim" with
+    eta: its noise, 0 deterministic). x_T: the starting noise (b, 3, s, s); drawn from `generator` when None (a list
+    of generators: one per row).
     """
-    spec = StageSampling(sampler=sampler, steps=steps, guidance=guidance_scale, eta=eta)
+    spec = decoder.default_sampling().given(sampler=sampler, steps=steps, guidance=guidance_scale, eta=eta)
     state = CascadeState(text=text, image_embed=image_embed)
     run = SamplingRun(generator=generator, progress=progress)
     return decoder.sample(state, spec, run, x_T=x_T, threshold=threshold).images

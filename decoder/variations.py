@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from unclip.clip import Clip
-from unclip.diffusion import randn
+from unclip.diffusion import randn, seeded_generators
 from unclip.images import as_image_batch
 
 from .model import Decoder
@@ -52,7 +52,7 @@ def image_variations(
     pixels = as_image_batch(images).to(device)  # (b, 3, h, w) in [0, 1]
     b, s = pixels.shape[0], decoder.config.image_size
     image_embed = clip.encode_image(pixels).to(device)  # (b, d)
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    generator = seeded_generators(b * n, seed, device) if seed is not None else None  # one per output image
     embed = repeat(image_embed, "b d -> (b n) d", n=n)
     if invert:
         x_T = repeat(decoder.invert(pixels, image_embed, steps=steps, progress=progress),

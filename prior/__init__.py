@@ -10,8 +10,9 @@ classifier-free guidance, prior/sampling.py for best-of-N sampling, prior/evalua
 
 from .config import PriorConfig, PriorDataConfig, PriorEvalConfig, TrainPriorConfig
 from .evaluation import evaluate_prior_shapes, heldout_captions, triple_image_embeds
+from .guided import select_best
 from .model import DiffusionPriorNetwork, length_groups
-from .sampling import sample_candidates, sample_image_embeds, select_best
+from .sampling import sample_candidates, sample_image_embeds
 from .training import PriorTrainTask, draw_cond_drop, prior_loss
 
 __all__ = [

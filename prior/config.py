@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from unclip.diffusion import Objective, ScheduleConfig
+from unclip.diffusion import Objective, ScheduleConfig, sampler_options
 from unclip.settings import SamplerField
 from unclip.train.config import TrainConfig
 
@@ -114,5 +114,6 @@ class TrainPriorConfig:
     def __post_init__(self) -> None:
         if self.calibration_samples < 0:
             raise ValueError(f"calibration_samples must be >= 0, got {self.calibration_samples}")
-        if self.eval.sampler == "analytic_ddpm" and self.calibration_samples == 0:
-            raise ValueError("eval.sampler 'analytic_ddpm' needs the moments that calibration_samples > 0 estimates")
+        if sampler_options(self.eval.sampler).get("moments") and self.calibration_samples == 0:
+            raise ValueError(f"eval.sampler {self.eval.sampler!r} needs the Analytic-DPM moments that "
+                             "calibration_samples > 0 estimates")

@@ -45,7 +45,7 @@ from unclip.stage import CascadeState, Role, SamplingRun, run_sampler
 
 from .cache import PrefixCache, check_cacheable, prefix_cache_from_intermediates, suffix_forward
 from .config import PriorConfig
-from .sampling import prior_model_fn, select_best
+from .guided import prior_model_fn, select_best
 
 __all__ = ["KIND", "DiffusionPriorNetwork", "length_groups"]
 

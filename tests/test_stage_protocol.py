@@ -176,7 +176,7 @@ def test_an_image_is_unchanged_when_another_caption_joins_the_batch(shipped):
     joined = shipped.generate_tensors([CAPTION, OTHER], 2, seed=0, **FAST)
     assert alone.shape == (2, 3, 128, 128) and joined.shape == (4, 3, 128, 128)
     torch.testing.assert_close(joined[:2], alone, rtol=0, atol=1e-4)
-    # One generator shared by the batch, as it used to be: the second caption's draws shift the first's.
+    # With one generator shared by the batch, the second caption's draws shift the first's: the test can fail.
     shared = [shipped.generate_tensors(captions, 2, generator=torch.Generator().manual_seed(0), **FAST)
               for captions in ([CAPTION], [CAPTION, OTHER])]
     assert (shared[1][0] - shared[0][0]).abs().max() > 0.1

@@ -73,7 +73,7 @@ def test_calibration_pairs_from_shapes_on_the_fly(tiny_clip, clip_dir):
     torch.testing.assert_close(text.text_embed, tiny_clip.encode_text([rows[i]["caption"] for i in drawn]).text_embed)
     with pytest.raises(ValueError, match="calibration_samples must be >= 0"):
         load_config(TrainPriorConfig, {"clip": str(clip_dir), "model": MODEL, "calibration_samples": -1})
-    with pytest.raises(ValueError, match="'analytic_ddpm' needs the moments"):
+    with pytest.raises(ValueError, match="'analytic_ddpm' needs the Analytic-DPM moments"):
         load_config(TrainPriorConfig, {"clip": str(clip_dir), "model": MODEL, "calibration_samples": 0,
                                        "eval": {"sampler": "analytic_ddpm"}})
 

@@ -239,8 +239,11 @@ def test_a_generator_per_image_makes_each_image_independent_of_its_batch():
     for i, seed in enumerate((5, 6, 7)):
         alone = upsample(up, low[i:i + 1], aug_level=0.5, generator=generators(seed))
         torch.testing.assert_close(alone, batch[i:i + 1], atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="one per image"):
+    with pytest.raises(ValueError, match="3 images do not split into equal groups for 2 generators"):
         upsample(up, low, aug_level=0.5, generator=generators(5, 6))
+    pairs = upsample(up, torch.cat([low[:2], low[:2]]), aug_level=0.5, generator=generators(5, 6))  # 2 rows each
+    torch.testing.assert_close(pairs[:2], upsample(up, low[:2], aug_level=0.5, generator=generators(5)), atol=1e-5,
+                               rtol=0)
 
 
 # ----- training ------------------------------------------------------------------------------------------------

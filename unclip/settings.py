@@ -5,7 +5,8 @@
     sampling = with_overrides(sampling, {"decoder.guidance": 4, "upsampler.steps": [3, 2], "best_of": 4})
 
 Every place that takes sampling settings reads them from these two records: `pipeline.json` (through the strict
-config loader), `UnclipPipeline.generate(...)` keywords, the CLI's flags and `--set`, the demo and `unclip.generate`.
+config loader), `UnclipPipeline.generate(...)` keywords, the CLI's flags and `--set`, the demo and `unclip.generate`;
+a field other than sampler, steps and guidance reaches every sampler that has a keyword of its name (eta: DDIM's).
 An override names a stage and a field of `StageSampling`, dotted (`decoder.guidance`) or as a keyword
 (`decoder_guidance`); `upsampler` (or `upsamplers`) means every upsampler, with one value for all or a list with
 one per upsampler; `sampler` alone sets every stage's sampler (except a stage whose sampler the same overrides set);
@@ -45,7 +46,7 @@ SamplerField = Annotated[str, check_sampler]  # a config field naming a sampler,
 
 @dataclass(frozen=True)
 class StageSampling:
-    """How one diffusion stage samples. Each field's `help` is what the CLI and the demo show for it."""
+    """How one diffusion stage samples. Each field's `help` is what the CLI shows for it."""
 
     sampler: SamplerField = field(default="ddim", metadata={
         "help": "a registered sampler (unclip.diffusion.SAMPLERS; analytic_ddpm needs a calibrated prior)"})
@@ -64,6 +65,10 @@ class StageSampling:
             raise ValueError(f"eta (DDIM's noise) must lie in [0, 1], got {self.eta!r}")
         if self.eta and "eta" not in sampler_options(self.sampler):
             raise ValueError(f"eta applies to samplers that take it (ddim); the sampler is {self.sampler}")
+
+    def given(self, **changes: Any) -> StageSampling:
+        """A copy with the `changes` that are not None (a one-call function's arguments over a stage's defaults)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ def _split_key(key: str) -> tuple[str, str] | None:
 
 
 def _known_keys(names: Sequence[str]) -> list[str]:
-    groups = [*names, UPSAMPLER_GROUP]
+    groups = [*names, UPSAMPLER_GROUP] if any(n.startswith(UPSAMPLER_GROUP + "-") for n in names) else list(names)
     return ["best_of", "sampler", *(f"{g}.{f.name}" for g in groups for f in sampling_fields())]
 
 
@@ -146,9 +151,10 @@ def with_overrides(sampling: Sampling, overrides: Mapping[str, Any]) -> Sampling
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"unknown sampling setting {key!r}.{hint} Expected {_valid_keys(names)}")
         values = list(value) if isinstance(value, (list, tuple)) else [value] * len(targets)
+        if isinstance(value, (list, tuple)) and split[0] in names:
+            raise ValueError(f"{key} gives {len(values)} values for one stage")
         if len(values) != len(targets):
-            what = f"{len(targets)} upsampler(s)" if len(targets) > 1 or split[0] not in names else "one stage"
-            raise ValueError(f"{key} gives {len(values)} values for {what}")
+            raise ValueError(f"{key} gives {len(values)} values for {len(targets)} upsampler(s)")
         for name, v in zip(targets, values, strict=True):
             given[name][split[1]] = v
     stages = {}

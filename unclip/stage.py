@@ -29,13 +29,14 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from .checkpoint import CONFIG_NAME, CheckpointError
 from .clip import TextEncoding
 from .diffusion import Callback, Denoised, Denoiser, Generators, NoiseSchedule, sample
 from .nn import eval_mode
-from .settings import StageSampling
+from .settings import StageSampling, sampling_fields
 
 __all__ = [
     "CascadeState",
@@ -53,6 +54,7 @@ __all__ = [
 Role = Literal["prior", "decoder", "upsampler"]
 StepCallback = Callable[[str, int, int, Tensor, Denoised], None]  # (stage name, step index, t, x_t (b, *), denoised)
 ENTRY_POINT_GROUP = "unclip.stages"
+STAGE_FIELDS = ("sampler", "steps", "guidance")  # the StageSampling fields the stage itself reads
 
 
 @dataclass(frozen=True)
@@ -132,16 +134,19 @@ class Stage(Protocol):
         """Load what `save_pretrained` wrote, in eval mode, on `device` in `dtype`."""
 
 
+@torch.no_grad()
 def run_sampler(stage: Stage, name: str, spec: StageSampling, x_T: Tensor, cond: Mapping[str, Any],
                 run: SamplingRun) -> Tensor:
-    """Walk `stage`'s denoiser under `cond` and `spec` from x_T (b, *) to x0 (b, *) with `spec.sampler`, offering
-    the sampler spec's eta and the stage's own options (after `stage.check_sampling(spec)`); the progress bar and the
-    callback are named `name`."""
+    """Walk `stage`'s denoiser under `cond` and `spec` from x_T (b, *) to x0 (b, *) with `spec.sampler`, after
+    `stage.check_sampling(spec)`. The sampler is offered every field of `spec` beyond those every stage reads
+    (sampler, steps, guidance: e.g. DDIM's eta) and the stage's own options; it takes those it has. The progress bar
+    and the callback are named `name`."""
     stage.check_sampling(spec)
+    offered = {f.name: getattr(spec, f.name) for f in sampling_fields() if f.name not in STAGE_FIELDS}
     with eval_mode(stage):
         denoiser = stage.denoiser(cond, spec)
         return sample(spec.sampler, denoiser, x_T, stage.schedule, spec.steps,
-                      options={"eta": spec.eta, **stage.sampler_options()}, generator=run.generator,
+                      options={**offered, **stage.sampler_options()}, generator=run.generator,
                       callback=run.step_callback(name), progress=run.progress, label=name)
 
 

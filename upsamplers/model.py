@@ -48,15 +48,18 @@ def upsample_bicubic(images: Tensor, scale: int) -> Tensor:
 def corrupt_and_upsample(config: UpsamplerConfig, low_res: Tensor, aug_level: float | Tensor,
                          generator: Generators = None) -> Tensor:
     """The network's image input, from the config alone: low_res (b, 3, h, w) in [0, 1], corrupted at aug_level
-    (float or (b,)) and upsampled by `config.scale`: (b, 3, h * scale, w * scale) in about [-1, 1]. A list of
-    generators corrupts each row with its own (one per row), so that a row does not depend on the others."""
+    (float or (b,)) and upsampled by `config.scale`: (b, 3, h * scale, w * scale) in about [-1, 1]. A list of k
+    generators splits the rows into k equal groups, each corrupted with its own (as `unclip.diffusion.randn` draws),
+    so that a group does not depend on the others."""
     assert low_res.ndim == 4 and low_res.shape[1] == 3, f"low_res must be (b, 3, h, w), got {tuple(low_res.shape)}"
     if isinstance(generator, Sequence):
-        if len(generator) != low_res.shape[0]:
-            raise ValueError(f"{len(generator)} generators for {low_res.shape[0]} images: give one per image")
-        levels = aug_level.expand(low_res.shape[0]) if torch.is_tensor(aug_level) else [aug_level] * len(generator)
-        return torch.cat([corrupt_and_upsample(config, low_res[i:i + 1], levels[i:i + 1] if torch.is_tensor(levels)
-                                               else levels[i], g) for i, g in enumerate(generator)])
+        b, k = low_res.shape[0], len(generator)
+        if not k or b % k:
+            raise ValueError(f"{b} images do not split into equal groups for {k} generators")
+        levels = aug_level.expand(b) if torch.is_tensor(aug_level) else None
+        rows = [slice(i * (b // k), (i + 1) * (b // k)) for i in range(k)]
+        return torch.cat([corrupt_and_upsample(config, low_res[r], aug_level if levels is None else levels[r], g)
+                          for r, g in zip(rows, generator, strict=True)])
     corrupted = corrupt(low_res, aug_level, config.augmentation, blur_sigma=config.blur_sigma, generator=generator)
     return upsample_bicubic(to_signed_range(corrupted), config.scale)
 

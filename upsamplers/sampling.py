@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from unclip.diffusion import Generators
-from unclip.settings import StageSampling
 from unclip.stage import CascadeState, SamplingRun
 
 from .model import Upsampler
@@ -31,21 +30,21 @@ def upsample(
     low_res: Tensor,
     *,
     steps: int | None = None,
-    sampler: str = "ddim",
+    sampler: str | None = None,
     aug_level: float | None = None,
-    eta: float = 0.0,
+    eta: float | None = None,
     threshold: str | float | None = "static",
     generator: Generators = None,
     progress: bool = False,
 ) -> Tensor:
     """Super-resolve low_res (b, 3, h, w) in [0, 1] to (b, 3, h * scale, w * scale) in [0, 1].
 
-    steps: sampler steps (None: the config's `sample_steps`, 27 or 15 in the paper's configs). sampler: any
-    registered name ("ddim": eta is its noise). aug_level: corruption level of the conditioning in [0, 1] (None: the
-    config's `sample_aug_level`). generator: the starting noise and any random corruption (same seed, same images;
-    a list: one per image).
+    steps, sampler, eta: None takes the upsampler's own (`Upsampler.default_sampling`: DDIM with the config's
+    `sample_steps`, 27 or 15 in the paper's configs); sampler: any registered name ("ddim": eta is its noise).
+    aug_level: corruption level of the conditioning in [0, 1] (None: the config's `sample_aug_level`). generator: the
+    starting noise and any random corruption (same seed, same images; a list: one per image or group of rows).
     """
-    spec = StageSampling(sampler=sampler, steps=steps or upsampler.config.sample_steps, eta=eta)
+    spec = upsampler.default_sampling().given(sampler=sampler, steps=steps, eta=eta)
     b, _, h, w = low_res.shape
     H, W = h * upsampler.config.scale, w * upsampler.config.scale  # noqa: N806
     run = SamplingRun(generator=generator, progress=progress)

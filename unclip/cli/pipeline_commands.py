@@ -203,7 +203,7 @@ def _generate(args: argparse.Namespace) -> None:
     pipe = _pipeline(args)
     try:
         sampling = pipe.resolve_sampling(overrides)  # what the images are sampled with, checked before any work
-        images = pipe.generate(args.captions, args.num_images, seed=args.seed, progress=True, sampling=overrides)
+        images = pipe.generate(args.captions, args.num_images, seed=args.seed, progress=True, sampling=sampling)
     except (CaptionError, ValueError) as e:
         raise CliError(str(e)) from None
     labels = [c for c in args.captions for _ in range(args.num_images)]

@@ -53,6 +53,7 @@ from unclip.diffusion.samplers import (
     sample_ddpm,
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
+    seeded_generators,
     timestep_subset,
 )
 from unclip.diffusion.schedule import (
@@ -115,6 +116,7 @@ __all__ = [
     "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde",
     "sample_timesteps",
+    "seeded_generators",
     "sampler_options",
     "schedule_for",
     "snr",

@@ -28,12 +28,11 @@ from tqdm.auto import tqdm
 
 from unclip.diffusion.denoiser import Denoiser
 from unclip.diffusion.gaussian import q_sample
-from unclip.diffusion.samplers import Callback, Generators, Spacing, ddpm_step, randn, timestep_subset, walk
+from unclip.diffusion.samplers import Callback, Generators, Spacing, randn, sample_ddpm, timestep_subset
 from unclip.diffusion.schedule import NoiseSchedule, alphas_cumprod_at, posterior_coefficients
 
-__all__ = ["ANALYTIC_SAMPLER", "analytic_variance", "eps_moments", "sample_analytic_ddpm"]
+__all__ = ["analytic_variance", "eps_moments", "sample_analytic_ddpm"]
 
-ANALYTIC_SAMPLER = "analytic_ddpm"  # its name where a stage (the prior) offers it beside the shared samplers
 
 
 @torch.no_grad()
@@ -99,13 +98,5 @@ def sample_analytic_ddpm(
         raise ValueError(f"no eps moment estimated at timestep(s) {missing[:5]}{'...' if len(missing) > 5 else ''}; "
                          "estimate them at the timesteps you sample (eps_moments)")
     variances = [analytic_variance(schedule, t, s, float(moments[t])) for t, s in zip(walked, walked[1:] + [-1])]
-    ts, alpha_bars = walk(schedule, steps, spacing, "analytic ddpm", label, progress)
-    t_in = x_T.new_ones(x_T.shape[0], dtype=torch.long)
-    x = x_T
-    for i, t in enumerate(ts):
-        d = denoiser(x, t * t_in, **(cond or {}))
-        if callback is not None:
-            callback(i, t, x, d)
-        noise = randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if i < steps - 1 else None
-        x = ddpm_step(x, d, alpha_bars[i], alpha_bars[i + 1], variances[i], noise)
-    return x
+    return sample_ddpm(denoiser, x_T, schedule, steps, spacing=spacing, generator=generator, cond=cond,
+                       callback=callback, progress=progress, label=label, variance=variances)

@@ -33,6 +33,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -42,6 +43,7 @@ from unclip.diffusion.gaussian import VarianceType, interpolate_log_variance
 from unclip.diffusion.schedule import NoiseSchedule, alphas_cumprod_at, posterior_coefficients
 
 __all__ = [
+    "seeded_generators",
     "Spacing",
     "Callback",
     "Generators",
@@ -102,6 +104,15 @@ def randn(
     device = generator[0].device if device is None else device
     groups = [torch.randn((rows, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
     return torch.cat([_to_device(noise, device) for noise in groups])
+
+
+def seeded_generators(n: int, seed: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """n generators on `device`, the i-th seeded from (seed, i) alone (numpy's SeedSequence spawning), so that row
+    i's randomness does not depend on how many rows there are. seed: a whole number in [0, 2**63)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be a whole number in [0, 2**63), got {seed!r}")
+    states = [np.random.SeedSequence(seed, spawn_key=(i,)).generate_state(1, dtype=np.uint64)[0] for i in range(n)]
+    return [torch.Generator(device).manual_seed(int(state)) for state in states]
 
 
 def _to_device(noise: Tensor, device: torch.device | str) -> Tensor:

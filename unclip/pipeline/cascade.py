@@ -28,7 +28,6 @@ from ..clip.shapes_judge import ShapesJudge, verdict_agreement
 from ..data import ATTRIBUTES, make_shapes
 from ..diffusion import Generators
 from ..images import pil_to_tensor, resize_images
-from ..settings import StageSampling
 from ..stage import CascadeState, SamplingRun, Stage
 
 __all__ = ["check_chain", "run_cascade", "cascade_agreement"]
@@ -65,14 +64,15 @@ def run_cascade(
     *,
     steps: Sequence[int | None] | None = None,
     aug_levels: Sequence[float | None] | None = None,
-    sampler: str = "ddim",
+    sampler: str | None = None,
     generator: Generators = None,
     progress: bool = False,
 ) -> list[Tensor]:
     """Run base images (b, 3, s, s) in [0, 1] through the upsamplers in order: one tensor per upsampler,
     [(b, 3, s * scale_1, ...), (b, 3, s * scale_1 * scale_2, ...), ...], each in [0, 1].
 
-    steps / aug_levels: one entry per upsampler (None, or a None entry: that stage's default).
+    steps / aug_levels: one entry per upsampler (None, or a None entry: that stage's default); sampler: every
+    upsampler's (None: each one's own).
     Each stage's input side must be its `low_res_size` (checked for the whole chain before any sampling); the stages
     share `generator`.
     """
@@ -82,7 +82,7 @@ def run_cascade(
     run = SamplingRun(generator=generator, progress=progress)
     outputs, state = [], CascadeState(images=images)
     for i, up in enumerate(upsamplers):
-        spec = StageSampling(sampler=sampler, steps=steps_[i] or up.default_sampling().steps)
+        spec = up.default_sampling().given(sampler=sampler, steps=steps_[i])
         state = up.sample(state, spec, run, name=f"upsampler-{i + 1}", aug_level=levels[i])
         outputs.append(state.images)
     return outputs
@@ -98,7 +98,7 @@ def cascade_agreement(
     base_images: Tensor | None = None,
     steps: Sequence[int | None] | None = None,
     aug_levels: Sequence[float | None] | None = None,
-    sampler: str = "ddim",
+    sampler: str | None = None,
     batch_size: int = 50,
     progress: bool = False,
 ) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from torch import Tensor
 from ..images import ImageLike, as_image_batch, tensor_to_pil
 from ..settings import Sampling
 from ..stage import CascadeState, SamplingRun
-from .pipeline import UnclipPipeline
+from .pipeline import UnclipPipeline, image_generators
 
 __all__ = ["BipartiteLatent", "encode_image", "vary", "interpolate", "text_diff", "slerp"]
 
@@ -84,7 +84,7 @@ def _settings(pipe: UnclipPipeline, steps: int | None, guidance_scale: float | N
 
 def _decode(pipe: UnclipPipeline, image_embed: Tensor, x_T: Tensor, s: Sampling, *, seed: int | None,
             progress: bool) -> list[Image.Image]:
-    generator = torch.Generator(pipe.device).manual_seed(seed) if seed is not None else None
+    generator = image_generators(len(image_embed), pipe.device, seed)  # one per image: n does not change image i
     run = SamplingRun(generator=generator, progress=progress)
     with pipe.autocast():
         state = CascadeState(image_embed=image_embed)

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -33,7 +32,7 @@ from torch import Tensor, nn
 from ..checkpoint import CheckpointError, atomic_directory, write_json_atomic
 from ..clip import CaptionError, Clip
 from ..config import ConfigError, config_from_dict, config_to_dict
-from ..diffusion import Generators, sampler_options
+from ..diffusion import Generators, sampler_options, seeded_generators
 from ..images import tensor_to_pil
 from ..settings import Sampling, flatten_sampling, with_overrides
 from ..stage import CascadeState, SamplingRun, Stage, StepCallback, stage_class, stage_kind
@@ -81,15 +80,7 @@ def image_generators(n: int, device: torch.device | str, seed: int | None = None
         if not isinstance(generator, torch.Generator) and len(generator) != n:
             raise ValueError(f"{len(generator)} generators for {n} images: give one per image")
         return generator
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be a whole number in [0, 2**63), got {seed!r}")
-    gens = []
-    for i in range(n):
-        state = np.random.SeedSequence(seed, spawn_key=(i,)).generate_state(1, dtype=np.uint64)[0]
-        gens.append(torch.Generator(device).manual_seed(int(state)))
-    return gens
+    return None if seed is None else seeded_generators(n, seed, device)
 
 
 def _read_pipeline_file(path: Path) -> tuple[PipelineFile, dict[str, Any]]:
@@ -164,8 +155,7 @@ class UnclipPipeline(nn.Module):
                        if required and k not in offered]
             if missing:
                 raise ValueError(f"the {name}'s sampler {stages[name].sampler} needs {', '.join(missing)}, which this "
-                                 f"{name} does not have (e.g. a prior's Analytic-DPM moments come from calibrating it: "
-                                 "train-prior, prior.analytic.calibrate_prior); choose another sampler")
+                                 f"{name} does not offer; choose another sampler")
         return replace(sampling, stages=stages)
 
     def named_stages(self) -> list[tuple[str, Stage]]:
@@ -304,11 +294,11 @@ class UnclipPipeline(nn.Module):
         return state.images.float()
 
     @torch.no_grad()
-    def upsample(self, images: Tensor, *, sampling: Sampling | None = None, generator: Generators = None,
-                 callback: StepCallback | None = None, progress: bool = False) -> Tensor:
+    def upsample(self, images: Tensor, *, sampling: Sampling | Mapping[str, Any] | None = None,
+                 generator: Generators = None, callback: StepCallback | None = None, progress: bool = False) -> Tensor:
         """Run the upsamplers on decoder-side images (b, 3, s, s) in [0, 1]: (b, 3, S, S) in [0, 1], with
-        `sampling` (default: the pipeline's)."""
-        s = sampling or self.sampling
+        `sampling` (as in `resolve_sampling`; default: the pipeline's)."""
+        s = self.resolve_sampling(sampling)
         run = SamplingRun(generator=generator, callback=callback, progress=progress)
         state = CascadeState(images=images.to(self.device, self.dtype))
         with self.autocast():
