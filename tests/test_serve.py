@@ -66,20 +66,33 @@ def browser():
 @pytest.mark.skipif(not CHROMIUM.exists(), reason=f"Debian's chromium is not installed ({CHROMIUM}); "
                     "CI installs it: apt-get install chromium chromium-driver")
 def test_caption_to_images_in_a_browser(served, browser):
+    from selenium.common.exceptions import ElementClickInterceptedException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     wait = WebDriverWait(browser, 20)
+
+    def click_generate() -> None:
+        """Click the button as a user would once Gradio's status overlay (shown while it settles) has gone."""
+        def clicked(d) -> bool:
+            try:
+                d.find_element(By.CSS_SELECTOR, "#unclip-generate").click()
+            except ElementClickInterceptedException:
+                return False
+            return True
+
+        wait.until(clicked)
+
     browser.get(served)
     caption = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#unclip-caption textarea, #unclip-caption input"))
-    browser.find_element(By.CSS_SELECTOR, "#unclip-generate").click()  # no caption yet: a clear error on the page
+    click_generate()  # no caption yet: a clear error on the page
     wait.until(lambda d: "type a caption first" in d.find_element(By.TAG_NAME, "body").text)
     caption.send_keys(CAPTION)
     count = browser.find_element(By.CSS_SELECTOR, "#unclip-num-images input[type=number]")
     count.send_keys(Keys.CONTROL, "a")
     count.send_keys("3", Keys.TAB)
-    browser.find_element(By.CSS_SELECTOR, "#unclip-generate").click()
+    click_generate()
 
     def loaded_images(d):
         sizes = d.execute_script(
