@@ -98,11 +98,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _upsamplers(names: Sequence[str]) -> list[str]:
+    """The names of the upsampler stages ("upsampler-1", ...) among `names`."""
+    return [n for n in names if n.startswith(UPSAMPLER_GROUP + "-")]
+
+
+def _groups(names: Sequence[str]) -> list[str]:
+    """What an override's STAGE may be: a stage's name, or the upsampler group when there are upsamplers."""
+    return [*names, UPSAMPLER_GROUP] if _upsamplers(names) else list(names)
+
+
 def _targets(target: str, names: Sequence[str]) -> list[str]:
     if target in names:
         return [target]
     if target in (UPSAMPLER_GROUP, UPSAMPLER_GROUP + "s"):
-        return [n for n in names if n.startswith(UPSAMPLER_GROUP + "-")]
+        return _upsamplers(names)
     raise KeyError(target)
 
 
@@ -114,13 +124,11 @@ def _split_key(key: str) -> tuple[str, str] | None:
 
 
 def _known_keys(names: Sequence[str]) -> list[str]:
-    groups = [*names, UPSAMPLER_GROUP] if any(n.startswith(UPSAMPLER_GROUP + "-") for n in names) else list(names)
-    return ["best_of", "sampler", *(f"{g}.{f.name}" for g in groups for f in sampling_fields())]
+    return ["best_of", "sampler", *(f"{g}.{f.name}" for g in _groups(names) for f in sampling_fields())]
 
 
 def _valid_keys(names: Sequence[str]) -> str:
-    groups = [*names, UPSAMPLER_GROUP] if any(n.startswith(UPSAMPLER_GROUP + "-") for n in names) else list(names)
-    return (f"best_of, sampler, or STAGE.FIELD with STAGE one of {', '.join(groups)} and FIELD one of "
+    return (f"best_of, sampler, or STAGE.FIELD with STAGE one of {', '.join(_groups(names))} and FIELD one of "
             f"{', '.join(f.name for f in sampling_fields())}")
 
 
